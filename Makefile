@@ -1,0 +1,29 @@
+# Quickstart: `make run` (the demo pipeline) and `make test` (the test suite).
+# Both create .venv and install the project on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch 2.13.0 is what this project is developed on; override for a GPU build,
+# e.g. `make TORCH_SPEC='torch==2.13.0' run` on a CUDA machine with the matching index.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test bench clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing arvision into $(VENV) (first time only: a few minutes)"
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	@$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/arvision run
+
+test: $(STAMP)
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+clean-outputs:
+	rm -rf data/prepared data/tokens models metrics reports dvc.lock .arvision

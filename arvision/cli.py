@@ -1,0 +1,181 @@
+"""``arvision``: the command line.
+
+    arvision run                 the whole pipeline (Prefect flow; DVC skips what is unchanged)
+    arvision sample SOURCE ...   images from a registered model or the stage outputs
+    arvision check               validate params.yaml and say what would run
+
+A mistake of the user's (bad params, unknown model, missing data) prints one clear message
+and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from arvision.errors import UserError
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def summary(root: Path, results: list[dict], parent_run_id: str | None, seconds: float) -> str:
+    """The end-of-run report: what ran or was skipped, key numbers, where to look."""
+    from arvision.tracking import tracking_uri
+
+    lines = ["", f"arvision run: {'FAILED' if any(r.get('failed') for r in results) else 'done'} in {seconds:.1f} s", ""]
+    lines.append(f"  {'stage':<10} {'status':<9} {'time':>8}")
+    done = {r["stage"]: r for r in results}
+    from pipelines.run import STAGES
+
+    for st in STAGES:
+        r = done.get(st)
+        status = "not run" if r is None else "FAILED" if r.get("failed") else "ran" if r["ran"] else "skipped"
+        t = f"{r['seconds']:.1f} s" if r and r["ran"] else ""
+        lines.append(f"  {st:<10} {status:<9} {t:>8}")
+    m = {}
+    for name in ("tokenizer", "prior", "eval"):
+        p = root / "metrics" / f"{name}.json"
+        if p.exists():
+            m[name] = json.loads(p.read_text())
+    ev, tk = m.get("eval", {}), m.get("tokenizer", {})
+    keys = [
+        ("val bits/dim", ev.get("val_bpd")),
+        ("val bits/token", ev.get("val_bits_per_token")),
+        ("tokenizer PSNR (dB)", ev.get("tokenizer_psnr", tk.get("val_psnr"))),
+        ("codebook usage", ev.get("tokenizer_usage", tk.get("val_usage"))),
+        ("sampling images/s", ev.get("sample_images_per_s")),
+    ]
+    shown = [f"{k} {_fmt(v)}" for k, v in keys if v is not None]
+    if shown:
+        lines += ["", "  " + " | ".join(shown)]
+    if ev.get("registered_version") is not None:
+        lines.append(
+            f"  registered arvision-generator v{ev['registered_version']}"
+            + (" (new champion)" if ev.get("is_champion") else " (candidate; champion kept)")
+        )
+    uri = tracking_uri(root)
+    lines += [
+        "",
+        f"  sample grid : {root / 'reports' / 'samples.png'}",
+        f"  MLflow      : mlflow ui --backend-store-uri {uri}" + (f"   (parent run {parent_run_id})" if parent_run_id else ""),
+        "  DVC         : dvc metrics show ; dvc plots show",
+        "  Prefect     : prefect server start  (then open the flow runs of 'arvision')",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    from arvision.config import load_params
+
+    root = Path.cwd()
+    load_params(root / "params.yaml")  # every parameter checked before any work
+    if not (root / "dvc.yaml").exists():
+        raise UserError(f"{root} has no dvc.yaml: run arvision from the project root")
+    from pipelines.run import run_pipeline
+
+    results, parent, seconds = run_pipeline(root, force=args.force)
+    print(summary(root, results, parent, seconds))
+    # machine-readable record of this run (what ran, what was skipped), for scripts and tests
+    (root / ".arvision").mkdir(exist_ok=True)
+    (root / ".arvision" / "last_run.json").write_text(
+        json.dumps({"parent_run_id": parent, "seconds": seconds, "stages": results}, indent=2)
+    )
+    return 1 if any(r.get("failed") for r in results) else 0
+
+
+def _labels(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--labels must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from arvision.registry import load_generator
+    from arvision.tracking import setup_mlflow
+    from arvision.viz import save_grid
+
+    if args.source.startswith(("models:/", "runs:/")):
+        setup_mlflow(Path.cwd())
+    gen = load_generator(args.source)
+    labels = _labels(args.labels) if args.labels else list(range(gen.num_classes))
+    names = gen.class_names or [str(c) for c in range(gen.num_classes)]
+    rows = []
+    all_labels = [c for c in labels for _ in range(args.n)]
+    images = gen.generate(
+        all_labels, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    for i, c in enumerate(labels):
+        rows.append(images[i * args.n : (i + 1) * args.n])
+    if args.out:
+        save_grid(args.out, rows, row_names=[names[c] if c < len(names) else str(c) for c in labels], scale=args.scale)
+        print(f"wrote {args.out}: {len(labels)} rows × {args.n} images")
+    if args.images_dir:
+        from PIL import Image
+
+        d = Path(args.images_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for i, (lab, img) in enumerate(zip(all_labels, images)):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{i:04d}_class{lab}.png")
+        print(f"wrote {len(images)} images to {d}")
+    if not args.out and not args.images_dir:
+        raise UserError("nothing to write: give --out GRID.png and/or --images-dir DIR")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from arvision.config import load_params
+
+    params = load_params(Path.cwd() / "params.yaml")
+    print("params.yaml is valid:")
+    for section, values in params.model_dump(mode="json").items():
+        print(f"  {section}: {values}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="arvision", description="Train visual autoregressive image generators, reproducibly.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the pipeline (only changed stages run)")
+    r.add_argument("--force", action="store_true", help="re-run every stage even if unchanged")
+    r.set_defaults(func=cmd_run)
+    s = sub.add_parser("sample", help="draw images from a trained generator")
+    s.add_argument("source", help="models:/arvision-generator@champion (or another MLflow model URI), or a directory like models/")
+    s.add_argument("--labels", default="", help="comma-separated class ids (default: every class)")
+    s.add_argument("--n", type=int, default=8, help="images per label")
+    s.add_argument("--out", default="", help="write a grid PNG, one row per label")
+    s.add_argument("--images-dir", default="", help="also write each image as a PNG here")
+    s.add_argument("--cfg-scale", type=float, default=2.0)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scale", type=int, default=2, help="pixel enlargement of the grid")
+    s.set_defaults(func=cmd_sample)
+    c = sub.add_parser("check", help="validate params.yaml")
+    c.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

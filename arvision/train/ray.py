@@ -1,0 +1,194 @@
+"""The only Ray glue: train the prior with Ray Train's ``TorchTrainer`` fed by Ray Data.
+
+The training loop itself (:func:`arvision.train.loop.train_prior`) knows nothing of Ray; here
+we connect it: a Ray Data ``read_parquet`` of the token shards, one shard per worker, DDP (or
+FSDP) through ``prepare_model``, checkpoints through ``ray.train.report``, and rank 0 logging
+to the stage's MLflow run.
+
+Resume: the run is named after a hash of everything the result depends on (params, seed,
+token data). Ray Train restores the latest checkpoint of a run of the same name in the same
+storage, so an interrupted run retried with the same params resumes; changed params give a
+new name and so a fresh start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# NVLink multicast stays off everywhere (see the device notes): also in Ray's workers.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+STATE_FILE = "state.pt"
+
+
+def run_name(payload: dict[str, Any]) -> str:
+    """A stable name for a training run: same params + data → same name → resume."""
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return "prior-" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+def init_ray(address: str | None, num_workers: int, cpus_per_worker: int, root: Path) -> None:
+    """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local instance sized for the job."""
+    import ray
+
+    for k, v in MULTICAST_OFF.items():
+        os.environ.setdefault(k, v)
+    env_vars = dict(MULTICAST_OFF)
+    env_vars["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    for key in ("MLFLOW_TRACKING_URI",):
+        if key in os.environ:
+            env_vars[key] = os.environ[key]
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = dict(
+        runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=True, configure_logging=False
+    )
+    if address is None:
+        # Logical CPUs: enough for the workers plus Train's controller, whatever the core count.
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, num_workers * cpus_per_worker + 1)
+    if not ray.is_initialized():
+        ray.init(address=address, **kwargs)
+
+
+def _batches(shard, batch_size: int, seed: int):
+    """Endless (codes, labels) batches from this worker's Ray Data shard, reshuffled each epoch."""
+    import numpy as np
+
+    epoch = 0
+    while True:
+        n = 0
+        for batch in shard.iter_batches(
+            batch_size=batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch,
+        ):
+            codes = batch["codes"]
+            if codes.dtype == object:  # fixed-size lists may arrive as arrays of arrays
+                codes = np.stack(codes)
+            yield torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(batch["label"].astype(np.int64))
+            n += 1
+        if n == 0:
+            raise RuntimeError(f"the token shard holds fewer rows than one batch ({batch_size}); lower prior.batch_size")
+        epoch += 1
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    from types import SimpleNamespace
+
+    from arvision.priors import build_prior
+    from arvision.train.loop import train_prior
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(config["cpus_per_worker"])
+    cfg = SimpleNamespace(**config["prior"])
+    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    tokenizer = None
+    if cfg.kind == "var":
+        from arvision.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(config["tokenizer_dir"]))
+    model = build_prior(cfg, vocab_size=config["vocab_size"], layout=config["layout"], num_classes=config["num_classes"], tokenizer=tokenizer)
+
+    state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+
+    strategy = "fsdp" if cfg.strategy == "fsdp" and ctx.get_world_size() > 1 else "ddp"
+    model = ray.train.torch.prepare_model(model, parallel_strategy=strategy)
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config["seed"] + 1000 * rank)  # different dropout / class-drop per rank
+
+    tracker = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from arvision.tracking import MlflowTracker
+
+        tracker = MlflowTracker(config["mlflow_run_id"], config["mlflow_uri"])
+    curve: list[dict[str, float]] = list((state or {}).get("curve", []))
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        if rank == 0:
+            curve.append({"step": step, **metrics})
+            if tracker is not None:
+                tracker.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
+
+    def on_checkpoint(step: int, st: dict[str, Any]) -> None:
+        metrics = {"step": step, **({k: v for k, v in curve[-1].items() if k != "step"} if curve else {})}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save({**st, "curve": curve}, Path(tmp) / STATE_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+    shard = ray.train.get_dataset_shard("train")
+    train_prior(
+        model, _batches(shard, cfg.batch_size, config["seed"] + rank), cfg, device=device, state=state,
+        on_log=on_log, on_checkpoint=on_checkpoint, progress=rank == 0, is_main=rank == 0,
+    )
+
+
+def fit_prior(
+    *,
+    prior_cfg: dict[str, Any],
+    ray_cfg: dict[str, Any],
+    seed: int,
+    token_dir: Path,
+    tokenizer_dir: Path,
+    vocab_size: int,
+    layout: list[list[int]],
+    num_classes: int,
+    storage: Path,
+    name: str,
+    mlflow_run_id: str | None = None,
+    mlflow_uri: str | None = None,
+    root: Path = Path("."),
+) -> dict[str, Any]:
+    """Train under Ray Train; return the final training state (weights, EMA, curve)."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray(ray_cfg.get("address"), ray_cfg["num_workers"], ray_cfg["cpus_per_worker"], root)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True  # deterministic order → reproducible on CPU
+    train_ds = ray.data.read_parquet(str(token_dir / "train"), columns=["codes", "label"])
+    resources = {"CPU": ray_cfg["cpus_per_worker"]}
+    if ray_cfg["use_gpu"]:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "prior": prior_cfg, "seed": seed, "vocab_size": vocab_size, "layout": layout,
+            "num_classes": num_classes, "tokenizer_dir": str(tokenizer_dir.resolve()),
+            "cpus_per_worker": ray_cfg["cpus_per_worker"], "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri,
+        },
+        scaling_config=ScalingConfig(num_workers=ray_cfg["num_workers"], use_gpu=ray_cfg["use_gpu"], resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage.resolve()), checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train_ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("Ray Train finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    return state
+
+
+def cleanup_run(storage: Path, name: str) -> None:
+    """Drop a finished run's checkpoints: the stage's outputs now hold the result."""
+    shutil.rmtree(storage / name, ignore_errors=True)

@@ -1,0 +1,79 @@
+"""Stage ``tokenizer``: train the image tokenizer on ``data/prepared`` → ``models/tokenizer``.
+
+Also writes ``metrics/tokenizer_curve.csv`` (DVC plots), an originals-beside-reconstructions
+grid ``models/tokenizer/recon.png``, and registers ``arvision-tokenizer`` in MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from arvision.config import Params
+from arvision.data.parquet_io import load_images
+from arvision.errors import UserError
+from arvision.tokenizers import build_tokenizer, images_to_tensor, save_tokenizer, tensor_to_images
+from arvision.tracking import Tracker
+from arvision.train.tokenizer import evaluate_tokenizer, train_tokenizer
+from arvision.viz import save_grid
+from stages.common import Paths, atomic_dir, read_json, resolve_device, stage_main, write_curve, write_json
+
+
+def recon_grid(tok, images: np.ndarray, path: Path, n: int = 16) -> None:
+    """Originals (top row of each pair) beside their reconstructions."""
+    x = images_to_tensor(images[:n])
+    with torch.no_grad():
+        rec = tensor_to_images(tok.reconstruct(x.to(next(tok.parameters(), torch.empty(0)).device)).float().cpu())
+    save_grid(path, [images[:n], rec], row_names=["original", "reconstruction"], scale=3)
+
+
+def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
+    cfg = params.tokenizer
+    manifest = read_json(paths.prepared / "manifest.json")
+    _, train_x, _ = load_images(paths.prepared / "train")
+    _, val_x, _ = load_images(paths.prepared / "val")
+    if len(train_x) == 0:
+        raise UserError("data/prepared/train is empty: nothing to train the tokenizer on")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(params.seed)
+    tok = build_tokenizer(cfg, channels=manifest["channels"], resolution=manifest["resolution"]).to(device)
+    curve: list[dict[str, float]] = []
+
+    def log(step: int, m: dict[str, float]) -> None:
+        tracker.log_metrics({f"train_{k}": v for k, v in m.items()}, step=step)
+        curve.append({"step": step, **m})
+
+    train_tokenizer(tok, train_x, cfg, seed=params.seed, device=device, log=log)
+    tok.eval()
+    val = evaluate_tokenizer(tok, val_x if len(val_x) else train_x, device=device)
+    with atomic_dir(paths.tokenizer) as out:
+        save_tokenizer(tok.cpu(), out)
+        recon_grid(tok, val_x if len(val_x) else train_x, out / "recon.png")
+        write_curve(paths.metrics / "tokenizer_curve.csv", curve)
+        info = {}
+        if tracker.run_id:
+            from arvision.registry import register_tokenizer
+
+            tracker.log_artifact(out / "recon.png")
+            info = register_tokenizer(
+                tracker.run_id, out, {"kind": cfg.kind, "data.content_hash": manifest["content_hash"]}
+            )
+        write_json(out / "registry.json", info)
+    n_params = sum(p.numel() for p in tok.parameters())
+    return {
+        **{f"val_{k}": v for k, v in val.items()},
+        "seq_len": tok.seq_len,
+        "vocab_size": tok.vocab_size,
+        "params": n_params,
+    }
+
+
+def main() -> None:
+    stage_main("tokenizer", run, reads=["data/prepared"])
+
+
+if __name__ == "__main__":
+    main()
