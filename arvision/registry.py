@@ -79,9 +79,24 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"image": [png_bytes(im) for im in imgs]})
 
 
+def _signature(name: str):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    if name == TOKENIZER_MODEL:
+        return ModelSignature(inputs=Schema([ColSpec("binary", "image")]))
+    params = ParamSchema([ParamSpec("cfg_scale", "double", 2.0), ParamSpec("temperature", "double", 1.0),
+                          ParamSpec("top_k", "long", 0), ParamSpec("top_p", "double", 1.0), ParamSpec("seed", "long", 0)])
+    return ModelSignature(inputs=Schema([ColSpec("long", "label")]), outputs=Schema([ColSpec("binary", "image")]), params=params)
+
+
 def _log_and_register(run_id: str, name: str, model: mlflow.pyfunc.PythonModel, artifacts: dict[str, str], tags: dict[str, str]):
+    import logging
+
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the cloudpickle notice, every time
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
+            signature=_signature(name),
             name=name.replace("arvision-", ""),
             python_model=model,
             artifacts=artifacts,

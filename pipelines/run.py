@@ -18,14 +18,10 @@ from prefect import flow, task
 STAGES = ["prepare", "tokenizer", "tokens", "prior", "evaluate"]
 
 
-class StageFailed(Exception):
-    """A stage's command failed; its own output above says why."""
-
-
 @task(name="stage", retries=0, cache_policy=None)
 def run_stage(stage: str, root: str, force: bool = False) -> dict[str, Any]:
     """Reproduce one stage through DVC: it runs only if its deps, params or outs changed."""
-    from dvc.exceptions import ReproductionError
+    from dvc.exceptions import DvcException, ReproductionError
     from dvc.repo import Repo
 
     t0 = time.time()
@@ -33,8 +29,11 @@ def run_stage(stage: str, root: str, force: bool = False) -> dict[str, Any]:
     try:
         with Repo(root) as repo:
             done = repo.reproduce(targets=[stage], single_item=True, force=force)
-    except ReproductionError as err:
-        raise StageFailed(f"stage '{stage}' failed (see its output above)") from err
+    except ReproductionError:  # the stage's own output above says why
+        return {"stage": stage, "ran": False, "failed": True, "seconds": time.time() - t0}
+    except DvcException as err:  # e.g. an invalid dvc.yaml, a missing dependency
+        print(f"error: {stage}: {err}", file=sys.stderr, flush=True)
+        return {"stage": stage, "ran": False, "failed": True, "seconds": time.time() - t0}
     ran = bool(done)
     seconds = time.time() - t0
     print(f"   {stage}: {'ran' if ran else 'skipped (unchanged)'} in {seconds:.1f} s", flush=True)
@@ -48,10 +47,8 @@ def arvision_flow(root: str, parent_run_id: str | None = None, force: bool = Fal
         os.environ["ARVISION_PARENT_RUN_ID"] = parent_run_id
     results: list[dict[str, Any]] = []
     for stage in STAGES:
-        try:
-            results.append(run_stage.with_options(task_run_name=stage)(stage, root, force))
-        except StageFailed as err:
-            results.append({"stage": stage, "ran": False, "failed": True, "error": str(err), "seconds": 0.0})
+        results.append(run_stage.with_options(task_run_name=stage)(stage, root, force))
+        if results[-1].get("failed"):
             break
     return results
 

@@ -157,7 +157,7 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
             metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             metrics["stage_seconds"] = round(time.time() - t0, 2)
             tracker.log_metrics(metrics)
-            write_json(paths.metrics / f"{stage}.json", metrics)
+            write_json(paths.metrics / f"{METRICS_FILE.get(stage, stage)}.json", metrics)
     except UserError as err:
         print(f"error: {stage}: {err}", file=sys.stderr)
         sys.exit(2)
@@ -165,6 +165,9 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
         print(f"{stage}: interrupted; no output was kept", file=sys.stderr)
         sys.exit(130)
 
+
+# metrics/<name>.json per stage (DESIGN.md names evaluate's metrics/eval.json)
+METRICS_FILE = {"evaluate": "eval"}
 
 # The params sections each stage reads (mirrors dvc.yaml).
 _PARAM_SECTIONS = {

@@ -1,0 +1,44 @@
+"""Codebook health from integer codes: usage, perplexity, dead codes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _counts(codes: Tensor, vocab_size: int) -> Tensor:
+    return torch.bincount(codes.reshape(-1).long().cpu(), minlength=vocab_size).double()
+
+
+def usage(codes: Tensor, vocab_size: int) -> float:
+    """Share of the vocabulary that occurs at least once in ``codes``."""
+    return float((_counts(codes, vocab_size) > 0).double().mean())
+
+
+def perplexity(codes: Tensor, vocab_size: int) -> float:
+    """exp(entropy) of the code histogram: the number of equally used codes it is worth."""
+    c = _counts(codes, vocab_size)
+    p = c / c.sum().clamp_min(1)
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
+
+
+def codebook_stats(codes: Tensor, vocab_size: int) -> dict[str, float]:
+    """``usage``, ``perplexity``, ``dead_codes`` (codes never used), and ``usage_possible``:
+    used codes over ``min(vocab, number of codes)`` (what could have been used at all)."""
+    c = _counts(codes, vocab_size)
+    used = int((c > 0).sum())
+    n = int(c.sum())
+    return {
+        "usage": used / vocab_size,
+        "perplexity": perplexity(codes, vocab_size),
+        "dead_codes": float(vocab_size - used),
+        "usage_possible": used / max(1, min(vocab_size, n)),
+    }
+
+
+def expected_uniform_usage(n_codes: int, vocab_size: int) -> float:
+    """Expected usage if ``n_codes`` were drawn uniformly: 1 − (1 − 1/V)^n (the ceiling a
+    perfectly balanced codebook reaches on a small sample)."""
+    return 1 - math.exp(n_codes * math.log1p(-1 / vocab_size))

@@ -1,0 +1,136 @@
+"""The autoregressive priors: ``gpt`` (next token, LlamaGen-style) and ``var`` (next scale).
+
+- :data:`SIZES` is the size registry, per kind; each entry's ``params`` is the parameter count
+  (in millions) at the kind's reference setting in :data:`REFERENCE` (checked by the tests).
+- :func:`build_prior` builds one from a config (a ``PriorConfig`` or any object with its
+  attributes: ``kind``, ``size``, ``dropout``, ``class_dropout``).
+- :func:`save_prior` / :func:`load_prior`: ``config.json`` (everything needed to rebuild,
+  independent of later registry changes) + ``weights.pt`` (a plain state dict).
+
+A saved ``var`` prior stores what it needs of the tokenizer to be *built* (``embed_dim``,
+``scales``), but its forward pass, loss and sampling call the tokenizer (teacher-forcing input,
+next-scale input): pass it at load, ``load_prior(dir, tokenizer=tok)``, or set
+``prior.tokenizer = tok`` later.
+
+Imports torch and the standard library only (no pydantic / yaml), so it runs on the device
+machine and inside Ray workers alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from arvision.priors.blocks import Prior, count_params
+
+__all__ = ["SIZES", "REFERENCE", "Prior", "build_prior", "save_prior", "load_prior", "count_params", "param_count"]
+
+# Reference settings at which each size's ``params`` (millions) is stated.
+REFERENCE: dict[str, dict[str, Any]] = {
+    # ImageNet 256² through a 16× tokenizer (LlamaGen): 16×16 codes of a 16384-entry codebook
+    "gpt": dict(vocab_size=16384, layout=[(16, 16)], num_classes=1000),
+    # VAR on ImageNet 256²: 10 scales up to 16×16 (680 tokens), 4096 codes, Cvae 32
+    "var": dict(vocab_size=4096, layout=[(s, s) for s in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)], num_classes=1000, embed_dim=32),
+}
+
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "gpt": {
+        # CPU demo / tests: ~0.26M params at vocab 512 / 8×8; trains in minutes on 2 cores
+        "tiny": dict(n_layer=3, dim=64, n_head=4, params=2.36),
+        "small": dict(n_layer=8, dim=384, n_head=6, params=27.1),
+        "B": dict(n_layer=12, dim=768, n_head=12, params=111.0),  # LlamaGen GPT-B: 111M
+        "L": dict(n_layer=24, dim=1024, n_head=16, params=343.0),  # LlamaGen GPT-L: 343M
+        "XL": dict(n_layer=36, dim=1280, n_head=20, params=775.0),  # LlamaGen GPT-XL: 775M
+    },
+    "var": {
+        # width 64·depth, heads = depth (head dim 64), MLP ratio 4; ``tiny`` for the CPU
+        "tiny": dict(depth=3, width=96, heads=3, params=1.08),
+        "d16": dict(depth=16, width=1024, heads=16, params=310.0),  # VAR-d16: 310M
+        "d20": dict(depth=20, width=1280, heads=20, params=601.0),  # VAR-d20: 600M
+        "d24": dict(depth=24, width=1536, heads=24, params=1033.0),  # VAR-d24: 1.0B
+        "d30": dict(depth=30, width=1920, heads=30, params=2010.0),  # VAR-d30: 2.0B
+    },
+}
+
+
+def _arch(kind: str, size: str) -> dict[str, Any]:
+    if kind not in SIZES:
+        raise ValueError(f"unknown prior kind '{kind}'; allowed: {', '.join(SIZES)}")
+    if size not in SIZES[kind]:
+        raise ValueError(f"prior.size '{size}' is not a {kind} size; allowed: {', '.join(SIZES[kind])}")
+    return {k: v for k, v in SIZES[kind][size].items() if k != "params"}
+
+
+def _from_config(config: dict[str, Any], tokenizer: Any = None) -> Prior:
+    """Rebuild a prior from its ``config`` dict (what :func:`save_prior` writes)."""
+    c = dict(config)
+    kind = c.pop("kind")
+    c.pop("size", None)
+    c["layout"] = [tuple(x) for x in c["layout"]]
+    if kind == "gpt":
+        from arvision.priors.gpt import GPT
+
+        return GPT(**c)
+    if kind == "var":
+        from arvision.priors.var import VAR
+
+        return VAR(**c, tokenizer=tokenizer)
+    raise ValueError(f"unknown prior kind '{kind}'")
+
+
+def build_prior(cfg: Any, *, vocab_size: int, layout: list, num_classes: int, tokenizer: Any = None) -> Prior:
+    """A fresh prior of ``cfg.kind`` / ``cfg.size`` for codes of ``vocab_size`` laid out as ``layout``.
+
+    ``var`` needs the tokenizer (``embed_dim``, ``scales`` and its two input methods).
+    """
+    kind, size = cfg.kind, cfg.size
+    config: dict[str, Any] = dict(
+        kind=kind, size=size, vocab_size=int(vocab_size), layout=[list(x) for x in layout], num_classes=int(num_classes),
+        dropout=float(getattr(cfg, "dropout", 0.0)), class_dropout=float(getattr(cfg, "class_dropout", 0.1)),
+        **_arch(kind, size),
+    )
+    if kind == "var":
+        if tokenizer is None:
+            raise ValueError("prior.kind 'var' needs the msvq tokenizer (tokenizer=...)")
+        config["embed_dim"] = int(tokenizer.embed_dim)
+    model = _from_config(config, tokenizer)
+    model.config["size"] = size
+    return model
+
+
+def param_count(kind: str, size: str, **overrides: Any) -> int:
+    """Parameters of ``kind``/``size`` at the reference setting (or ``overrides``), built on the
+    meta device (nothing is allocated)."""
+    ref = {**REFERENCE[kind], **overrides}
+    config = dict(kind=kind, **{k: v for k, v in ref.items()}, **_arch(kind, size))
+    if kind == "var":
+        config["embed_dim"] = ref["embed_dim"]
+    with torch.device("meta"):
+        model = _from_config(config, tokenizer=None)
+    return count_params(model)
+
+
+def save_prior(model: nn.Module, directory: Path, extra: dict | None = None) -> None:
+    """Write ``config.json`` (architecture, vocab, layout, classes, ``extra``) and ``weights.pt``."""
+    model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {"format": 1, "config": model.config, "extra": extra or {}}
+    (directory / "config.json").write_text(json.dumps(payload, indent=2, default=str))
+    state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, directory / "weights.pt")
+
+
+def load_prior(directory: Path, *, tokenizer: Any = None, device: str | torch.device = "cpu") -> Prior:
+    """Rebuild a saved prior (eval mode, on ``device``). ``var`` needs ``tokenizer`` to run."""
+    directory = Path(directory)
+    payload = json.loads((directory / "config.json").read_text())
+    model = _from_config(payload["config"], tokenizer=tokenizer)
+    model.config["size"] = payload["config"].get("size")
+    model.load_state_dict(torch.load(directory / "weights.pt", map_location="cpu", weights_only=True))
+    return model.to(device).eval()

@@ -1,0 +1,219 @@
+"""Building blocks shared by the priors: the :class:`Prior` base, RMSNorm, SwiGLU, 2D rotary
+embeddings, and a causal self-attention with a gpt-fast style static KV cache.
+
+Letter legend (shape suffixes): B - batch, R - rows (batch, doubled under classifier-free
+guidance), L - sequence, T - new tokens in one call, S - cache length, H - heads, D - head dim,
+C - model width, V - vocabulary.
+
+Imports torch and einops only (the device machine has no pydantic / yaml).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def pad_vocab(vocab_size: int, multiple: int = 64) -> int:
+    """The output head's width: padded to a multiple of 64 so the last matmul tiles evenly."""
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+class Prior(nn.Module):
+    """An autoregressive prior over integer codes, conditioned on a class label.
+
+    Subclasses implement ``forward(codes_BL, labels_B, *, return_loss=False)`` (logits
+    ``(B, L, vocab)`` or, with ``return_loss``, the mean cross-entropy in nats per token: the
+    training loop asks for the loss through ``forward`` so that DDP hooks and torch.compile see
+    one call) and ``sample``. ``config`` is a JSON-able dict from which ``arvision.priors``
+    rebuilds the model (see ``save_prior`` / ``load_prior``).
+    """
+
+    kind: str
+    vocab_size: int
+    num_classes: int
+    seq_len: int
+    config: dict[str, Any]
+
+    @property
+    def null_class(self) -> int:
+        """The learned "no class" entry: used for class dropout and the unconditional CFG branch."""
+        return self.num_classes
+
+    def drop_labels(self, labels_B: Tensor, p: float) -> Tensor:
+        """Replace each label by the null class with probability ``p`` (training mode only)."""
+        if not self.training or p <= 0:
+            return labels_B
+        drop_B = torch.rand(labels_B.shape, device=labels_B.device) < p
+        return torch.where(drop_B, torch.full_like(labels_B, self.null_class), labels_B)
+
+    def loss(self, codes_BL: Tensor, labels_B: Tensor) -> Tensor:
+        """Mean cross-entropy, nats per token (class dropout applies in training mode)."""
+        return self(codes_BL, labels_B, return_loss=True)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay: norms, biases, embeddings (by default: every
+        parameter of fewer than two dims, and those of ``nn.Embedding`` modules)."""
+        names: set[str] = set()
+        for mname, module in self.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                full = f"{mname}.{pname}" if mname else pname
+                if p.ndim < 2 or isinstance(module, nn.Embedding) or "pos" in pname or "embed" in pname:
+                    names.add(full)
+        return names
+
+
+def cross_entropy(logits_BLV: Tensor, targets_BL: Tensor, vocab_size: int) -> Tensor:
+    """Mean cross-entropy in fp32 over the real vocabulary (padding columns sliced off)."""
+    logits_NV = logits_BLV[..., :vocab_size].flatten(0, 1).float()
+    return F.cross_entropy(logits_NV, targets_BL.flatten())
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32 (bf16 under autocast loses the mean square), return the input dtype
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """LLaMA's feed-forward: ``w2(silu(w1 x) * w3 x)``; hidden = 8/3·dim rounded up to 256."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+def swiglu_hidden(dim: int, multiple_of: int = 256) -> int:
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+# --------------------------------------------------------------------------- rotary embeddings
+
+
+def rope_2d_table(rows_L: Tensor, cols_L: Tensor, head_dim: int, base: float = 10000.0) -> Tensor:
+    """cos/sin of a 2D rotary embedding, ``(L, head_dim // 2, 2)`` in fp32.
+
+    Half of the rotated pairs turn with the row index, half with the column (LlamaGen's 2D
+    RoPE). Positions of -1 give the identity rotation (used for the class token).
+    """
+    assert head_dim % 4 == 0, "2D RoPE needs head_dim divisible by 4"
+    quarter = head_dim // 4
+    freqs_F = 1.0 / (base ** (torch.arange(0, quarter, dtype=torch.float64) * 4 / head_dim))
+    ang_row = rows_L.double().clamp_min(0)[:, None] * freqs_F  # (L, D/4)
+    ang_col = cols_L.double().clamp_min(0)[:, None] * freqs_F
+    ang_LP = torch.cat([ang_row, ang_col], dim=1)  # (L, D/2): pairs
+    ang_LP = torch.where((rows_L < 0)[:, None], torch.zeros_like(ang_LP), ang_LP)
+    return torch.stack([ang_LP.cos(), ang_LP.sin()], dim=-1).float()
+
+
+def apply_rope(x_BHTD: Tensor, rope_TP2: Tensor) -> Tensor:
+    """Rotate consecutive pairs of ``x`` by the table's angles; fp32 math, input dtype out."""
+    B, H, T, D = x_BHTD.shape
+    x = x_BHTD.float().reshape(B, H, T, D // 2, 2)
+    cos, sin = rope_TP2[..., 0], rope_TP2[..., 1]  # (T, D/2)
+    out = torch.stack([x[..., 0] * cos - x[..., 1] * sin, x[..., 1] * cos + x[..., 0] * sin], dim=-1)
+    return out.reshape(B, H, T, D).type_as(x_BHTD)
+
+
+# --------------------------------------------------------------------------- attention + KV cache
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values ``(R, H, S, D)`` (gpt-fast layout), written at ``input_pos``.
+
+    Static shapes, in-place updates: a decode step that uses it can be captured in a CUDA graph.
+    """
+
+    def __init__(self, rows: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        shape = (rows, heads, length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos_T: Tensor, k_RHTD: Tensor, v_RHTD: Tensor) -> tuple[Tensor, Tensor]:
+        self.k_cache.index_copy_(2, input_pos_T, k_RHTD.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, input_pos_T, v_RHTD.to(self.v_cache.dtype))
+        return self.k_cache, self.v_cache
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention with rotary positions, no biases; SDPA so flash kernels are used."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        assert dim % heads == 0
+        self.heads, self.head_dim = heads, dim // heads
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.attn_dropout = dropout
+        self.resid_drop = nn.Dropout(dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x_BTC: Tensor, rope_TP2: Tensor, mask: Tensor | None = None, input_pos_T: Tensor | None = None) -> Tensor:
+        """Training (``input_pos`` None): causal over ``x``. Cached: write k/v at ``input_pos`` and
+        attend over the whole cache under ``mask`` ``(1, 1, T, S)`` (True = may attend)."""
+        B, T, C = x_BTC.shape
+        qkv = self.wqkv(x_BTC).view(B, T, 3, self.heads, self.head_dim)
+        q_BHTD, k_BHTD, v_BHTD = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        q_BHTD, k_BHTD = apply_rope(q_BHTD, rope_TP2), apply_rope(k_BHTD, rope_TP2)
+        if input_pos_T is None:
+            y = F.scaled_dot_product_attention(
+                q_BHTD, k_BHTD, v_BHTD, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0
+            )
+        else:
+            assert self.kv_cache is not None, "call setup_caches() first"
+            k_BHSD, v_BHSD = self.kv_cache.update(input_pos_T, k_BHTD, v_BHTD)
+            y = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask)
+        y_BTC = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.wo(y_BTC))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm LLaMA block: ``x + attn(norm(x))``, then ``x + swiglu(norm(x))``."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(dim, eps)
+        self.attention = CausalSelfAttention(dim, heads, dropout)
+        self.ffn_norm = RMSNorm(dim, eps)
+        self.feed_forward = SwiGLU(dim, swiglu_hidden(dim), dropout)
+
+    def forward(self, x: Tensor, rope_TP2: Tensor, mask: Tensor | None = None, input_pos_T: Tensor | None = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rope_TP2, mask, input_pos_T)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def init_linear_embedding(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2 style init: N(0, 0.02) for linears and embeddings, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def residual_scale(n_layers: int) -> float:
+    """Output projections of residual branches start ``1/sqrt(2·layers)`` smaller (GPT-2)."""
+    return 1.0 / math.sqrt(2 * n_layers)

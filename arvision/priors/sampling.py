@@ -1,0 +1,199 @@
+"""Sampling: logit filtering (temperature, top-k, top-p), classifier-free guidance, and the
+sampling loops of both priors, split gpt-fast style into a prefill and one decode step.
+
+Randomness comes only from the caller's ``torch.Generator``: each step draws standard
+exponential noise ``E`` with it and picks ``argmax(logit - log E)`` (the exponential race, i.e.
+Gumbel-max), which samples exactly from ``softmax(logit)`` with no host sync and no
+``torch.multinomial``. The noise is drawn outside the decode step, so the step itself is a pure
+static-shape function of its tensor inputs and can be compiled with
+``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on GPU.
+
+Letter legend: B - images, R - rows (2B under guidance: conditional rows then unconditional),
+V - vocabulary, l - tokens of one scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+def filter_logits(logits_NV: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set logits outside the top-k, then outside the top-p nucleus, to -inf (static shapes).
+
+    ``top_k`` 0 and ``top_p`` 1 are off. The nucleus is the smallest set of most likely tokens
+    whose probability reaches ``top_p``; the most likely token is always kept.
+    """
+    V = logits_NV.shape[-1]
+    if 0 < top_k < V:
+        kth_N1 = torch.topk(logits_NV, top_k, dim=-1).values[..., -1:]
+        logits_NV = logits_NV.masked_fill(logits_NV < kth_N1, NEG_INF)
+    if top_p < 1.0:
+        sorted_NV, idx_NV = torch.sort(logits_NV, dim=-1, descending=True)
+        probs_NV = sorted_NV.softmax(dim=-1)
+        mass_before_NV = probs_NV.cumsum(dim=-1) - probs_NV  # probability of the tokens ranked above
+        sorted_NV = sorted_NV.masked_fill(mass_before_NV >= top_p, NEG_INF)
+        logits_NV = torch.empty_like(logits_NV).scatter_(-1, idx_NV, sorted_NV)
+    return logits_NV
+
+
+def guide(logits_RV: Tensor, batch: int, cfg_scale: float) -> Tensor:
+    """Classifier-free guidance ``u + s·(c − u)``, written ``c + (s − 1)·(c − u)`` so that s = 1
+    returns the conditional logits bit for bit. Rows ``[:batch]`` are conditional, the rest
+    unconditional; without unconditional rows the logits pass through."""
+    if logits_RV.shape[0] == batch:
+        return logits_RV
+    c, u = logits_RV[:batch].float(), logits_RV[batch:].float()
+    return c + (cfg_scale - 1.0) * (c - u)
+
+
+def pick(logits_NV: Tensor, noise_NV: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """One token per row from ``softmax(filter(logits / temperature))``, ``noise`` ~ Exp(1).
+
+    ``temperature`` 0 is greedy (argmax).
+    """
+    logits_NV = logits_NV.float()
+    if temperature <= 0:
+        return logits_NV.argmax(dim=-1)
+    logits_NV = filter_logits(logits_NV / temperature, top_k, top_p)
+    return (logits_NV - noise_NV.clamp_min(1e-30).log()).argmax(dim=-1)
+
+
+def exp_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard exponential noise drawn with ``generator`` (on its own device), fp32 on ``device``."""
+    gdev = generator.device if generator is not None else device
+    noise = torch.empty(shape, dtype=torch.float32, device=gdev).exponential_(generator=generator)
+    return noise.to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------- GPT: next token
+
+
+def gpt_decode_and_sample(
+    model: Any, tok_B: Tensor, input_pos_1: Tensor, noise_BV: Tensor,
+    cfg_scale: float, temperature: float, top_k: int, top_p: float, guided: bool,
+) -> Tensor:
+    """One decode step: feed the last token at ``input_pos``, guide, filter, pick the next token.
+
+    Static shapes throughout (the KV cache is preallocated): compile with
+    ``mode="reduce-overhead"`` to replay it as a CUDA graph.
+    """
+    B = tok_B.shape[0]
+    tok_R1 = (torch.cat([tok_B, tok_B]) if guided else tok_B)[:, None]
+    logits_RV = model.decode_step(tok_R1, input_pos_1)
+    return pick(guide(logits_RV, B, cfg_scale), noise_BV, temperature, top_k, top_p)
+
+
+class CUDAGraphStep:
+    """A decode step captured once as a CUDA graph and replayed per token (static inputs are
+    copied in). ``fn`` may be eager or ``torch.compile``d (without its own CUDA graphs); the
+    graph is re-captured when shapes or sampling settings change. CUDA only."""
+
+    def __init__(self, fn: Callable[..., Tensor] = gpt_decode_and_sample) -> None:
+        self.fn, self.key, self.graph = fn, None, None
+
+    def __call__(self, model: Any, tok_B: Tensor, input_pos_1: Tensor, noise_BV: Tensor, *settings: Any) -> Tensor:
+        key = (id(model), tuple(tok_B.shape), tuple(noise_BV.shape), settings,
+               tuple(layer.attention.kv_cache.k_cache.data_ptr() for layer in model.layers))
+        if key != self.key:
+            self.static = [tok_B.clone(), input_pos_1.clone(), noise_BV.clone()]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: the same step, so its cache writes are harmless
+                for _ in range(2):
+                    self.fn(model, *self.static, *settings)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.fn(model, *self.static, *settings)
+            self.key = key
+        self.static[0].copy_(tok_B)
+        self.static[1].copy_(input_pos_1)
+        self.static[2].copy_(noise_BV)
+        self.graph.replay()
+        return self.out
+
+
+@torch.no_grad()
+def sample_gpt(
+    model: Any, labels_B: Tensor, *, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
+    top_p: float = 1.0, generator: torch.Generator | None = None, force_guidance_batch: bool = False,
+) -> Tensor:
+    """Codes ``(B, L)`` for class ``labels_B``: prefill the class token, then L − 1 decode steps.
+
+    Guidance batches conditional and unconditional rows (2B rows in one forward). With
+    ``cfg_scale`` 1 the unconditional rows are skipped unless ``force_guidance_batch``.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.output.weight.device
+    labels_B = labels_B.to(device)
+    B, L, V = labels_B.shape[0], model.seq_len, model.vocab_size
+    guided = force_guidance_batch or cfg_scale != 1.0
+    cond_R = torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
+    model.setup_caches(cond_R.shape[0])
+    step: Callable[..., Tensor] = getattr(model, "decode_fn", None) or gpt_decode_and_sample
+
+    codes_BL = torch.empty(B, L, dtype=torch.long, device=device)
+    logits_RV = model.prefill(cond_R)[:, -1]  # the class token predicts x_0
+    tok_B = pick(guide(logits_RV, B, cfg_scale), exp_noise((B, V), generator, device), temperature, top_k, top_p)
+    codes_BL[:, 0] = tok_B
+    input_pos_1 = torch.ones(1, dtype=torch.long, device=device)
+    for i in range(1, L):
+        noise_BV = exp_noise((B, V), generator, device)
+        # clone: under CUDA graphs the step's output buffer is overwritten by the next replay
+        tok_B = step(model, tok_B, input_pos_1, noise_BV, cfg_scale, temperature, top_k, top_p, guided).clone()
+        codes_BL[:, i] = tok_B
+        input_pos_1 += 1  # in place on the device: no host→device copy per step
+    model.train(was_training)
+    return codes_BL
+
+
+# --------------------------------------------------------------------------- VAR: next scale
+
+
+def var_guidance_scale(cfg_scale: float, k: int, num_scales: int) -> float:
+    """Guidance ramps linearly over the scales (as VAR): 1 at the first scale, ``cfg_scale`` at
+    the last. (VAR's own ``cfg`` argument is ``cfg_scale − 1`` in this convention.)"""
+    if num_scales <= 1:
+        return cfg_scale
+    return 1.0 + (cfg_scale - 1.0) * k / (num_scales - 1)
+
+
+@torch.no_grad()
+def sample_var(
+    model: Any, labels_B: Tensor, *, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
+    top_p: float = 1.0, generator: torch.Generator | None = None, force_guidance_batch: bool = False,
+) -> Tensor:
+    """Codes ``(B, L)``, one whole scale per step; each scale attends to the cached keys of the
+    coarser ones. The tokenizer turns each scale's codes into the next scale's input."""
+    was_training = model.training
+    model.eval()
+    tok = model.tokenizer
+    device = model.head.weight.device
+    labels_B = labels_B.to(device)
+    B, V, K = labels_B.shape[0], model.vocab_size, len(model.scales)
+    guided = force_guidance_batch or cfg_scale != 1.0
+    cond_R = torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
+    state = model.start_sampling(cond_R)  # sets up caches, returns (cond, first-scale input)
+    x_RlC = state["x"]
+    f_hat = None
+    out = []
+    for k, s in enumerate(model.scales):
+        logits_RlV = model.scale_step(k, x_RlC, state)
+        scale_k = var_guidance_scale(cfg_scale, k, K)
+        logits_BlV = guide(logits_RlV, B, scale_k)
+        noise_BlV = exp_noise((B, s * s, V), generator, device)
+        idx_Bl = pick(logits_BlV, noise_BlV, temperature, top_k, top_p)
+        out.append(idx_Bl)
+        if k == K - 1:
+            break
+        f_hat, next_BlE = tok.next_scale_input(k, f_hat, idx_Bl)
+        x_BlC = model.embed_next_scale(k + 1, next_BlE, state)
+        x_RlC = torch.cat([x_BlC, x_BlC]) if guided else x_BlC
+    model.train(was_training)
+    return torch.cat(out, dim=1)

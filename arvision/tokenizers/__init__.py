@@ -1,0 +1,106 @@
+"""Image tokenizers: one module per kind, one registry, save/load, and the uint8 ↔ tensor helpers.
+
+``build_tokenizer`` takes a :class:`arvision.config.TokenizerConfig` or any object with the same
+attributes (e.g. a ``types.SimpleNamespace``), so tools without pydantic can build one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from arvision.errors import UserError
+from arvision.tokenizers.base import Tokenizer
+from arvision.tokenizers.fsq import FSQTokenizer
+from arvision.tokenizers.msvq import MSVQTokenizer
+from arvision.tokenizers.palette import PaletteTokenizer
+from arvision.tokenizers.rq import RQTokenizer
+from arvision.tokenizers.vq import VQTokenizer
+
+TOKENIZERS: dict[str, type[Tokenizer]] = {
+    "palette": PaletteTokenizer,
+    "vq": VQTokenizer,
+    "rq": RQTokenizer,
+    "fsq": FSQTokenizer,
+    "msvq": MSVQTokenizer,
+}
+
+__all__ = [
+    "TOKENIZERS",
+    "Tokenizer",
+    "build_tokenizer",
+    "save_tokenizer",
+    "load_tokenizer",
+    "images_to_tensor",
+    "tensor_to_images",
+    "config_to_dict",
+]
+
+WEIGHTS = "weights.pt"
+
+
+def build_tokenizer(cfg: Any, *, channels: int, resolution: int) -> Tokenizer:
+    """A fresh tokenizer of ``cfg.kind`` for images of ``channels`` × ``resolution``²."""
+    if cfg.kind not in TOKENIZERS:
+        raise UserError(f"tokenizer.kind '{cfg.kind}' is unknown; allowed: {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[cfg.kind](cfg, channels=channels, resolution=resolution)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    if hasattr(cfg, "model_dump"):
+        return cfg.model_dump()
+    return dict(vars(cfg))
+
+
+def _config_from_dict(d: dict[str, Any]) -> Any:
+    try:
+        from arvision.config import TokenizerConfig
+    except ImportError:  # e.g. a GPU box without pydantic/pyyaml
+        return SimpleNamespace(**d)
+    return TokenizerConfig(**{k: v for k, v in d.items() if k in TokenizerConfig.model_fields})
+
+
+def save_tokenizer(tok: Tokenizer, directory: Path) -> None:
+    """``config.json`` (kind, cfg, channels, resolution) and ``weights.pt`` (the state_dict, on CPU)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "kind": tok.kind,
+        "cfg": config_to_dict(tok.cfg),
+        "channels": tok.channels,
+        "resolution": tok.resolution,
+        "vocab_size": tok.vocab_size,
+        "layout": [list(e) for e in tok.layout],
+    }
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in tok.state_dict().items()}
+    torch.save(state, directory / WEIGHTS)
+
+
+def load_tokenizer(directory: Path, device: str | torch.device = "cpu") -> Tokenizer:
+    """The tokenizer saved in ``directory``, on ``device``, in eval mode."""
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise UserError(f"{directory}: no tokenizer here (config.json missing); run the tokenizer stage first")
+    meta = json.loads((directory / "config.json").read_text())
+    cfg = _config_from_dict(meta["cfg"])
+    tok = build_tokenizer(cfg, channels=meta["channels"], resolution=meta["resolution"])
+    tok.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True))
+    return tok.to(device).eval()
+
+
+def images_to_tensor(images_uint8_BHWC: np.ndarray) -> torch.Tensor:
+    """uint8 ``(B, H, W, C)`` → float ``(B, C, H, W)`` in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8_BHWC))
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def tensor_to_images(x_BCHW: torch.Tensor) -> np.ndarray:
+    """float ``(B, C, H, W)`` in [-1, 1] → uint8 ``(B, H, W, C)`` (rounded, clipped)."""
+    x = ((x_BCHW.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()

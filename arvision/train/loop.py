@@ -1,0 +1,317 @@
+"""The one training loop for the priors (both kinds; plain, DDP or FSDP; CPU or CUDA).
+
+It knows nothing of Ray, MLflow or files: batches come in through an iterator, metrics and
+checkpoints leave through callbacks (``on_log``, ``on_checkpoint``).
+
+- AdamW (fused on CUDA); no weight decay on norms, biases and embeddings
+  (``model.no_weight_decay()``); linear warm-up, then cosine down to ``min_lr_ratio · lr``.
+- ``grad_accum`` micro-batches per optimizer step, each loss scaled by 1/k, gradient sync only
+  on the last micro-batch (``no_sync``), so k micro-batches of b equal one batch of k·b.
+- Gradient clipping; an EMA of the weights (``ema_decay``, 0 = off, with the usual warm-up
+  ``min(decay, (1 + step) / (10 + step))``): the EMA weights are what gets saved and sampled
+  (:func:`final_weights`, :func:`ema_model`).
+- bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; optional ``torch.compile``.
+- A checkpoint (:func:`checkpoint_state`) holds model, EMA, optimizer, step and RNG states;
+  resuming from it continues exactly as the uninterrupted run would, provided ``batches``
+  continues where the checkpointed run left off (the state records ``micro_batches`` consumed;
+  the loop itself never skips data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["train_prior", "compile_model", "checkpoint_state", "final_weights", "ema_model", "lr_at", "unwrap", "make_optimizer"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The raw model under DDP / FSDP (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """Regional compilation: each transformer block (``layers`` / ``blocks``) is compiled in
+    place, so one compiled graph serves every identical block (compiles in seconds, not
+    minutes, and state-dict keys stay plain). Models without blocks are compiled whole."""
+    raw = unwrap(model)
+    blocks = getattr(raw, "layers", None) or getattr(raw, "blocks", None)
+    if isinstance(blocks, nn.ModuleList):
+        for blk in blocks:
+            blk.compile()
+        return model
+    return torch.compile(model)
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    return type(model).__name__ == "FullyShardedDataParallel"
+
+
+def _opt(cfg: Any, name: str, default: Any) -> Any:
+    return getattr(cfg, name, default)
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine."""
+    lr, warmup, total = cfg.lr, _opt(cfg, "warmup_steps", 0), cfg.steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = _opt(cfg, "min_lr_ratio", 0.1)
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: Any, *, fused: bool) -> torch.optim.AdamW:
+    """AdamW with two groups: decayed matrices, and undecayed norms / biases / embeddings."""
+    raw = unwrap(model)
+    names = {id(p): n for n, p in raw.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    exempt = raw.no_weight_decay() if hasattr(raw, "no_weight_decay") else {n for n, p in raw.named_parameters() if p.ndim < 2}
+    wd = _opt(cfg, "weight_decay", 0.0)
+    if all(id(p) in names for p in params):
+        decay = [p for p in params if names[id(p)] not in exempt]
+        no_decay = [p for p in params if names[id(p)] in exempt]
+        groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    else:  # FSDP flat parameters: names are gone, one group
+        groups = [{"params": params, "weight_decay": wd}]
+    betas = tuple(_opt(cfg, "betas", (0.9, 0.95)))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused or None)
+
+
+class EMA:
+    """fp32 shadow copies aligned with ``model.parameters()`` (works on FSDP shards too)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily put the EMA weights into the model."""
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in self.params]
+            for p, e in zip(self.params, self.shadow):
+                p.copy_(e)
+            try:
+                yield
+            finally:
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The raw model's state dict on CPU (gathered under FSDP; every rank must call it)."""
+    if _is_fsdp(model):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+            sd = model.state_dict()
+        return {k.replace("_orig_mod.", ""): v.clone() for k, v in sd.items()}
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def _load_full_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
+    if _is_fsdp(model):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+            model.load_state_dict(sd)
+    else:
+        unwrap(model).load_state_dict(sd)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    st: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(st["cpu"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def checkpoint_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, step: int, device: torch.device, micro_batches: int
+) -> dict[str, Any]:
+    """Everything a resumed run needs: ``model`` and ``ema`` (raw state dicts, CPU; ``ema`` None
+    when off), ``optimizer``, ``step``, ``rng``, ``micro_batches`` consumed."""
+    if ema is None:
+        ema_sd = None
+    elif _is_fsdp(model):
+        with ema.swapped_in():
+            ema_sd = _full_state_dict(model)
+    else:
+        raw = unwrap(model)
+        ema_sd = _full_state_dict(model)
+        for (name, _), e in zip(raw.named_parameters(), ema.shadow):
+            ema_sd[name] = e.detach().cpu().clone().to(ema_sd[name].dtype)
+    if _is_fsdp(model):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        opt_sd = FSDP.optim_state_dict(model, optimizer)
+    else:
+        opt_sd = copy.deepcopy(optimizer.state_dict())
+    return {
+        "model": _full_state_dict(model), "ema": ema_sd, "optimizer": opt_sd, "step": step,
+        "rng": _rng_state(device), "micro_batches": micro_batches,
+    }
+
+
+def final_weights(state: dict[str, Any]) -> dict[str, Tensor]:
+    """The weights to save and sample from: the EMA if the run kept one, else the model's."""
+    return state["ema"] if state.get("ema") is not None else state["model"]
+
+
+def ema_model(model: nn.Module, state: dict[str, Any]) -> nn.Module:
+    """A copy of the raw ``model`` holding :func:`final_weights` of ``state`` (eval mode)."""
+    out = copy.deepcopy(unwrap(model))
+    out.load_state_dict(final_weights(state))
+    return out.eval()
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, state: dict[str, Any], device) -> None:
+    if ema is not None and state.get("ema") is not None:
+        _load_full_state_dict(model, state["ema"])
+        ema.shadow = [p.detach().float().clone() for p in ema.params]
+    _load_full_state_dict(model, state["model"])
+    if _is_fsdp(model):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state["optimizer"]))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"], device)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def train_prior(
+    model: nn.Module,
+    batches: Iterator[tuple[Tensor, Tensor]],
+    cfg: Any,
+    *,
+    device: torch.device,
+    state: dict | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[int, dict], None] | None = None,
+    progress: bool = True,
+    is_main: bool = True,
+) -> dict[str, float]:
+    """Train ``model`` (a prior, possibly DDP/FSDP-wrapped) for ``cfg.steps`` optimizer steps.
+
+    ``batches`` yields ``(codes (B, L) long, labels (B,) long)`` micro-batches, ``grad_accum``
+    per step. ``on_log(step, {loss, lr, grad_norm, tokens_per_s})`` every ``log_every`` steps
+    (loss: mean nats/token over the window; tokens/s: all ranks together);
+    ``on_checkpoint(step, checkpoint_state)`` every ``checkpoint_every`` steps and at the end.
+    Returns the final metrics (last window's loss, lr, grad_norm, tokens_per_s; step).
+    """
+    device = torch.device(device)
+    raw = unwrap(model)
+    if model is raw:
+        model.to(device)
+    model.train()
+    accum = _opt(cfg, "grad_accum", 1)
+    log_every, ckpt_every = _opt(cfg, "log_every", 50), _opt(cfg, "checkpoint_every", 500)
+    clip = _opt(cfg, "grad_clip", 1.0)
+    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
+    decay = _opt(cfg, "ema_decay", 0.0)
+    ema = EMA(model, decay) if decay > 0 else None
+    step = 0
+    if state is not None:
+        _restore(model, optimizer, ema, state, device)
+        step = int(state["step"])
+    micro_batches = int(state.get("micro_batches", step * accum)) if state else 0
+    fwd = compile_model(model) if _opt(cfg, "compile", False) else model
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    can_skip_sync = hasattr(model, "no_sync") and model is not raw
+    world = _world_size()
+
+    bar = None
+    if progress and is_main:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=step, desc="prior", unit="step", dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    metrics: dict[str, float] = {}
+    window_loss = torch.zeros((), device=device)
+    window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
+    grad_norm = torch.zeros((), device=device)
+    while step < cfg.steps:
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        for micro in range(accum):
+            codes_BL, labels_B = next(batches)
+            codes_BL = codes_BL.to(device, non_blocking=True)
+            labels_B = labels_B.to(device, non_blocking=True)
+            sync = model.no_sync() if can_skip_sync and micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast():
+                    loss = fwd(codes_BL, labels_B, return_loss=True)
+                (loss / accum).backward()
+            window_loss += loss.detach() / accum
+            window_tokens += codes_BL.numel() * world
+            micro_batches += 1
+        max_norm = clip if clip > 0 else float("inf")
+        if hasattr(model, "clip_grad_norm_"):  # FSDP: norm over all shards
+            grad_norm = model.clip_grad_norm_(max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(step)
+        step += 1
+        window_steps += 1
+        if bar is not None:
+            bar.update(1)
+
+        if step % log_every == 0 or step == cfg.steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            metrics = {
+                "loss": float(window_loss.item()) / window_steps, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens_per_s": window_tokens / max(dt, 1e-9),
+            }
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+            if on_log is not None:
+                on_log(step, metrics)
+            window_loss.zero_()
+            window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
+        if on_checkpoint is not None and (step % ckpt_every == 0 or step == cfg.steps):
+            on_checkpoint(step, checkpoint_state(model, optimizer, ema, step, device, micro_batches))
+    if bar is not None:
+        bar.close()
+    return {**metrics, "step": float(step)}

@@ -1,0 +1,432 @@
+"""Prior benchmark: training and sampling speed of the AR priors, beside public references.
+
+GPU (one call does the whole measurement; random weights, random codes):
+  1. gpt B (vocab 16384, 256 tokens + class token, bf16 autocast): training tokens/s, step
+     time, peak memory at batch 64 and 128, eager and compiled (regional: each block); MFU
+     against the bf16 matmul rate measured in the same run (8192³), counting 6·N·tokens
+     (N: parameters that multiply, i.e. all but the embedding tables) + causal attention.
+  2. gpt B sampling: 64 images × 256 tokens, guidance 2.0 (128 rows), bf16 weights.
+  3. var d16, scales 1..16 (680 tokens), vocab 4096, Cvae 32: training images/s at batch 64
+     and 128; sampling images/s at batch 64, guidance 1.5, top-k 900, top-p 0.96, transformer
+     only (a random stand-in for the tokenizer's next_scale_input).
+CPU (``--device cpu``, run on the 2-core dev machine): the tiny sizes.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/prior.py --device cuda --out $OUT
+    PYTHONPATH=. .venv/bin/python bench/prior.py --device cpu --gpu-results <fetched prior_bench.md> --append
+
+Each item runs under try/except and prints as it goes; a failure loses only that item.
+Imports torch, einops and the standard library only (no pydantic / yaml / ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from arvision.priors import build_prior  # noqa: E402
+from arvision.priors.var import StandInScaleTokenizer  # noqa: E402
+from arvision.train.loop import train_prior  # noqa: E402
+
+VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+REF = {  # public reference figures on an H200 (LlamaGen GPT-B, VAR-d16)
+    "gpt_train_b128": 576e3, "gpt_train_b64": 445e3, "gpt_sample_compiled": 211.0, "gpt_sample_eager": 20.0,
+    "var_train_eager_b128": 206.0, "var_train_compiled_b128": 363.0, "var_sample": 208.0,
+}
+GOAL = {"gpt_train": 750e3, "gpt_mfu": 0.55, "gpt_sample": 420.0, "var_train": 470.0, "var_sample": 415.0}
+
+RESULTS: dict[str, dict] = {}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def item(name: str):
+    """Run one measurement; record its result or its error, never stop the others."""
+
+    def deco(fn):
+        def run(*a, **kw):
+            t0 = time.perf_counter()
+            log(f"--- {name}")
+            try:
+                res = fn(*a, **kw)
+                res["wall_s"] = round(time.perf_counter() - t0, 1)
+                RESULTS[name] = res
+                log(f"    {json.dumps(res)}")
+            except Exception as e:  # noqa: BLE001
+                RESULTS[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                traceback.print_exc()
+            finally:
+                if os.environ.get("OUT"):  # partial results survive a timeout
+                    Path(os.environ["OUT"], "partial.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                torch._dynamo.reset()
+
+        return run
+
+    return deco
+
+
+def train_cfg(steps: int, log_every: int, compile_: bool) -> NS:
+    return NS(steps=steps, lr=3e-4, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.05, betas=[0.9, 0.95], grad_clip=1.0,
+              ema_decay=0.999, grad_accum=1, log_every=log_every, checkpoint_every=10**9, compile=compile_)
+
+
+def measure_training(model, batch: int, seq: int, vocab: int, device, compile_: bool, steps: int, windows: int, num_classes=1000):
+    """Train with the real loop on random on-device codes; tokens/s of the last windows."""
+    g = torch.Generator(device=device).manual_seed(0)
+    pool = [(torch.randint(0, vocab, (batch, seq), device=device, generator=g),
+             torch.randint(0, num_classes, (batch,), device=device, generator=g)) for _ in range(4)]
+
+    def batches():
+        i = 0
+        while True:
+            yield pool[i % len(pool)]
+            i += 1
+
+    logs = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log_every = max(1, steps // windows)
+    t0 = time.perf_counter()
+    train_prior(model, batches(), train_cfg(steps, log_every, compile_), device=device, progress=False,
+                on_log=lambda s, m: (logs.append(m), log(f"      step {s}: {m['tokens_per_s']:.0f} tok/s loss {m['loss']:.3f}")))
+    total = time.perf_counter() - t0
+    tps = sorted(m["tokens_per_s"] for m in logs[1:]) or [logs[-1]["tokens_per_s"]]
+    med = tps[len(tps) // 2]  # the first window holds warm-up / compilation
+    out = {"tokens_per_s": med, "step_ms": 1e3 * batch * seq / med, "total_s": round(total, 1)}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return out
+
+
+def matmul_flops(device) -> float:
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2]
+
+
+def gpt_flops_per_token(model, seq: int) -> float:
+    """6·N (N without the embedding tables) + causal attention (fwd 2·T·d per layer per token, ×3)."""
+    n = sum(p.numel() for name, p in model.named_parameters() if "embedding" not in name)
+    d = model.config["dim"]
+    return 6 * n + 3 * 2 * seq * d * model.config["n_layer"]
+
+
+def var_flops_per_image(model) -> float:
+    """Per-token matmuls (blocks' qkv/proj/ffn, head, word_embed) ×6 per token, adaLN per image,
+    block-causal attention (each token sees its own and coarser scales)."""
+    n_tok = sum(p.numel() for name, p in model.named_parameters()
+                if ("ada_lin" not in name and "head_ada" not in name and "class_emb" not in name and "pos" not in name
+                    and "lvl_embed" not in name))
+    n_img = sum(p.numel() for name, p in model.named_parameters() if "ada" in name)
+    L = model.seq_len
+    visible = sum(s * s * model.offsets[k + 1] for k, s in enumerate(model.scales))
+    attn = 3 * 4 * visible * model.width * len(model.blocks)
+    return 6 * n_tok * L + 6 * n_img + attn
+
+
+def gpt_b(device, vocab=16384):
+    torch.manual_seed(0)
+    cfg = NS(kind="gpt", size="B", dropout=0.0, class_dropout=0.1)
+    return build_prior(cfg, vocab_size=vocab, layout=[(16, 16)], num_classes=1000).to(device)
+
+
+def var_d16(device, size="d16", vocab=4096, scales=VAR_SCALES):
+    torch.manual_seed(0)
+    tok = StandInScaleTokenizer(vocab, 32, list(scales)).to(device)
+    cfg = NS(kind="var", size=size, dropout=0.0, class_dropout=0.1)
+    return build_prior(cfg, vocab_size=vocab, layout=[(s, s) for s in scales], num_classes=1000, tokenizer=tok).to(device)
+
+
+def time_sampling(model, labels, reps: int, **kw) -> tuple[float, float]:
+    """(first call s, best timed call s): the first call holds compilation / capture."""
+    dev = labels.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    model.sample(labels, generator=torch.Generator(device=dev).manual_seed(0), **kw)
+    sync()
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for r in range(reps):
+        t0 = time.perf_counter()
+        model.sample(labels, generator=torch.Generator(device=dev).manual_seed(r + 1), **kw)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return first, best
+
+
+# --------------------------------------------------------------------------- GPU items
+
+
+def run_gpu(args) -> None:
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    only = set(args.only.split(",")) if args.only else None
+
+    def want(tag):
+        return only is None or tag in only
+
+    @item("matmul")
+    def _mm():
+        return {"bf16_tflops": matmul_flops(device) / 1e12}
+
+    _mm()
+    peak = RESULTS.get("matmul", {}).get("bf16_tflops", 790.0) * 1e12
+
+    for compile_ in (False, True):
+        for batch in (64, 128):
+            if not want("gpt_train"):
+                continue
+            name = f"gpt_train_{'compiled' if compile_ else 'eager'}_b{batch}"
+
+            @item(name)
+            def _t(batch=batch, compile_=compile_):
+                model = gpt_b(device)
+                res = measure_training(model, batch, 256, 16384, device, compile_, steps=args.gpt_steps, windows=4)
+                fpt = gpt_flops_per_token(model, 256)
+                res["mfu"] = res["tokens_per_s"] * fpt / peak
+                res["mfu_vs_989"] = res["tokens_per_s"] * fpt / 989e12
+                return res
+
+            _t()
+
+    if want("gpt_sample"):
+        for mode in args.gpt_sample_modes.split(","):
+
+            @item(f"gpt_sample_{mode}")
+            def _s(mode=mode):
+                model = gpt_b(device).to(torch.bfloat16).eval()
+                model.compile_sampling(mode)
+                labels = torch.arange(64, device=device) % 1000
+                first, best = time_sampling(model, labels, reps=2 if mode != "eager" else 1, cfg_scale=2.0)
+                return {"images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
+
+            _s()
+
+    for attn in args.var_attn.split(","):
+        for compile_ in (False, True):
+            for batch in (64, 128):
+                if not want("var_train") or (attn == "flex" and (not compile_ or batch != 128)):
+                    continue
+                name = f"var_train_{attn}_{'compiled' if compile_ else 'eager'}_b{batch}"
+
+                @item(name)
+                def _v(batch=batch, compile_=compile_, attn=attn):
+                    model = var_d16(device)
+                    if attn == "flex":
+                        model.use_flex_attention()
+                        model._train_mask(device)
+                    res = measure_training(model, batch, model.seq_len, 4096, device, compile_, steps=args.var_steps, windows=3)
+                    res["images_per_s"] = res["tokens_per_s"] / model.seq_len
+                    res["mfu"] = res["images_per_s"] * var_flops_per_image(model) / peak
+                    return res
+
+                _v()
+
+    if want("var_sample"):
+
+        @item("var_sample_eager")
+        def _vs():
+            model = var_d16(device).to(torch.bfloat16).eval()
+            model.tokenizer.float()
+            labels = torch.arange(64, device=device) % 1000
+            first, best = time_sampling(model, labels, reps=3, cfg_scale=1.5, top_k=900, top_p=0.96)
+            return {"images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
+
+        _vs()
+
+
+# --------------------------------------------------------------------------- CPU items
+
+
+def run_cpu(args) -> None:
+    device = torch.device("cpu")
+    torch.set_num_threads(args.threads)
+
+    @item("cpu_gpt_tiny_train")
+    def _gt():
+        torch.manual_seed(0)
+        model = build_prior(NS(kind="gpt", size="tiny", dropout=0.0, class_dropout=0.1), vocab_size=512, layout=[(8, 8)], num_classes=10)
+        res = measure_training(model, 64, 64, 512, device, False, steps=args.cpu_steps, windows=4, num_classes=10)
+        res["params"] = sum(p.numel() for p in model.parameters())
+        return res
+
+    @item("cpu_gpt_tiny_sample")
+    def _gs():
+        torch.manual_seed(0)
+        model = build_prior(NS(kind="gpt", size="tiny", dropout=0.0, class_dropout=0.1), vocab_size=512, layout=[(8, 8)], num_classes=10).eval()
+        first, best = time_sampling(model, torch.arange(64) % 10, reps=2, cfg_scale=2.0)
+        return {"images_per_s": 64 / best, "s_per_batch": best}
+
+    scales = (1, 2, 3, 4, 6, 8)
+
+    @item("cpu_var_tiny_train")
+    def _vt():
+        model = var_d16(device, size="tiny", vocab=512, scales=scales)
+        res = measure_training(model, 64, model.seq_len, 512, device, False, steps=args.cpu_steps, windows=4, num_classes=10)
+        res["images_per_s"] = res["tokens_per_s"] / model.seq_len
+        res["params"] = sum(p.numel() for p in model.parameters())
+        return res
+
+    @item("cpu_var_tiny_sample")
+    def _vs():
+        model = var_d16(device, size="tiny", vocab=512, scales=scales).eval()
+        first, best = time_sampling(model, torch.arange(64) % 10, reps=2, cfg_scale=2.0)
+        return {"images_per_s": 64 / best, "s_per_batch": best}
+
+    for f in (_gt, _gs, _vt, _vs):
+        f()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(x, unit="", scale=1.0, digits=0):
+    return "—" if x is None else f"{x / scale:,.{digits}f}{unit}"
+
+
+def ratio(x, ref):
+    return "—" if x is None or not ref else f"{x / ref:.2f}×"
+
+
+def get(name, key):
+    return RESULTS.get(name, {}).get(key)
+
+
+def gpu_table() -> str:
+    rows = ["| item | measured | reference | ratio | goal | notes |", "| --- | --- | --- | --- | --- | --- |"]
+    mm = get("matmul", "bf16_tflops")
+    rows.append(f"| bf16 matmul 8192³ | {fmt(mm, ' TFLOP/s')} | — | — | — | MFU denominator |")
+    for comp in ("eager", "compiled"):
+        for b in (64, 128):
+            n = f"gpt_train_{comp}_b{b}"
+            r = RESULTS.get(n, {})
+            ref = REF[f"gpt_train_b{b}"]
+            note = (f"step {fmt(r.get('step_ms'), ' ms', digits=1)}, peak {fmt(r.get('peak_mem_gib'), ' GiB', digits=1)}, "
+                    f"MFU {fmt((r.get('mfu') or 0) * 100, '%', digits=1)} (vs 989: {fmt((r.get('mfu_vs_989') or 0) * 100, '%', digits=1)})"
+                    if "error" not in r else r.get("error", ""))
+            rows.append(f"| gpt-B train {comp} b{b} (tok/s) | {fmt(r.get('tokens_per_s'))} | {fmt(ref)} | "
+                        f"{ratio(r.get('tokens_per_s'), ref)} | {fmt(GOAL['gpt_train'])} | {note} |")
+    for n in [k for k in RESULTS if k.startswith("gpt_sample_")]:
+        r = RESULTS[n]
+        mode = n[len("gpt_sample_"):]
+        ref = REF["gpt_sample_eager"] if mode == "eager" else REF["gpt_sample_compiled"]
+        note = f"first call {fmt(r.get('first_call_s'), ' s', digits=1)}" if "error" not in r else r["error"]
+        rows.append(f"| gpt-B sample 64 img, cfg 2.0, {mode} (img/s) | {fmt(r.get('images_per_s'), digits=1)} | {fmt(ref)} | "
+                    f"{ratio(r.get('images_per_s'), ref)} | {fmt(GOAL['gpt_sample'])} | {note} |")
+    for n in [k for k in RESULTS if k.startswith("var_train_")]:
+        r = RESULTS[n]
+        b = n.split("_b")[-1]
+        ref = REF["var_train_compiled_b128"] if "compiled" in n else REF["var_train_eager_b128"]
+        note = (f"step {fmt(r.get('step_ms'), ' ms', digits=1)}, peak {fmt(r.get('peak_mem_gib'), ' GiB', digits=1)}, "
+                f"MFU {fmt((r.get('mfu') or 0) * 100, '%', digits=1)}" if "error" not in r else r["error"])
+        rows.append(f"| var-d16 train {n[len('var_train_'):]} (img/s) | {fmt(r.get('images_per_s'), digits=1)} | "
+                    f"{fmt(ref)} (b128) | {ratio(r.get('images_per_s'), ref)} | {fmt(GOAL['var_train'])} | {note} |")
+    if "var_sample_eager" in RESULTS:
+        r = RESULTS["var_sample_eager"]
+        note = "cfg 1.5 (VAR's), top-k 900, top-p 0.96" if "error" not in r else r["error"]
+        rows.append(f"| var-d16 sample 64 img (img/s) | {fmt(r.get('images_per_s'), digits=1)} | {fmt(REF['var_sample'])} | "
+                    f"{ratio(r.get('images_per_s'), REF['var_sample'])} | {fmt(GOAL['var_sample'])} | {note} |")
+    return "\n".join(rows)
+
+
+def cpu_table() -> str:
+    rows = ["| item (CPU) | params | measured |", "| --- | --- | --- |"]
+    r = RESULTS.get("cpu_gpt_tiny_train", {})
+    rows.append(f"| gpt tiny train, vocab 512, 8×8, batch 64 | {fmt(r.get('params'))} | {fmt(r.get('tokens_per_s'))} tok/s ({fmt(r.get('step_ms'), ' ms/step', digits=0)}) |")
+    r = RESULTS.get("cpu_gpt_tiny_sample", {})
+    rows.append(f"| gpt tiny sample 64 img, cfg 2.0 | | {fmt(r.get('images_per_s'), digits=1)} img/s |")
+    r = RESULTS.get("cpu_var_tiny_train", {})
+    rows.append(f"| var tiny train, vocab 512, scales 1-8 (130 tok), batch 64 | {fmt(r.get('params'))} | {fmt(r.get('images_per_s'), digits=1)} img/s ({fmt(r.get('tokens_per_s'))} tok/s) |")
+    r = RESULTS.get("cpu_var_tiny_sample", {})
+    rows.append(f"| var tiny sample 64 img, cfg 2.0 | | {fmt(r.get('images_per_s'), digits=1)} img/s |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--only", default="", help="comma list: gpt_train,gpt_sample,var_train,var_sample")
+    ap.add_argument("--gpt-steps", type=int, default=40)
+    ap.add_argument("--var-steps", type=int, default=24)
+    ap.add_argument("--gpt-sample-modes", default="eager,compile+cudagraph,cudagraph")
+    ap.add_argument("--var-attn", default="sdpa,flex")
+    ap.add_argument("--cpu-steps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gpu-results", default=None, help="a prior_bench.json fetched from a GPU run, to report beside CPU figures")
+    ap.add_argument("--append", action="store_true", help="append the tables to bench/RESULTS.md under '## Prior'")
+    args = ap.parse_args()
+
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if args.device == "cuda":
+        devname = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+        run_gpu(args)
+    else:
+        devname = f"CPU {platform.processor() or platform.machine()}, {args.threads} threads (torch {torch.__version__})"
+        run_cpu(args)
+    if args.gpu_results:
+        gpu = json.loads(Path(args.gpu_results).read_text())
+        RESULTS.update(gpu["results"])
+    md = [f"### {when}: {devname}", ""]
+    if any(k.startswith(("gpt_", "var_", "matmul")) for k in RESULTS):
+        if args.gpu_results:
+            md += [f"GPU: {gpu['device']} ({gpu['when']}); settings: {gpu['settings']}", ""]
+        md += [gpu_table(), ""]
+    if any(k.startswith("cpu_") for k in RESULTS):
+        md += [cpu_table(), ""]
+    text = "\n".join(md)
+    log("\n" + text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "prior_bench.md").write_text(text)
+        (out / "prior_bench.json").write_text(json.dumps(
+            {"when": when, "device": devname, "settings": vars(args), "results": RESULTS}, indent=2, default=str))
+    if args.append:
+        res = ROOT / "bench" / "RESULTS.md"
+        existing = res.read_text() if res.exists() else "# Benchmarks\n"
+        if "## Prior" not in existing:
+            existing = existing.rstrip() + "\n\n## Prior\n"
+            res.write_text(existing + "\n" + text + "\n")
+        else:  # insert at the end of the Prior section (before the next '## ' heading)
+            head, tail = existing.split("## Prior", 1)
+            nxt = tail.find("\n## ")
+            body, rest = (tail, "") if nxt < 0 else (tail[:nxt], tail[nxt:])
+            res.write_text(head + "## Prior" + body.rstrip() + "\n\n" + text + "\n" + rest)
+
+
+if __name__ == "__main__":
+    main()
