@@ -395,7 +395,9 @@ def main() -> None:
         devname = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
         run_gpu(args)
     else:
-        devname = f"CPU {platform.processor() or platform.machine()}, {args.threads} threads (torch {torch.__version__})"
+        load = os.getloadavg()[0]  # the dev machine is shared: a load above the core count slows every figure
+        devname = (f"CPU {platform.processor() or platform.machine()}, {args.threads} threads, "
+                   f"load average {load:.1f} at start (torch {torch.__version__})")
         run_cpu(args)
     if args.gpu_results:
         gpu = json.loads(Path(args.gpu_results).read_text())

@@ -190,7 +190,7 @@ def _var(vocab=48, seed=0, tok=None):
     return model.eval()
 
 
-def test_stand_in_teacher_forcing_matches_next_scale_chain():
+def test_tokenizer_teacher_forcing_matches_next_scale_chain():
     tok = _scale_tokenizer()
     codes = torch.randint(0, 48, (2, 30))
     tf = tok.teacher_forcing_input(codes)
