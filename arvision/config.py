@@ -49,9 +49,9 @@ class TokenizerConfig(_Section):
 
     kind: Literal["palette", "vq", "rq", "fsq", "msvq"] = "vq"
     # convolutional encoder/decoder
-    width: int = Field(64, ge=8)  # channels of the first encoder level
+    width: int = Field(48, ge=8)  # channels of the first encoder level
     channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2])  # one entry per level; downsample = 2**(len-1)
-    num_res_blocks: int = Field(1, ge=0, le=8)
+    num_res_blocks: int = Field(0, ge=0, le=8)
     # quantiser
     codebook_size: int = Field(512, ge=2, le=65536)
     code_dim: int = Field(8, ge=1)  # lookup dimension (low-dim, l2-normalised lookup)
@@ -71,11 +71,11 @@ class TokenizerConfig(_Section):
     disc_start: int = Field(2000, ge=0)
     disc_weight: float = Field(0.1, ge=0.0)
     # training
-    steps: int = Field(1500, ge=0)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-4, gt=0.0, le=1.0)
+    steps: int = Field(1000, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(50, ge=0)
     grad_clip: float = Field(1.0, ge=0.0)
     log_every: int = Field(50, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -107,7 +107,7 @@ class PriorConfig(_Section):
     size: str = "tiny"  # a name of the size registry (arvision.priors.SIZES)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     class_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # for classifier-free guidance
-    steps: int = Field(2000, ge=1)
+    steps: int = Field(1200, ge=1)
     batch_size: int = Field(64, ge=1)  # per worker, per micro-batch
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
@@ -157,7 +157,7 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "Params":
-        from arvision.priors import SIZES  # local: keeps config importable without torch
+        from arvision.sizes import SIZES  # no torch: validation stays quick
 
         sizes = SIZES[self.prior.kind]
         if self.prior.size not in sizes:

@@ -107,7 +107,7 @@ def test_pipeline_end_to_end(tmp_path):
     assert sorted(r.data.tags["arvision.stage"] for r in children) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in children)
     gen = client.get_model_version_by_alias("arvision-generator", "champion")
-    assert client.get_model_version_by_alias("arvision-generator", "candidate").version == gen.version
+    assert str(client.get_model_version_by_alias("arvision-generator", "candidate").version) == str(gen.version)
     assert client.get_model_version_by_alias("arvision-tokenizer", "candidate") is not None
 
     # 2. nothing changed: everything skipped
@@ -124,7 +124,7 @@ def test_pipeline_end_to_end(tmp_path):
     assert _ran(proj) == {"prepare": False, "tokenizer": False, "tokens": False, "prior": True, "evaluate": True}
     versions = client.search_model_versions("name='arvision-generator'")
     assert len(versions) == 2
-    assert client.get_model_version_by_alias("arvision-generator", "candidate").version == "2"
+    assert str(client.get_model_version_by_alias("arvision-generator", "candidate").version) == "2"
 
     # 4. sample from the registered champion, in a fresh process
     out = proj / "grid.png"
