@@ -8,7 +8,9 @@ RAY_VERSION=$(.venv/bin/python -c "import ray; print(ray.__version__)")
 mkdir -p .whl
 dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl "$@"; }
-dl "ray==${RAY_VERSION}" jsonschema jsonschema-specifications referencing rpds-py
+dl "ray==${RAY_VERSION}" jsonschema jsonschema-specifications referencing rpds-py \
+  "pydantic==$(.venv/bin/python -c "import pydantic; print(pydantic.VERSION)")" "pydantic-core==$(.venv/bin/python -c "import pydantic_core; print(pydantic_core.__version__)")" \
+  annotated-types typing-inspection
 whl=$(ls .whl/ray-*.whl)
 python3 - "$whl" <<'PY'
 import sys, zipfile, os

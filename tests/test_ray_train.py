@@ -76,7 +76,7 @@ def test_pipeline_joins_existing_cluster(tmp_path):
     token_dir = _tokens(tmp_path)
     port = "6391"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    head = _ray("start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats", env=env)
+    head = _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", env=env)
     assert head.returncode == 0, head.stderr
     try:
         node = _ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=2", env=env)

@@ -21,12 +21,11 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -43,8 +42,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # of the prepared layout + manifest
 PNG_COMPRESS_LEVEL = 6  # zlib level: fixed, so the same pixels give the same bytes
 BUCKETS = 10_000  # split resolution: val_fraction is honoured to 1e-4
-PARALLEL_MIN_IMAGES = 8192  # below this, worker start-up costs more than it saves
-_CHUNK = 512  # images per task sent to a worker
+_CHUNK = 512  # images per progress update
 
 
 # --------------------------------------------------------------------------- one image
@@ -108,41 +106,14 @@ def is_val(image_id: str, seed: int, val_fraction: float) -> bool:
     return split_key(image_id, seed) % BUCKETS < val_fraction * BUCKETS
 
 
-def _process(item: tuple[Record, int, int]) -> tuple[str, Optional[str], Optional[bytes], int]:
-    """Worker: (record, resolution, channels) → (origin, id or None if undecodable, png, label)."""
-    (origin, data, label), resolution, channels = item
+def _process(record: Record, resolution: int, channels: int) -> tuple[str, Optional[str], Optional[bytes], int]:
+    """(origin, data, label) → (origin, id or None if undecodable, png, label)."""
+    origin, data, label = record
     try:
         arr = normalise(data, resolution, channels)
     except Exception:  # any undecodable input is skipped and counted, never fatal on its own
         return origin, None, None, label
     return origin, content_id(arr), encode_png(arr), label
-
-
-def _process_chunk(chunk: list[tuple[Record, int, int]]) -> list[tuple[str, Optional[str], Optional[bytes], int]]:
-    return [_process(item) for item in chunk]
-
-
-def _chunks(records: Iterable[Record], resolution: int, channels: int) -> Iterator[list]:
-    chunk = []
-    for rec in records:
-        chunk.append((rec, resolution, channels))
-        if len(chunk) == _CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _processed(records: Iterable[Record], resolution: int, channels: int, workers: int) -> Iterator[list]:
-    """Processed chunks, in source order (``imap`` keeps order, so the result is deterministic)."""
-    chunks = _chunks(records, resolution, channels)
-    if workers <= 1:
-        yield from map(_process_chunk, chunks)
-        return
-    # forkserver: workers start clean (no inherited threads or locks), import only this module
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers) as pool:
-        yield from pool.imap(_process_chunk, chunks)
 
 
 # --------------------------------------------------------------------------- the data set
@@ -172,32 +143,31 @@ def _atomic_replace(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def prepare_dataset(cfg: DataConfig, seed: int, out_dir: Union[str, Path], progress: bool = True,
-                    workers: Optional[int] = None) -> dict[str, Any]:
+def prepare_dataset(cfg: DataConfig, seed: int, out_dir: Union[str, Path], progress: bool = True) -> dict[str, Any]:
     """Run ``prepare``: read ``cfg.source``, write ``out_dir/{train,val}/part-*.parquet`` and
     ``out_dir/manifest.json`` (DESIGN.md's prepared-data contract). Returns the manifest.
 
-    ``workers``: processes that decode and re-encode images; None → all cores for sources of
-    ``PARALLEL_MIN_IMAGES`` or more, else 1. The output does not depend on it.
+    One process: MNIST's 70k images take ~12 s on one core, so a worker pool (and its start-up
+    and ``__main__``-guard pitfalls) is not worth it.
     Raises UserError for a missing path or column, or a source with no usable image.
     """
     out_dir = Path(out_dir)
     source = open_source(cfg.source, cfg.path, cfg.image_column, cfg.label_column)
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8) if source.count >= PARALLEL_MIN_IMAGES else 1
 
     rows: dict[str, tuple[bytes, int]] = {}  # id → (png, label); the first occurrence wins
     skipped: list[str] = []
     seen = 0
     with tqdm(total=source.count, desc=f"prepare {cfg.source}", unit="img", disable=not progress) as bar:
-        for chunk in _processed(source.records(), cfg.resolution, cfg.channels, workers):
-            for origin, image_id, png, label in chunk:
-                seen += 1
-                if image_id is None:
-                    skipped.append(origin)
-                elif image_id not in rows:
-                    rows[image_id] = (png, label)
-            bar.update(len(chunk))
+        for record in source.records():
+            origin, image_id, png, label = _process(record, cfg.resolution, cfg.channels)
+            seen += 1
+            if image_id is None:
+                skipped.append(origin)
+            elif image_id not in rows:
+                rows[image_id] = (png, label)
+            if seen % _CHUNK == 0:
+                bar.update(_CHUNK)
+        bar.update(seen - bar.n)
     if skipped:
         msg = f"prepare: skipped {len(skipped)} image(s) that could not be decoded, e.g. {', '.join(skipped[:5])}"
         warnings.warn(msg, stacklevel=2)

@@ -50,30 +50,42 @@ def init_ray(address: str | None, num_workers: int, cpus_per_worker: int, root: 
         runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=True, configure_logging=False
     )
     if address is None:
-        # Logical CPUs: enough for the workers plus Train's controller, whatever the core count.
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, num_workers * cpus_per_worker + 1)
+        # Logical CPUs: the workers' plus room for Ray Data's read tasks and Train's actors,
+        # whatever the core count (too few and the data read waits forever for a free CPU).
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, num_workers * cpus_per_worker + 2)
     if not ray.is_initialized():
         ray.init(address=address, **kwargs)
 
 
 def _batches(shard, batch_size: int, seed: int):
-    """Endless (codes, labels) batches from this worker's Ray Data shard, reshuffled each epoch."""
+    """Endless (codes, labels) batches from this worker's Ray Data shard, reshuffled each epoch.
+
+    The shard is streamed once through Ray Data and kept in memory as compact integer arrays
+    (token data is small: 1M images × 256 uint16 codes is 512 MB); every later epoch is a
+    seeded permutation of it. Re-executing the Ray Data pipeline each epoch cost 3-8 s per
+    epoch, most of the prior's time on the demo data set.
+    """
     import numpy as np
 
+    codes_parts, label_parts = [], []
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        codes = batch["codes"]
+        if codes.dtype == object:  # fixed-size lists may arrive as arrays of arrays
+            codes = np.stack(codes)
+        codes_parts.append(codes)
+        label_parts.append(batch["label"])
+    codes = np.concatenate(codes_parts) if codes_parts else np.zeros((0, 0), np.int64)
+    labels = np.maximum(np.concatenate(label_parts), 0) if label_parts else np.zeros(0, np.int64)  # unlabelled (-1) → 0
+    if len(codes) < batch_size:
+        raise RuntimeError(f"the token shard holds {len(codes)} rows, fewer than one batch ({batch_size}); lower prior.batch_size")
+    codes_t = torch.from_numpy(codes.astype(np.int64))
+    labels_t = torch.from_numpy(labels.astype(np.int64))
     epoch = 0
     while True:
-        n = 0
-        for batch in shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch,
-        ):
-            codes = batch["codes"]
-            if codes.dtype == object:  # fixed-size lists may arrive as arrays of arrays
-                codes = np.stack(codes)
-            yield torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(batch["label"].astype(np.int64))
-            n += 1
-        if n == 0:
-            raise RuntimeError(f"the token shard holds fewer rows than one batch ({batch_size}); lower prior.batch_size")
+        order = torch.randperm(len(codes_t), generator=torch.Generator().manual_seed(seed + epoch))
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[i : i + batch_size]
+            yield codes_t[idx], labels_t[idx]
         epoch += 1
 
 

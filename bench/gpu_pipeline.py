@@ -1,0 +1,87 @@
+"""The pipeline's own stage code on a GPU machine, end to end, timed per stage.
+
+Runs ``stages.{prepare,tokenizer,tokens,prior,evaluate}.run`` in order with a do-nothing
+tracker (the GPU machine has no MLflow/Prefect/DVC), the demo ``params.yaml`` with
+``device: cuda`` and ``ray.use_gpu: true``: the tokenizer trains in bf16 with channels_last,
+the tokens are encoded in bf16, the prior trains under Ray Train's ``TorchTrainer`` on the GPU
+worker (bf16 autocast, fused AdamW), and evaluate samples with the KV cache on the GPU.
+
+    PYTHONPATH=. python3 bench/gpu_pipeline.py --root /tmp/gpu_run [--out $OUT]
+
+Needs Ray and pydantic on the machine (``scripts/device_wheels.sh`` makes wheels to carry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# Ray's workers import arvision through PYTHONPATH: make every entry absolute
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="/tmp/arvision_gpu_run")
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    ap.add_argument("--set", nargs="*", default=[], help="overrides like prior.steps=2000")
+    args = ap.parse_args()
+
+    import torch
+
+    from arvision.config import parse_params
+    from arvision.tracking import NullTracker
+    from stages import evaluate, prepare, prior, tokenizer, tokens
+    from stages.common import Paths
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["tokenizer"]["device"] = raw["tokens"]["device"] = raw["evaluate"]["device"] = "cuda"
+    raw["ray"]["use_gpu"] = True
+    raw["ray"]["cpus_per_worker"] = 4
+    raw["data"]["path"] = str(REPO / "arvision" / "data" / "emoji")
+    for item in args.set:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        raw[section][name] = yaml.safe_load(value)
+    params = parse_params(raw, "bench")
+    root = Path(args.root)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    paths = Paths(root)
+    print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    results: dict[str, dict] = {}
+    for name, mod in [("prepare", prepare), ("tokenizer", tokenizer), ("tokens", tokens), ("prior", prior), ("evaluate", evaluate)]:
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        metrics = mod.run(params, paths, NullTracker())
+        secs = time.perf_counter() - t0
+        results[name] = {"seconds": round(secs, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                         **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        print(f"{name}: {secs:.1f} s {json.dumps(results[name])}", flush=True)
+    report = "\n".join(
+        ["| stage | seconds | key figures |", "| --- | --- | --- |"]
+        + [f"| {k} | {v['seconds']} | " + ", ".join(f"{m}={v[m]:.4g}" if isinstance(v[m], float) else f"{m}={v[m]}"
+                                                     for m in v if m not in ("seconds",)) + " |" for k, v in results.items()]
+    )
+    print(report)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_pipeline.md").write_text(report + "\n")
+        (out / "gpu_pipeline.json").write_text(json.dumps(results, indent=2))
+        for f in [root / "reports" / "samples.png", root / "models" / "tokenizer" / "recon.png"]:
+            if f.exists():
+                shutil.copy(f, out / f"gpu_{f.parent.name}_{f.name}")
+
+
+if __name__ == "__main__":
+    main()
