@@ -2,13 +2,17 @@
 
 GPU (one call does the whole measurement; random weights, random codes):
   1. gpt B (vocab 16384, 256 tokens + class token, bf16 autocast): training tokens/s, step
-     time, peak memory at batch 64 and 128, eager and compiled (regional: each block); MFU
+     time, peak memory at batch 128 by compile mode (``regional``: each block + the fused loss;
+     ``blocks``: each block only; ``whole``), SDPA backend order (default / cuDNN first); MFU
      against the bf16 matmul rate measured in the same run (8192³), counting 6·N·tokens
      (N: parameters that multiply, i.e. all but the embedding tables) + causal attention.
-  2. gpt B sampling: 64 images × 256 tokens, guidance 2.0 (128 rows), bf16 weights.
-  3. var d16, scales 1..16 (680 tokens), vocab 4096, Cvae 32: training images/s at batch 64
-     and 128; sampling images/s at batch 64, guidance 1.5, top-k 900, top-p 0.96, transformer
-     only (a random stand-in for the tokenizer's next_scale_input).
+  2. gpt B sampling: 64 images × 256 tokens, guidance 2.0 (128 rows), bf16 weights, decode step
+     compiled and replayed as a CUDA graph (default or max-autotune kernels).
+  3. var d16, scales 1..16 (680 tokens), vocab 4096, Cvae 32: training images/s at batch 128;
+     sampling images/s at batch 64, guidance 1.5, top-k 900, top-p 0.96, eager and as one CUDA
+     graph, transformer only (a random stand-in for the tokenizer's next_scale_input).
+  4. profiles (top CUDA kernels of a few compiled training steps) under $OUT.
+Items run in order of importance; none starts after ``--budget-s`` seconds.
 CPU (``--device cpu``, run on the 2-core dev machine): the tiny sizes.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/prior.py --device cuda --out $OUT
@@ -189,14 +193,52 @@ def time_sampling(model, labels, reps: int, **kw) -> tuple[float, float]:
 # --------------------------------------------------------------------------- GPU items
 
 
+def sdpa_priority(first: str):
+    """A context that puts one SDPA backend first (``"default"``: leave torch's order)."""
+    import contextlib
+
+    if first == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # older torch: no priority, only the allowed set
+        return sdpa_kernel(order)
+
+
+def profile_steps(model, batch, seq, vocab, device, compile_, path: Path, steps: int = 3) -> str:
+    """The CUDA kernels of a few training steps (already compiled), top 25 by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    measure_training(model, batch, seq, vocab, device, compile_, steps=2, windows=1)  # warm
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        measure_training(model, batch, seq, vocab, device, compile_, steps=steps, windows=1)
+    ka = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            table = ka.table(sort_by=key, row_limit=25, max_name_column_width=90)
+            break
+        except Exception:  # noqa: BLE001
+            table = ""
+    path.write_text(table)
+    return table
+
+
 def run_gpu(args) -> None:
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     only = set(args.only.split(",")) if args.only else None
+    t_start = time.perf_counter()
+    out_dir = Path(args.out) if args.out else None
 
     def want(tag):
-        return only is None or tag in only
+        if time.perf_counter() - t_start > args.budget_s:
+            log(f"--- {tag}: skipped (past --budget-s {args.budget_s})")
+            return False
+        return only is None or tag.split(":")[0] in only
 
     @item("matmul")
     def _mm():
@@ -205,67 +247,127 @@ def run_gpu(args) -> None:
     _mm()
     peak = RESULTS.get("matmul", {}).get("bf16_tflops", 790.0) * 1e12
 
-    for compile_ in (False, True):
-        for batch in (64, 128):
-            if not want("gpt_train"):
-                continue
-            name = f"gpt_train_{'compiled' if compile_ else 'eager'}_b{batch}"
+    def gpt_train(compile_, batch=128, sdpa="default"):
+        name = f"gpt_train_{compile_ or 'eager'}{'_' + sdpa if sdpa != 'default' else ''}_b{batch}"
+        if not want("gpt_train:" + name):
+            return
 
-            @item(name)
-            def _t(batch=batch, compile_=compile_):
-                model = gpt_b(device)
+        @item(name)
+        def _t():
+            model = gpt_b(device)
+            with sdpa_priority(sdpa):
                 res = measure_training(model, batch, 256, 16384, device, compile_, steps=args.gpt_steps, windows=4)
-                fpt = gpt_flops_per_token(model, 256)
-                res["mfu"] = res["tokens_per_s"] * fpt / peak
-                res["mfu_vs_989"] = res["tokens_per_s"] * fpt / 989e12
-                return res
+            fpt = gpt_flops_per_token(model, 256)
+            res["mfu"] = res["tokens_per_s"] * fpt / peak
+            res["mfu_vs_989"] = res["tokens_per_s"] * fpt / 989e12
+            return res
 
-            _t()
+        _t()
 
-    if want("gpt_sample"):
-        for mode in args.gpt_sample_modes.split(","):
+    def var_train(compile_, batch=128, sdpa="default"):
+        name = f"var_train_{compile_ or 'eager'}{'_' + sdpa if sdpa != 'default' else ''}_b{batch}"
+        if not want("var_train:" + name):
+            return
 
-            @item(f"gpt_sample_{mode}")
-            def _s(mode=mode):
-                model = gpt_b(device).to(torch.bfloat16).eval()
-                model.compile_sampling(mode)
-                labels = torch.arange(64, device=device) % 1000
-                first, best = time_sampling(model, labels, reps=2 if mode != "eager" else 1, cfg_scale=2.0)
-                return {"images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
+        @item(name)
+        def _v():
+            model = var_d16(device)
+            with sdpa_priority(sdpa):
+                res = measure_training(model, batch, model.seq_len, 4096, device, compile_, steps=args.var_steps, windows=3)
+            res["images_per_s"] = res["tokens_per_s"] / model.seq_len
+            res["mfu"] = res["images_per_s"] * var_flops_per_image(model) / peak
+            return res
 
-            _s()
+        _v()
 
-    for attn in args.var_attn.split(","):
-        for compile_ in (False, True):
-            for batch in (64, 128):
-                if not want("var_train") or (attn == "flex" and (not compile_ or batch != 128)):
-                    continue
-                name = f"var_train_{attn}_{'compiled' if compile_ else 'eager'}_b{batch}"
+    def gpt_sample(mode):
+        if not want("gpt_sample:" + mode):
+            return
 
-                @item(name)
-                def _v(batch=batch, compile_=compile_, attn=attn):
-                    model = var_d16(device)
-                    if attn == "flex":
-                        model.use_flex_attention()
-                        model._train_mask(device)
-                    res = measure_training(model, batch, model.seq_len, 4096, device, compile_, steps=args.var_steps, windows=3)
-                    res["images_per_s"] = res["tokens_per_s"] / model.seq_len
-                    res["mfu"] = res["images_per_s"] * var_flops_per_image(model) / peak
-                    return res
-
-                _v()
-
-    if want("var_sample"):
-
-        @item("var_sample_eager")
-        def _vs():
-            model = var_d16(device).to(torch.bfloat16).eval()
-            model.tokenizer.float()
+        @item(f"gpt_sample_{mode}")
+        def _s():
+            model = gpt_b(device).to(torch.bfloat16).eval()
+            model.compile_sampling(mode)
             labels = torch.arange(64, device=device) % 1000
-            first, best = time_sampling(model, labels, reps=3, cfg_scale=1.5, top_k=900, top_p=0.96)
+            first, best = time_sampling(model, labels, reps=3 if mode != "eager" else 1, cfg_scale=2.0)
             return {"images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
 
-        _vs()
+        _s()
+
+    if want("check"):
+
+        @item("check_fused_ce")
+        def _ce():  # the compiled loss equals the eager one on gpt-B's real shapes
+            model = gpt_b(device).eval()
+            codes = torch.randint(0, 16384, (32, 256), device=device)
+            labels = torch.randint(0, 1000, (32,), device=device)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(codes, labels)
+            from arvision.priors.blocks import cross_entropy, fused_cross_entropy
+
+            a = logits.detach().requires_grad_()
+            b = logits.detach().requires_grad_()
+            la, lb = cross_entropy(a, codes, 16384), fused_cross_entropy(b, codes, 16384)
+            la.backward()
+            lb.backward()
+            gerr = ((a.grad.float() - b.grad.float()).norm() / a.grad.float().norm()).item()
+            return {"eager": la.item(), "fused": lb.item(), "grad_rel_err": gerr}
+
+        _ce()
+
+    gpt_train("regional")
+    gpt_sample("compile+cudagraph")
+
+    if want("var_sample"):
+        for mode in ("eager", "cudagraph"):
+
+            @item(f"var_sample_{mode}")
+            def _vs(mode=mode):
+                model = var_d16(device).to(torch.bfloat16).eval()
+                model.tokenizer.float()
+                model.compile_sampling(mode)
+                labels = torch.arange(64, device=device) % 1000
+                kw = dict(cfg_scale=1.5, top_k=900, top_p=0.96)
+                first, best = time_sampling(model, labels, reps=3, **kw)
+                res = {"images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
+                if mode != "eager":  # the graph gives the eager codes for the same seed
+                    g = model.sample(labels, generator=torch.Generator(device=device).manual_seed(7), **kw)
+                    model.compile_sampling("eager")
+                    e = model.sample(labels, generator=torch.Generator(device=device).manual_seed(7), **kw)
+                    res["codes_equal_eager"] = bool(torch.equal(g, e))
+                    res["codes_agree_frac"] = (g == e).float().mean().item()
+                return res
+
+            _vs()
+
+    var_train("regional")
+    gpt_train("blocks")  # control: the blocks compiled, the loss eager (run 1's setting)
+    gpt_train("regional", sdpa="cudnn")
+    var_train("regional", sdpa="cudnn")
+
+    if want("profile") and out_dir is not None:
+
+        @item("profile_gpt_regional_b128")
+        def _p():
+            model = gpt_b(device)
+            table = profile_steps(model, 128, 256, 16384, device, "regional", out_dir / "profile_gpt.txt")
+            log(table)
+            return {"file": "profile_gpt.txt"}
+
+        _p()
+
+    gpt_train("whole")
+    gpt_sample("autotune+cudagraph")
+    if want("profile") and out_dir is not None:
+
+        @item("profile_var_regional_b128")
+        def _pv():
+            model = var_d16(device)
+            table = profile_steps(model, 128, model.seq_len, 4096, device, "regional", out_dir / "profile_var.txt", steps=2)
+            log(table)
+            return {"file": "profile_var.txt"}
+
+        _pv()
 
 
 # --------------------------------------------------------------------------- CPU items
@@ -325,40 +427,42 @@ def get(name, key):
     return RESULTS.get(name, {}).get(key)
 
 
+RUN1 = {"gpt_train": 554_224, "gpt_sample": 256.9, "var_train": 349.9, "var_sample": 258.9}  # bench/RESULTS.md, run 1
+
+
 def gpu_table() -> str:
-    rows = ["| item | measured | reference | ratio | goal | notes |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| item | measured | reference | ratio | vs run 1 | goal | notes |", "| --- | --- | --- | --- | --- | --- | --- |"]
     mm = get("matmul", "bf16_tflops")
-    rows.append(f"| bf16 matmul 8192³ | {fmt(mm, ' TFLOP/s')} | — | — | — | MFU denominator |")
-    for comp in ("eager", "compiled"):
-        for b in (64, 128):
-            n = f"gpt_train_{comp}_b{b}"
-            r = RESULTS.get(n, {})
-            ref = REF[f"gpt_train_b{b}"]
-            note = (f"step {fmt(r.get('step_ms'), ' ms', digits=1)}, peak {fmt(r.get('peak_mem_gib'), ' GiB', digits=1)}, "
-                    f"MFU {fmt((r.get('mfu') or 0) * 100, '%', digits=1)} (vs 989: {fmt((r.get('mfu_vs_989') or 0) * 100, '%', digits=1)})"
-                    if "error" not in r else r.get("error", ""))
-            rows.append(f"| gpt-B train {comp} b{b} (tok/s) | {fmt(r.get('tokens_per_s'))} | {fmt(ref)} | "
-                        f"{ratio(r.get('tokens_per_s'), ref)} | {fmt(GOAL['gpt_train'])} | {note} |")
-    for n in [k for k in RESULTS if k.startswith("gpt_sample_")]:
-        r = RESULTS[n]
-        mode = n[len("gpt_sample_"):]
-        ref = REF["gpt_sample_eager"] if mode == "eager" else REF["gpt_sample_compiled"]
-        note = f"first call {fmt(r.get('first_call_s'), ' s', digits=1)}" if "error" not in r else r["error"]
-        rows.append(f"| gpt-B sample 64 img, cfg 2.0, {mode} (img/s) | {fmt(r.get('images_per_s'), digits=1)} | {fmt(ref)} | "
-                    f"{ratio(r.get('images_per_s'), ref)} | {fmt(GOAL['gpt_sample'])} | {note} |")
-    for n in [k for k in RESULTS if k.startswith("var_train_")]:
-        r = RESULTS[n]
-        b = n.split("_b")[-1]
-        ref = REF["var_train_compiled_b128"] if "compiled" in n else REF["var_train_eager_b128"]
-        note = (f"step {fmt(r.get('step_ms'), ' ms', digits=1)}, peak {fmt(r.get('peak_mem_gib'), ' GiB', digits=1)}, "
-                f"MFU {fmt((r.get('mfu') or 0) * 100, '%', digits=1)}" if "error" not in r else r["error"])
-        rows.append(f"| var-d16 train {n[len('var_train_'):]} (img/s) | {fmt(r.get('images_per_s'), digits=1)} | "
-                    f"{fmt(ref)} (b128) | {ratio(r.get('images_per_s'), ref)} | {fmt(GOAL['var_train'])} | {note} |")
-    if "var_sample_eager" in RESULTS:
-        r = RESULTS["var_sample_eager"]
-        note = "cfg 1.5 (VAR's), top-k 900, top-p 0.96" if "error" not in r else r["error"]
-        rows.append(f"| var-d16 sample 64 img (img/s) | {fmt(r.get('images_per_s'), digits=1)} | {fmt(REF['var_sample'])} | "
-                    f"{ratio(r.get('images_per_s'), REF['var_sample'])} | {fmt(GOAL['var_sample'])} | {note} |")
+    rows.append(f"| bf16 matmul 8192³ | {fmt(mm, ' TFLOP/s')} | — | — | — | — | MFU denominator |")
+    for n, r in RESULTS.items():
+        err = r.get("error")
+        if n.startswith("gpt_train_"):
+            ref = REF["gpt_train_b128"] if n.endswith("b128") else REF["gpt_train_b64"]
+            note = err or (f"step {fmt(r.get('step_ms'), ' ms', digits=1)}, peak {fmt(r.get('peak_mem_gib'), ' GiB', digits=1)}, "
+                           f"MFU {fmt((r.get('mfu') or 0) * 100, '%', digits=1)} (vs 989: {fmt((r.get('mfu_vs_989') or 0) * 100, '%', digits=1)})")
+            rows.append(f"| gpt-B train {n[len('gpt_train_'):]} (tok/s) | {fmt(r.get('tokens_per_s'))} | {fmt(ref)} | "
+                        f"{ratio(r.get('tokens_per_s'), ref)} | {ratio(r.get('tokens_per_s'), RUN1['gpt_train'])} | {fmt(GOAL['gpt_train'])} | {note} |")
+        elif n.startswith("gpt_sample_"):
+            mode = n[len("gpt_sample_"):]
+            ref = REF["gpt_sample_eager"] if mode == "eager" else REF["gpt_sample_compiled"]
+            note = err or f"first call {fmt(r.get('first_call_s'), ' s', digits=1)}"
+            rows.append(f"| gpt-B sample 64 img, cfg 2.0, {mode} (img/s) | {fmt(r.get('images_per_s'), digits=1)} | {fmt(ref)} | "
+                        f"{ratio(r.get('images_per_s'), ref)} | {ratio(r.get('images_per_s'), RUN1['gpt_sample'])} | {fmt(GOAL['gpt_sample'])} | {note} |")
+        elif n.startswith("var_train_"):
+            ref = REF["var_train_compiled_b128"] if "eager" not in n else REF["var_train_eager_b128"]
+            note = err or (f"step {fmt(r.get('step_ms'), ' ms', digits=1)}, peak {fmt(r.get('peak_mem_gib'), ' GiB', digits=1)}, "
+                           f"MFU {fmt((r.get('mfu') or 0) * 100, '%', digits=1)}")
+            rows.append(f"| var-d16 train {n[len('var_train_'):]} (img/s) | {fmt(r.get('images_per_s'), digits=1)} | "
+                        f"{fmt(ref)} (b128) | {ratio(r.get('images_per_s'), ref)} | {ratio(r.get('images_per_s'), RUN1['var_train'])} | "
+                        f"{fmt(GOAL['var_train'])} | {note} |")
+        elif n.startswith("var_sample_"):
+            note = err or (f"cfg 1.5 (VAR's), top-k 900, top-p 0.96; first call {fmt(r.get('first_call_s'), ' s', digits=1)}"
+                           + (f"; codes equal eager: {r['codes_equal_eager']}" if "codes_equal_eager" in r else ""))
+            rows.append(f"| var-d16 sample 64 img, {n[len('var_sample_'):]} (img/s) | {fmt(r.get('images_per_s'), digits=1)} | "
+                        f"{fmt(REF['var_sample'])} | {ratio(r.get('images_per_s'), REF['var_sample'])} | "
+                        f"{ratio(r.get('images_per_s'), RUN1['var_sample'])} | {fmt(GOAL['var_sample'])} | {note} |")
+        elif n.startswith(("check_", "profile_")):
+            rows.append(f"| {n} | {err or json.dumps({k: v for k, v in r.items() if k != 'wall_s'})} | | | | | |")
     return "\n".join(rows)
 
 
@@ -382,8 +486,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma list: gpt_train,gpt_sample,var_train,var_sample")
     ap.add_argument("--gpt-steps", type=int, default=40)
     ap.add_argument("--var-steps", type=int, default=24)
-    ap.add_argument("--gpt-sample-modes", default="eager,compile+cudagraph,cudagraph")
-    ap.add_argument("--var-attn", default="sdpa,flex")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="start no GPU item after this many seconds")
     ap.add_argument("--cpu-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gpu-results", default=None, help="a prior_bench.json fetched from a GPU run, to report beside CPU figures")
@@ -393,7 +496,10 @@ def main() -> None:
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if args.device == "cuda":
         devname = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-        run_gpu(args)
+        try:
+            run_gpu(args)
+        except KeyboardInterrupt:  # `timeout -s INT`: keep what was measured, write the tables
+            log("interrupted: reporting the items measured so far")
     else:
         load = os.getloadavg()[0]  # the dev machine is shared: a load above the core count slows every figure
         devname = (f"CPU {platform.processor() or platform.machine()}, {args.threads} threads, "

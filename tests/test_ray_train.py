@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from arvision.data.parquet_io import write_shards
 
@@ -55,9 +56,14 @@ def test_two_workers_match_one_worker_with_double_batch(tmp_path):
     token_dir = _tokens(tmp_path)
     try:
         one = _fit(tmp_path, token_dir, workers=1, batch=32, name="one")
+        # the same run name again: Ray Train restores the last checkpoint (resume), no retraining
+        again = _fit(tmp_path, token_dir, workers=1, batch=32, name="one")
         two = _fit(tmp_path, token_dir, workers=2, batch=16, name="two")
     finally:
         ray.shutdown()
+    assert again["step"] == one["step"] == 6
+    assert [r["loss"] for r in again["curve"]] == [r["loss"] for r in one["curve"]]
+    assert all(torch.equal(again["model"][k], v) for k, v in one["model"].items())
     l1 = np.array([r["loss"] for r in one["curve"]])
     l2 = np.array([r["loss"] for r in two["curve"]])
     assert len(l1) == len(l2) == 6

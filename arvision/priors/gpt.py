@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from arvision.priors import sampling
 from arvision.priors.blocks import (
-    DecoderBlock, KVCache, Prior, RMSNorm, cross_entropy, init_linear_embedding, pad_vocab, residual_scale, rope_2d_table,
+    DecoderBlock, KVCache, Prior, RMSNorm, init_linear_embedding, pad_vocab, residual_scale, rope_2d_table,
 )
 
 
@@ -97,7 +97,7 @@ class GPT(Prior):
             h_BLC = layer(h_BLC, rope_LP2)
         logits_BLV = self.output(self.norm(h_BLC))
         if return_loss:
-            return cross_entropy(logits_BLV, codes_BL, self.vocab_size)
+            return self._cross_entropy(logits_BLV, codes_BL)
         return logits_BLV[..., : self.vocab_size]
 
     # ------------------------------------------------------------------ cached decoding
@@ -136,6 +136,8 @@ class GPT(Prior):
 
         - ``"cudagraph"``: eager kernels, replayed as one CUDA graph per token;
         - ``"compile+cudagraph"``: ``torch.compile``d (fused) kernels in a CUDA graph of our own;
+        - ``"autotune+cudagraph"``: the same, compiled with ``max-autotune-no-cudagraphs`` (Triton
+          matmuls tuned for the decode shapes: 2B rows; a compile of minutes);
         - ``"reduce-overhead"`` (or any torch.compile mode): torch.compile's own CUDA graphs;
         - ``"eager"``: undo.
         """
@@ -146,6 +148,8 @@ class GPT(Prior):
             self.decode_fn = sampling.CUDAGraphStep(fn)
         elif mode == "compile+cudagraph":
             self.decode_fn = sampling.CUDAGraphStep(torch.compile(fn, fullgraph=True))
+        elif mode == "autotune+cudagraph":
+            self.decode_fn = sampling.CUDAGraphStep(torch.compile(fn, fullgraph=True, mode="max-autotune-no-cudagraphs"))
         else:
             self.decode_fn = torch.compile(fn, mode=mode, fullgraph=True)
 

@@ -170,30 +170,86 @@ def sample_var(
     top_p: float = 1.0, generator: torch.Generator | None = None, force_guidance_batch: bool = False,
 ) -> Tensor:
     """Codes ``(B, L)``, one whole scale per step; each scale attends to the cached keys of the
-    coarser ones. The tokenizer turns each scale's codes into the next scale's input."""
+    coarser ones. The tokenizer turns each scale's codes into the next scale's input.
+
+    With ``model.sample_fn`` set (``VAR.compile_sampling("cudagraph")``) the whole loop runs as
+    one CUDA graph replay; the noise is drawn the same way, so the codes are the same.
+    """
     was_training = model.training
     model.eval()
-    tok = model.tokenizer
     device = model.head.weight.device
     labels_B = labels_B.to(device)
-    B, V, K = labels_B.shape[0], model.vocab_size, len(model.scales)
+    B, V = labels_B.shape[0], model.vocab_size
     guided = force_guidance_batch or cfg_scale != 1.0
     cond_R = torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
+    settings = (B, cfg_scale, temperature, top_k, top_p, guided)
+    graph = getattr(model, "sample_fn", None)
+    if graph is not None:
+        # every scale's noise, drawn in the eager loop's order: (B, s_k², V) each
+        noise = [exp_noise((B, s * s, V), generator, device) for s in model.scales]
+        codes_BL = graph(model, cond_R, noise, settings)
+    else:
+        codes_BL = var_sample_loop(model, cond_R, lambda k, shape: exp_noise(shape, generator, device), settings)
+    model.train(was_training)
+    return codes_BL
+
+
+def var_sample_loop(model: Any, cond_R: Tensor, noise_fn: Callable[[int, tuple], Tensor], settings: tuple) -> Tensor:
+    """The scale loop of :func:`sample_var`: static shapes and no host sync (CUDA-graph safe).
+    ``noise_fn(k, (B, s_k², V))`` gives scale k's exponential noise."""
+    B, cfg_scale, temperature, top_k, top_p, guided = settings
+    tok, V, K = model.tokenizer, model.vocab_size, len(model.scales)
     state = model.start_sampling(cond_R)  # sets up caches, returns (cond, first-scale input)
     x_RlC = state["x"]
     f_hat = None
     out = []
     for k, s in enumerate(model.scales):
         logits_RlV = model.scale_step(k, x_RlC, state)
-        scale_k = var_guidance_scale(cfg_scale, k, K)
-        logits_BlV = guide(logits_RlV, B, scale_k)
-        noise_BlV = exp_noise((B, s * s, V), generator, device)
-        idx_Bl = pick(logits_BlV, noise_BlV, temperature, top_k, top_p)
+        logits_BlV = guide(logits_RlV, B, var_guidance_scale(cfg_scale, k, K))
+        idx_Bl = pick(logits_BlV, noise_fn(k, (B, s * s, V)), temperature, top_k, top_p)
         out.append(idx_Bl)
         if k == K - 1:
             break
         f_hat, next_BlE = tok.next_scale_input(k, f_hat, idx_Bl)
         x_BlC = model.embed_next_scale(k + 1, next_BlE, state)
         x_RlC = torch.cat([x_BlC, x_BlC]) if guided else x_BlC
-    model.train(was_training)
     return torch.cat(out, dim=1)
+
+
+class VARGraphSampler:
+    """The whole VAR scale loop (10 scales × every block, guidance, top-k/top-p, the tokenizer's
+    next-scale input) captured once as one CUDA graph and replayed per batch: eager, the loop
+    launches ~7000 small kernels and is bound by the host. Re-captured when the batch, the
+    sampling settings or the caches change. CUDA only; the tokenizer must be capturable (no
+    host sync)."""
+
+    def __init__(self) -> None:
+        self.key, self.graph = None, None
+
+    def __call__(self, model: Any, cond_R: Tensor, noise: list[Tensor], settings: tuple) -> Tensor:
+        key = (id(model), tuple(cond_R.shape), settings, tuple(n.shape for n in noise))
+        if key != self.key or self._cache_ptr(model) != self.cache_ptr:
+            self.graph = None  # free the old graph's pool before the new capture
+            self.static = [cond_R.clone(), [n.clone() for n in noise]]
+
+            def run():
+                return var_sample_loop(model, self.static[0], lambda k, shape: self.static[1][k], settings)
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: allocates the caches, loads the kernels
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = run()
+            self.key, self.cache_ptr = key, self._cache_ptr(model)
+        self.static[0].copy_(cond_R)
+        for dst, src in zip(self.static[1], noise):
+            dst.copy_(src)
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites the graph's output
+
+    @staticmethod
+    def _cache_ptr(model: Any) -> tuple[int, ...]:
+        return tuple(blk.attn.k_cache.data_ptr() if blk.attn.k_cache is not None else 0 for blk in model.blocks)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from arvision.priors import sampling
-from arvision.priors.blocks import Prior, cross_entropy, pad_vocab
+from arvision.priors.blocks import Prior, pad_vocab
 
 
 class VARAttention(nn.Module):
@@ -130,6 +130,7 @@ class VAR(Prior):
         self.seq_len, self.first_l = self.offsets[-1], self.scales[0] ** 2
         self.tokenizer = tokenizer
         self.attn_impl = "sdpa"  # or "flex" (CUDA): see use_flex_attention()
+        self.sample_fn = None  # set by compile_sampling()
 
         init_std = math.sqrt(1 / width / 3)
         self.word_embed = nn.Linear(embed_dim, width)
@@ -246,7 +247,7 @@ class VAR(Prior):
             x_BLC = blk(x_BLC, blk.modulation(cond_BC), mask)
         logits_BLV = self._head(x_BLC, cond_BC)
         if return_loss:
-            return cross_entropy(logits_BLV, codes_BL, self.vocab_size)
+            return self._cross_entropy(logits_BLV, codes_BL)
         return logits_BLV[..., : self.vocab_size]
 
     # ------------------------------------------------------------------ cached, scale by scale
@@ -295,6 +296,17 @@ class VAR(Prior):
                 x = self.embed_next_scale(k, in_BlE[:, a:b], state)
             out.append(self.scale_step(k, x, state))
         return torch.cat(out, dim=1)
+
+    def compile_sampling(self, mode: str = "cudagraph") -> None:
+        """Speed up sampling on CUDA: ``"cudagraph"`` replays the whole scale loop (every scale,
+        guidance, filtering, the tokenizer's next-scale input) as one CUDA graph; ``"eager"``
+        undoes it. Same codes for the same generator either way."""
+        if mode == "eager":
+            self.sample_fn = None
+        elif mode == "cudagraph":
+            self.sample_fn = sampling.VARGraphSampler()
+        else:
+            raise ValueError(f"var sampling mode '{mode}': allowed cudagraph, eager")
 
     @torch.no_grad()
     def sample(

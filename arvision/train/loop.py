@@ -10,7 +10,8 @@ checkpoints leave through callbacks (``on_log``, ``on_checkpoint``).
 - Gradient clipping; an EMA of the weights (``ema_decay``, 0 = off, with the usual warm-up
   ``min(decay, (1 + step) / (10 + step))``): the EMA weights are what gets saved and sampled
   (:func:`final_weights`, :func:`ema_model`).
-- bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; optional ``torch.compile``.
+- bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; optional ``torch.compile``
+  (``cfg.compile``: ``True`` / ``"regional"``, ``"blocks"`` or ``"whole"``, see :func:`compile_model`).
 - A checkpoint (:func:`checkpoint_state`) holds model, EMA, optimizer, step and RNG states;
   resuming from it continues exactly as the uninterrupted run would, provided ``batches``
   continues where the checkpointed run left off (the state records ``micro_batches`` consumed;
@@ -42,17 +43,29 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def compile_model(model: nn.Module) -> nn.Module:
-    """Regional compilation: each transformer block (``layers`` / ``blocks``) is compiled in
-    place, so one compiled graph serves every identical block (compiles in seconds, not
-    minutes, and state-dict keys stay plain). Models without blocks are compiled whole."""
+def compile_model(model: nn.Module, mode: str | bool = "regional") -> nn.Module:
+    """Compile ``model`` for training; returns what to call (the model itself, or a wrapper).
+
+    - ``"regional"`` (``True``): each transformer block (``layers`` / ``blocks``) is compiled in
+      place, so one compiled graph serves every identical block (compiles in seconds, not
+      minutes, and state-dict keys stay plain); and the loss uses the compiled cross-entropy
+      (``Prior.fused_loss``), which fuses the upcast, log-softmax and gather over the
+      ``(B·L, V)`` logits. Models without blocks are compiled whole.
+    - ``"blocks"``: the blocks only (the loss stays eager).
+    - ``"whole"``: ``torch.compile`` of the whole model, loss included (longer compile).
+    """
+    mode = "regional" if mode is True else mode
+    if mode not in ("regional", "blocks", "whole"):
+        raise ValueError(f"compile mode '{mode}': allowed regional, blocks, whole")
     raw = unwrap(model)
     blocks = getattr(raw, "layers", None) or getattr(raw, "blocks", None)
-    if isinstance(blocks, nn.ModuleList):
-        for blk in blocks:
-            blk.compile()
-        return model
-    return torch.compile(model)
+    if mode == "whole" or not isinstance(blocks, nn.ModuleList):
+        return torch.compile(model)
+    for blk in blocks:
+        blk.compile()
+    if mode == "regional" and hasattr(raw, "fused_loss"):
+        raw.fused_loss = True
+    return model
 
 
 def _is_fsdp(model: nn.Module) -> bool:
@@ -248,7 +261,8 @@ def train_prior(
         _restore(model, optimizer, ema, state, device)
         step = int(state["step"])
     micro_batches = int(state.get("micro_batches", step * accum)) if state else 0
-    fwd = compile_model(model) if _opt(cfg, "compile", False) else model
+    compile_mode = _opt(cfg, "compile", False)
+    fwd = compile_model(model, compile_mode) if compile_mode else model
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     can_skip_sync = hasattr(model, "no_sync") and model is not raw
     world = _world_size()

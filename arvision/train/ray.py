@@ -57,13 +57,14 @@ def init_ray(address: str | None, num_workers: int, cpus_per_worker: int, root: 
         ray.init(address=address, **kwargs)
 
 
-def _batches(shard, batch_size: int, seed: int):
+def _batches(shard, batch_size: int, seed: int, skip: int = 0):
     """Endless (codes, labels) batches from this worker's Ray Data shard, reshuffled each epoch.
 
     The shard is streamed once through Ray Data and kept in memory as compact integer arrays
     (token data is small: 1M images × 256 uint16 codes is 512 MB); every later epoch is a
     seeded permutation of it. Re-executing the Ray Data pipeline each epoch cost 3-8 s per
-    epoch, most of the prior's time on the demo data set.
+    epoch, most of the prior's time on the demo data set. ``skip`` drops the batches a resumed
+    run has already consumed, so it sees the same data as an uninterrupted one.
     """
     import numpy as np
 
@@ -84,6 +85,9 @@ def _batches(shard, batch_size: int, seed: int):
     while True:
         order = torch.randperm(len(codes_t), generator=torch.Generator().manual_seed(seed + epoch))
         for i in range(0, len(order) - batch_size + 1, batch_size):
+            if skip > 0:
+                skip -= 1
+                continue
             idx = order[i : i + batch_size]
             yield codes_t[idx], labels_t[idx]
         epoch += 1
@@ -145,7 +149,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     train_prior(
-        model, _batches(shard, cfg.batch_size, config["seed"] + rank), cfg, device=device, state=state,
+        model, _batches(shard, cfg.batch_size, config["seed"] + rank, skip=int((state or {}).get("micro_batches", 0))), cfg, device=device, state=state,
         on_log=on_log, on_checkpoint=on_checkpoint, progress=rank == 0, is_main=rank == 0,
     )
 
