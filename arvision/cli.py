@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def summary(root: Path, results: list[dict], parent_run_id: str | None, seconds:
         f"  sample grid : {root / 'reports' / 'samples.png'}",
         f"  MLflow      : mlflow ui --backend-store-uri {uri}" + (f"   (parent run {parent_run_id})" if parent_run_id else ""),
         "  DVC         : dvc metrics show ; dvc plots show",
-        "  Prefect     : prefect server start  (then open the flow runs of 'arvision')",
+        "  Prefect     : "
+        + (f"flow runs at {os.environ['PREFECT_API_URL'].removesuffix('/api')}" if os.environ.get("PREFECT_API_URL")
+           else "prefect server start  (then open the flow runs of 'arvision')"),
         "",
     ]
     return "\n".join(lines)

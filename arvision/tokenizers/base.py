@@ -277,30 +277,43 @@ class VectorQuantizer(nn.Module):
         if not self.use_ema:
             aux = aux + F.mse_loss(q_Nd, e_Nd.detach())
         if self.training:
-            self._pending.append((e_Nd.detach(), codes))
+            self.record(e_Nd, codes)
         if torch.is_grad_enabled():
             q_Nd = e_Nd + (q_Nd - e_Nd).detach()  # straight-through
         return self.proj_out(q_Nd), codes, aux
 
+    def record(self, e_Nd: Tensor, codes_N: Tensor) -> None:
+        """Queue one restart group's vectors and codes (training only) for :meth:`update`."""
+        self._pending.append((e_Nd.detach(), codes_N))
+
     @torch.no_grad()
     def update(self) -> dict[str, float]:
-        """Apply this step's EMA update and dead-code restarts; returns batch usage stats."""
+        """Apply this step's EMA update and dead-code restarts; returns batch usage stats.
+
+        Groups (rq: depths, msvq: scales) count equally: a vector of a group of n vectors
+        weighs (N / G) / n. Without this, msvq's coarsest scale (one vector per image against
+        64 at the finest) leaves its codes with EMA counts under the dead-code threshold, so
+        they are restarted again and again and scale 0 collapses onto a few codes.
+        """
         if not self._pending:
             return {}
-        e_Nd = torch.cat([p[0] for p in self._pending]).float()
+        groups = [p[0].float() for p in self._pending]
+        e_Nd = torch.cat(groups)
         codes = torch.cat([p[1] for p in self._pending])
-        groups = [p[0] for p in self._pending]
+        sizes = [len(g) for g in groups]
+        w_N = torch.cat([torch.full((n,), len(e_Nd) / (len(groups) * n), device=e_Nd.device) for n in sizes])
         self._pending = []
         counts = torch.bincount(codes, minlength=self.k).float()
+        wcounts = torch.bincount(codes, weights=w_N, minlength=self.k).float()
         if self.use_ema:
-            sums = torch.zeros(self.k, self.d, device=e_Nd.device).index_add_(0, codes, e_Nd)
-            self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            sums = torch.zeros(self.k, self.d, device=e_Nd.device).index_add_(0, codes, e_Nd * w_N.unsqueeze(1))
+            self.cluster_size.mul_(self.decay).add_(wcounts, alpha=1 - self.decay)
             self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
             n = self.cluster_size.sum()
             smoothed = (self.cluster_size + 1e-5) / (n + self.k * 1e-5) * n  # Laplace smoothing
             self.embed.data.copy_(self.embed_sum / smoothed.unsqueeze(1))
         else:
-            self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            self.cluster_size.mul_(self.decay).add_(wcounts, alpha=1 - self.decay)
         restarted = 0
         if self.restart:
             dead = (self.cluster_size < self.threshold).nonzero().squeeze(1)
@@ -311,7 +324,7 @@ class VectorQuantizer(nn.Module):
                 pick = torch.empty(restarted, self.d, device=e_Nd.device)
                 for gi, grp in enumerate(groups):
                     m = g == gi
-                    pick[m] = grp[torch.randint(0, len(grp), (int(m.sum()),), device=e_Nd.device)].float()
+                    pick[m] = grp[torch.randint(0, len(grp), (int(m.sum()),), device=e_Nd.device)]
                 self.embed.data[dead] = pick
                 self.embed_sum[dead] = pick * self.threshold
                 self.cluster_size[dead] = self.threshold

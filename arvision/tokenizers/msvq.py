@@ -50,8 +50,14 @@ class MSVQTokenizer(ConvTokenizer):
                 f"(resolution {resolution} / {self.downsample}), got {self.scales}"
             )
         self.quantizer = VectorQuantizer(Z_CHANNELS, cfg, l2_norm=False)
+        self.l2_latent = bool(cfg.l2_norm)
         self.embed_dim = self.quantizer.d
         self.phis = nn.ModuleList(Phi(self.embed_dim) for _ in self.scales)
+        # per-scale gain: the RMS norm of scale k's residual vectors (EMA over training). The
+        # lookup sees residual / gain_k, so every scale's vectors have about unit norm and one
+        # codebook serves them all; the code's vector is multiplied back by gain_k.
+        self.register_buffer("gain", torch.ones(len(self.scales)))
+        self.register_buffer("gain_initted", torch.tensor(False))
         self.vocab_size = cfg.codebook_size
         self.layout = [(s, s) for s in self.scales]
 
@@ -59,40 +65,66 @@ class MSVQTokenizer(ConvTokenizer):
     def _down(self, f_BZSS: Tensor, s: int) -> Tensor:
         return f_BZSS if s == f_BZSS.shape[-1] else F.interpolate(f_BZSS, size=(s, s), mode="area")
 
+    def _up(self, h_BdSS: Tensor) -> Tensor:
+        S = self.latent_side
+        return h_BdSS if h_BdSS.shape[-1] == S else F.interpolate(h_BdSS, size=(S, S), mode="bicubic")
+
     def _scale_vectors(self, k: int, codes_Bl: Tensor) -> Tensor:
         """Scale k's codes ``(B, s_k²)`` → its contribution ``h (B, embed_dim, S, S)`` to f_hat."""
-        s, S = self.scales[k], self.latent_side
-        v = F.embedding(codes_Bl.reshape(-1), self.quantizer.codebook()).float()
+        s = self.scales[k]
+        v = F.embedding(codes_Bl.reshape(-1), self.quantizer.codebook()).float() * self.gain[k]
         h = rearrange(v, "(b h w) d -> b d h w", b=codes_Bl.shape[0], h=s, w=s)
-        if s != S:
-            h = F.interpolate(h, size=(S, S), mode="bicubic")
-        return self.phis[k](h)
+        return self.phis[k](self._up(h))
 
     def _split(self, codes_BL: Tensor) -> list[Tensor]:
         return list(torch.split(codes_BL, [s * s for s in self.scales], dim=1))
 
     # quantiser ------------------------------------------------------------
     def _to_code_space(self, z_BZSS: Tensor) -> Tensor:
-        return rearrange(self.quantizer.proj_in(rearrange(z_BZSS, "b z h w -> b h w z")), "b h w d -> b d h w")
+        f = rearrange(self.quantizer.proj_in(rearrange(z_BZSS, "b z h w -> b h w z")), "b h w d -> b d h w")
+        # l2_norm: every latent vector on the unit sphere, so the latent cannot grow unchecked
+        # (the lookup itself stays Euclidean: residuals shrink scale by scale)
+        return F.normalize(f, dim=1) if self.l2_latent else f
 
     def _from_code_space(self, f_BdSS: Tensor) -> Tensor:
         return rearrange(self.quantizer.proj_out(rearrange(f_BdSS, "b d h w -> b h w d")), "b h w z -> b z h w")
+
+    @torch.no_grad()
+    def _init_from(self, f_BdSS: Tensor) -> None:
+        """Gains and k-means codebook from the first training batch. The residual chain is
+        approximated without quantisation error (scale k removes the exact area mean of the
+        residual), which gives each scale's residual statistics closely enough to start."""
+        rest, units = f_BdSS.float(), []
+        for k, s in enumerate(self.scales):
+            r = self._down(rest, s)
+            rms = flatten_latent(r).pow(2).sum(1).mean().sqrt().clamp_min(1e-6)
+            self.gain[k] = rms
+            units.append(flatten_latent(r) / rms)
+            rest = rest - self._up(r)
+        q = self.quantizer
+        if q.kmeans_init and not bool(q.initted):
+            # scales drawn equally often, so the coarse scales are not drowned out by the fine
+            n = min(len(u) for u in units[1:]) if len(units) > 1 else len(units[0])
+            pick = [u[torch.randperm(len(u), device=u.device)[:n]] for u in units]
+            q.init_from(torch.cat(pick))
+        self.gain_initted.fill_(True)
 
     def _quantize(self, z_BZSS: Tensor):
         q = self.quantizer
         B = z_BZSS.shape[0]
         f = self._to_code_space(z_BZSS)  # (B, d, S, S)
-        if self.training and q.kmeans_init and not bool(q.initted):
-            with torch.no_grad():
-                q.init_from(torch.cat([flatten_latent(self._down(f, s)) for s in self.scales]))
+        if self.training and not bool(self.gain_initted):
+            self._init_from(f)
         f_rest = f.detach()
         f_hat = None
-        codes = []
+        codes, rms = [], []
         for k, s in enumerate(self.scales):
             r_Nd = flatten_latent(self._down(f_rest, s))
-            c_N = q.lookup(r_Nd)
+            u_Nd = r_Nd / self.gain[k]
+            c_N = q.lookup(u_Nd)
             if self.training:
-                q._pending.append((r_Nd, c_N))
+                q.record(u_Nd, c_N)
+                rms.append(r_Nd.pow(2).sum(1).mean().sqrt())
             c_Bl = rearrange(c_N, "(b l) -> b l", b=B)
             h = self._scale_vectors(k, c_Bl)
             f_hat = h if f_hat is None else f_hat + h  # same order of sums as _dequantize
@@ -100,7 +132,12 @@ class MSVQTokenizer(ConvTokenizer):
             codes.append(c_Bl)
         # VAR's loss: phi (and, without EMA, the codebook) chase f; the encoder commits to f_hat
         aux = F.mse_loss(f_hat, f.detach()) + q.commitment * F.mse_loss(f, f_hat.detach())
-        stats = q.update() if self.training else {}
+        stats = {}
+        if self.training:
+            stats = q.update()
+            with torch.no_grad():
+                self.gain.mul_(q.decay).add_(torch.stack(rms).clamp_min(1e-6), alpha=1 - q.decay)
+            stats["latent_rms"] = float(f.detach().pow(2).sum(1).mean().sqrt())
         if torch.is_grad_enabled():
             f_hat = f + (f_hat - f).detach()  # straight-through
         return self._from_code_space(f_hat), torch.cat(codes, 1), aux, stats

@@ -42,7 +42,7 @@ class RQTokenizer(ConvTokenizer):
             if not q.use_ema:
                 aux = aux + torch.nn.functional.mse_loss(v, residual.detach())
             if self.training:
-                q._pending.append((residual.detach(), c))
+                q.record(residual, c)
             qsum = qsum + v
             residual = residual - v.detach()
             codes.append(c)
