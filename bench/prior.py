@@ -238,7 +238,7 @@ def run_gpu(args) -> None:
         if time.perf_counter() - t_start > args.budget_s:
             log(f"--- {tag}: skipped (past --budget-s {args.budget_s})")
             return False
-        return only is None or tag.split(":")[0] in only
+        return only is None or tag.split(":")[0] in only or tag.split(":")[-1] in only
 
     @item("matmul")
     def _mm():
@@ -483,7 +483,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--only", default="", help="comma list: gpt_train,gpt_sample,var_train,var_sample")
+    ap.add_argument("--only", default="", help="comma list of kinds (gpt_train, gpt_sample, var_train, var_sample, check, profile) or item names")
     ap.add_argument("--gpt-steps", type=int, default=40)
     ap.add_argument("--var-steps", type=int, default=24)
     ap.add_argument("--budget-s", type=float, default=330.0, help="start no GPU item after this many seconds")

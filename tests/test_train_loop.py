@@ -131,3 +131,13 @@ def test_training_lowers_the_loss():
                 on_log=lambda s, m: logs.__setitem__(s, m))
     assert logs[30]["loss"] < logs[10]["loss"] - 0.5
     assert set(logs[30]) >= {"loss", "lr", "grad_norm", "tokens_per_s"}
+
+
+def test_compile_modes():
+    from arvision.train.loop import compile_model
+
+    model = _model()
+    assert compile_model(model, "blocks") is model and not model.fused_loss
+    assert compile_model(model, True) is model and model.fused_loss  # regional: blocks + fused loss (CUDA only)
+    with pytest.raises(ValueError, match="compile mode"):
+        compile_model(_model(), "everything")

@@ -157,13 +157,21 @@ def rope_2d_table(rows_L: Tensor, cols_L: Tensor, head_dim: int, base: float = 1
     return torch.stack([ang_LP.cos(), ang_LP.sin()], dim=-1).float()
 
 
-def apply_rope(x_BHTD: Tensor, rope_TP2: Tensor) -> Tensor:
-    """Rotate consecutive pairs of ``x`` by the table's angles; fp32 math, input dtype out."""
-    B, H, T, D = x_BHTD.shape
-    x = x_BHTD.float().reshape(B, H, T, D // 2, 2)
-    cos, sin = rope_TP2[..., 0], rope_TP2[..., 1]  # (T, D/2)
+def apply_rope(x_BTND: Tensor, rope_TP2: Tensor) -> Tensor:
+    """Rotate consecutive pairs of ``x`` ``(B, T, …, D)`` (any head dims between T and D) by the
+    table's angles; fp32 math, input dtype out.
+
+    Applied in the projection's own ``(B, T, H, D)`` layout, before the heads are transposed
+    for attention: the pairs sit next to each other in memory, so the fused kernel (and its
+    backward) reads and writes coalesced rows instead of transposing on the fly.
+    """
+    B, T, D = x_BTND.shape[0], x_BTND.shape[1], x_BTND.shape[-1]
+    x = x_BTND.float().reshape(*x_BTND.shape[:-1], D // 2, 2)
+    extra = x_BTND.dim() - 3  # head dims between T and D
+    rope = rope_TP2.view(T, *([1] * extra), D // 2, 2)
+    cos, sin = rope[..., 0], rope[..., 1]  # (T, 1…, D/2)
     out = torch.stack([x[..., 0] * cos - x[..., 1] * sin, x[..., 1] * cos + x[..., 0] * sin], dim=-1)
-    return out.reshape(B, H, T, D).type_as(x_BHTD)
+    return out.reshape(x_BTND.shape).type_as(x_BTND)
 
 
 # --------------------------------------------------------------------------- attention + KV cache
@@ -204,9 +212,10 @@ class CausalSelfAttention(nn.Module):
         """Training (``input_pos`` None): causal over ``x``. Cached: write k/v at ``input_pos`` and
         attend over the whole cache under ``mask`` ``(1, 1, T, S)`` (True = may attend)."""
         B, T, C = x_BTC.shape
-        qkv = self.wqkv(x_BTC).view(B, T, 3, self.heads, self.head_dim)
-        q_BHTD, k_BHTD, v_BHTD = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
-        q_BHTD, k_BHTD = apply_rope(q_BHTD, rope_TP2), apply_rope(k_BHTD, rope_TP2)
+        qkv_BT3HD = self.wqkv(x_BTC).view(B, T, 3, self.heads, self.head_dim)
+        qk_BT2HD = apply_rope(qkv_BT3HD[:, :, :2], rope_TP2)  # q and k in one pass
+        q_BHTD, k_BHTD = qk_BT2HD.transpose(1, 3).unbind(2)  # each (B, H, T, D)
+        v_BHTD = qkv_BT3HD[:, :, 2].transpose(1, 2)
         if input_pos_T is None:
             y = F.scaled_dot_product_attention(
                 q_BHTD, k_BHTD, v_BHTD, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0
