@@ -62,6 +62,9 @@ def run_stage(stage: str, root: str, force: bool = False) -> dict[str, Any]:
     from dvc.exceptions import DvcException, ReproductionError
     from dvc.repo import Repo
 
+    import logging
+
+    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)  # "git add dvc.lock" hints, every stage
     t0 = time.time()
     print(f"── {stage} " + "─" * max(0, 60 - len(stage)), flush=True)
     try:
