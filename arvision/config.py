@@ -55,7 +55,7 @@ class TokenizerConfig(_Section):
     # quantiser
     codebook_size: int = Field(512, ge=2, le=65536)
     code_dim: int = Field(8, ge=1)  # lookup dimension (low-dim, l2-normalised lookup)
-    l2_norm: bool = True
+    l2_norm: bool = True  # vq: l2-normalised lookup; msvq: latent on the unit sphere; rq: ignored
     ema: bool = True
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
     kmeans_init: bool = True

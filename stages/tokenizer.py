@@ -49,6 +49,9 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     train_tokenizer(tok, train_x, cfg, seed=params.seed, device=device, log=log)
     tok.eval()
     val = evaluate_tokenizer(tok, val_x if len(val_x) else train_x, device=device)
+    # codebook usage counted on train too: there every scale (even msvq's 1×1) sees enough
+    # positions for the whole codebook to be reachable
+    on_train = evaluate_tokenizer(tok, val_x[:1] if len(val_x) else train_x[:1], device=device, usage_images=train_x)
     with atomic_dir(paths.tokenizer) as out:
         save_tokenizer(tok.cpu(), out)
         recon_grid(tok, val_x if len(val_x) else train_x, out / "recon.png")
@@ -65,6 +68,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     n_params = sum(p.numel() for p in tok.parameters())
     return {
         **{f"val_{k}": v for k, v in val.items()},
+        **{f"trainset_{k}": v for k, v in on_train.items() if "usage" in k or "perplexity" in k},
         "seq_len": tok.seq_len,
         "vocab_size": tok.vocab_size,
         "params": n_params,

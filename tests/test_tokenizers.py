@@ -23,6 +23,7 @@ from arvision.tokenizers import (
     save_tokenizer,
     tensor_to_images,
 )
+from arvision.tokenizers.base import VectorQuantizer
 from arvision.train.tokenizer import evaluate_tokenizer, train_tokenizer
 
 KINDS = list(TOKENIZERS)
@@ -257,10 +258,41 @@ def test_msvq_scales_must_end_at_latent_side():
         build_tokenizer(tiny_cfg("msvq", scales=[1, 2, 3]), channels=3, resolution=RES)
 
 
-def test_msvq_reports_usage_per_scale(trained):
+def test_msvq_reports_usage_per_scale(trained, images):
     after = trained["msvq"][2]
     for k in range(3):
         assert 0 < after[f"usage_scale{k}"] <= 1
+        assert after[f"usage_scale{k}"] <= after[f"usage_possible_scale{k}"] <= 1
+    assert after["usage_min_scale"] == min(after[f"usage_possible_scale{k}"] for k in range(3))
+    # codebook metrics over other images (the training set) than the reconstruction metrics
+    tok = trained["msvq"][0]
+    more = evaluate_tokenizer(tok, images[:8], usage_images=images)
+    assert more["usage_images_n"] == len(images) and after["usage_images_n"] == len(images)
+    assert more["usage"] == after["usage"] and more["psnr"] != after["psnr"]
+
+
+def test_msvq_whitened_lookup_round_trips(trained, images):
+    """A code's vector, mapped back from the whitened space, is what the lookup compared against."""
+    tok = trained["msvq"][0]
+    r = torch.randn(50, tok.embed_dim)
+    for k in range(len(tok.scales)):
+        L = tok._chol(k)
+        torch.testing.assert_close(tok._whiten(k, r) @ L.t() + tok.res_mean[k], r, rtol=1e-4, atol=1e-4)
+    assert bool(tok.whiten_initted) and torch.isfinite(tok.res_cov).all()
+    # training keeps the coarse scales' statistics apart from the fine ones'
+    assert not torch.allclose(tok.res_cov[0], tok.res_cov[-1])
+
+
+def test_quantizer_groups_count_equally():
+    """EMA counts weigh every restart group (msvq scale) equally, whatever its size."""
+    cfg = tiny_cfg("vq", ema_decay=0.5, dead_code_restart=False, kmeans_init=False)
+    q = VectorQuantizer(8, cfg)
+    q.cluster_size.zero_()
+    q.record(torch.randn(2, 4), torch.tensor([0, 0]))  # a coarse group: 2 vectors
+    q.record(torch.randn(30, 4), torch.full((30,), 1))  # a fine group: 30 vectors
+    q.update()
+    assert float(q.cluster_size[0]) == pytest.approx(float(q.cluster_size[1]))
+    assert float(q.cluster_size.sum()) == pytest.approx(0.5 * 32)
 
 
 # --------------------------------------------------------------------------- helpers and metrics
@@ -323,3 +355,8 @@ def test_codebook_metrics():
     assert codebook_stats(torch.tensor([5, 6]), 512)["usage_possible"] == 1.0  # 2 codes, 2 distinct
     assert perplexity(torch.zeros(10, dtype=torch.long), 8) == pytest.approx(1.0)
     assert expected_uniform_usage(512, 512) == pytest.approx(1 - math.exp(-1), rel=1e-3)
+    # 364 codes over 512 entries: a uniform codebook shows ~260 distinct ones, not 364
+    st = codebook_stats(torch.arange(512).repeat(10), 512)
+    assert st["usage_possible"] == 1.0 and st["usage_vs_uniform"] == pytest.approx(1.0, abs=1e-3)
+    st = codebook_stats(torch.arange(364) % 260, 512)
+    assert st["usage_possible"] == pytest.approx(260 / 364) and st["usage_vs_uniform"] == pytest.approx(1.0, abs=0.01)

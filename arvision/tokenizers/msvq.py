@@ -2,16 +2,23 @@
 
 At scale k (side s_k) the residual ``f - f_hat`` is area-downsampled to (s_k, s_k), looked up,
 the codes' vectors upsampled back (bicubic) to the latent side S, refined by a small conv
-``phi_k`` and added to ``f_hat``. Codes: scales coarse to fine, each row-major.
+``phi_k`` (VAR's partial residual, ratio 0.5) and added to ``f_hat``. Codes: scales coarse to
+fine, each row-major.
 
 The residual lives in code space: the encoder's latent is projected (1x1) to ``code_dim``
-channels (``embed_dim``, what the VAR prior sees), quantised there by Euclidean lookup (as
-VAR; ``l2_norm`` is ignored: a residual shrinks scale by scale, which unit-norm codes cannot
-follow), and ``f_hat`` is projected back for the decoder.
+channels (``embed_dim``, what the VAR prior sees) and, with ``l2_norm``, put on the unit
+sphere position by position, so it stays bounded (unchecked, it grew all through training
+and the loss crept up). The lookup is Euclidean (as VAR): a residual shrinks scale by scale.
 
-Coarse-scale collapse (scale 1 has one vector per image, all near the image mean) is fought
-by k-means init on the vectors of every scale, dead-code restarts that draw from every scale
-equally often, and a phi per scale.
+What keeps every scale using the codebook (a coarse scale has one or four vectors an image,
+large ones, all near the mean image; left alone, scale 0 used ~20% of the codes):
+
+- per-scale whitening: scale k looks up ``L_k⁻¹ (r - mean_k)``, with ``mean_k`` and
+  ``L_k L_kᵀ = cov_k`` EMAs of its residuals' statistics, and adds ``L_k e + mean_k`` for the
+  code ``e``; every scale's vectors are then alike, and the shared codebook fits them all;
+- the quantiser's EMA counts weigh every scale equally (not every vector), so codes serving
+  the coarse scales are not restarted as dead; dead-code restarts draw from every scale
+  equally often; k-means init on whitened vectors of every scale.
 """
 
 from __future__ import annotations
@@ -53,11 +60,15 @@ class MSVQTokenizer(ConvTokenizer):
         self.l2_latent = bool(cfg.l2_norm)
         self.embed_dim = self.quantizer.d
         self.phis = nn.ModuleList(Phi(self.embed_dim) for _ in self.scales)
-        # per-scale gain: the RMS norm of scale k's residual vectors (EMA over training). The
-        # lookup sees residual / gain_k, so every scale's vectors have about unit norm and one
-        # codebook serves them all; the code's vector is multiplied back by gain_k.
-        self.register_buffer("gain", torch.ones(len(self.scales)))
-        self.register_buffer("gain_initted", torch.tensor(False))
+        # per-scale whitening: the mean and covariance of scale k's residual vectors, EMAs over
+        # training. The lookup sees L_k⁻¹ (residual - mean_k) (L_k L_kᵀ = cov_k), so every
+        # scale's vectors are about zero-mean and white and one codebook serves them all
+        # (without it the coarse scales, whose residuals are large and all near the mean image,
+        # get a handful of codes); a code e is mapped back to L_k e + mean_k.
+        d = self.embed_dim
+        self.register_buffer("res_mean", torch.zeros(len(self.scales), d))
+        self.register_buffer("res_cov", torch.eye(d).repeat(len(self.scales), 1, 1))
+        self.register_buffer("whiten_initted", torch.tensor(False))
         self.vocab_size = cfg.codebook_size
         self.layout = [(s, s) for s in self.scales]
 
@@ -72,9 +83,26 @@ class MSVQTokenizer(ConvTokenizer):
     def _scale_vectors(self, k: int, codes_Bl: Tensor) -> Tensor:
         """Scale k's codes ``(B, s_k²)`` → its contribution ``h (B, embed_dim, S, S)`` to f_hat."""
         s = self.scales[k]
-        v = F.embedding(codes_Bl.reshape(-1), self.quantizer.codebook()).float() * self.gain[k]
+        e_Nd = F.embedding(codes_Bl.reshape(-1), self.quantizer.codebook()).float()
+        v = e_Nd @ self._chol(k).t() + self.res_mean[k]
         h = rearrange(v, "(b h w) d -> b d h w", b=codes_Bl.shape[0], h=s, w=s)
         return self.phis[k](self._up(h))
+
+    def _chol(self, k: int) -> Tensor:
+        """``L_k (d, d)``: lower Cholesky factor of scale k's residual covariance."""
+        eye = torch.eye(self.embed_dim, device=self.res_cov.device)
+        return torch.linalg.cholesky(self.res_cov[k] + 1e-6 * eye)
+
+    def _whiten(self, k: int, r_Nd: Tensor) -> Tensor:
+        """Scale k's residual vectors → whitened ``(N, d)``."""
+        x = (r_Nd - self.res_mean[k]).t()  # (d, N)
+        return torch.linalg.solve_triangular(self._chol(k), x, upper=False).t()
+
+    @staticmethod
+    def _moments(r_Nd: Tensor) -> tuple[Tensor, Tensor]:
+        mean = r_Nd.mean(0)
+        x = r_Nd - mean
+        return mean, x.t() @ x / max(1, len(x) - 1)
 
     def _split(self, codes_BL: Tensor) -> list[Tensor]:
         return list(torch.split(codes_BL, [s * s for s in self.scales], dim=1))
@@ -91,15 +119,15 @@ class MSVQTokenizer(ConvTokenizer):
 
     @torch.no_grad()
     def _init_from(self, f_BdSS: Tensor) -> None:
-        """Gains and k-means codebook from the first training batch. The residual chain is
+        """Whitening statistics and k-means codebook from the first training batch. The residual chain is
         approximated without quantisation error (scale k removes the exact area mean of the
         residual), which gives each scale's residual statistics closely enough to start."""
         rest, units = f_BdSS.float(), []
         for k, s in enumerate(self.scales):
             r = self._down(rest, s)
-            rms = flatten_latent(r).pow(2).sum(1).mean().sqrt().clamp_min(1e-6)
-            self.gain[k] = rms
-            units.append(flatten_latent(r) / rms)
+            r_Nd = flatten_latent(r)
+            self.res_mean[k], self.res_cov[k] = self._moments(r_Nd)
+            units.append(self._whiten(k, r_Nd))
             rest = rest - self._up(r)
         q = self.quantizer
         if q.kmeans_init and not bool(q.initted):
@@ -107,24 +135,24 @@ class MSVQTokenizer(ConvTokenizer):
             n = min(len(u) for u in units[1:]) if len(units) > 1 else len(units[0])
             pick = [u[torch.randperm(len(u), device=u.device)[:n]] for u in units]
             q.init_from(torch.cat(pick))
-        self.gain_initted.fill_(True)
+        self.whiten_initted.fill_(True)
 
     def _quantize(self, z_BZSS: Tensor):
         q = self.quantizer
         B = z_BZSS.shape[0]
         f = self._to_code_space(z_BZSS)  # (B, d, S, S)
-        if self.training and not bool(self.gain_initted):
+        if self.training and not bool(self.whiten_initted):
             self._init_from(f)
         f_rest = f.detach()
         f_hat = None
-        codes, rms = [], []
+        codes, moments = [], []
         for k, s in enumerate(self.scales):
             r_Nd = flatten_latent(self._down(f_rest, s))
-            u_Nd = r_Nd / self.gain[k]
+            u_Nd = self._whiten(k, r_Nd)
             c_N = q.lookup(u_Nd)
             if self.training:
                 q.record(u_Nd, c_N)
-                rms.append(r_Nd.pow(2).sum(1).mean().sqrt())
+                moments.append(self._moments(r_Nd))
             c_Bl = rearrange(c_N, "(b l) -> b l", b=B)
             h = self._scale_vectors(k, c_Bl)
             f_hat = h if f_hat is None else f_hat + h  # same order of sums as _dequantize
@@ -136,7 +164,8 @@ class MSVQTokenizer(ConvTokenizer):
         if self.training:
             stats = q.update()
             with torch.no_grad():
-                self.gain.mul_(q.decay).add_(torch.stack(rms).clamp_min(1e-6), alpha=1 - q.decay)
+                self.res_mean.lerp_(torch.stack([m for m, _ in moments]), 1 - q.decay)
+                self.res_cov.lerp_(torch.stack([c for _, c in moments]), 1 - q.decay)
             stats["latent_rms"] = float(f.detach().pow(2).sum(1).mean().sqrt())
         if torch.is_grad_enabled():
             f_hat = f + (f_hat - f).detach()  # straight-through

@@ -39,8 +39,10 @@ class PaletteTokenizer(Tokenizer):
         if len(uniq) <= k:  # fewer colours than palette slots: use them all, pad by repeating
             centres = uniq[np.arange(k) % len(uniq)]
         else:
-            if px.shape[1] == 1:  # intensity levels: start at the quantiles
-                centres = np.quantile(px, (np.arange(k) + 0.5) / k, axis=0)
+            if px.shape[1] == 1:  # intensity levels: Lloyd-Max from evenly spaced levels
+                # (not quantiles: on MNIST most quantiles are the black background, and the
+                # duplicate levels would stay unused)
+                centres = np.linspace(px.min(), px.max(), k)[:, None]
             else:  # k-means++ seeding on a subsample
                 sub = px[rng.choice(len(px), min(len(px), 20_000), replace=False)]
                 centres = [sub[rng.integers(len(sub))]]

@@ -136,13 +136,35 @@ def train_tokenizer(
 
 
 @torch.no_grad()
-def evaluate_tokenizer(tok: Tokenizer, images: np.ndarray, *, batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+def _encode_all(tok: Tokenizer, images: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
+    codes = []
+    for i in range(0, len(images), batch_size):
+        with _autocast(device):
+            codes.append(tok.encode(images_to_tensor(images[i : i + batch_size]).to(device)).cpu())
+    return torch.cat(codes) if codes else torch.zeros(0, tok.seq_len, dtype=torch.long)
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    tok: Tokenizer,
+    images: np.ndarray,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    usage_images: np.ndarray | None = None,
+) -> dict[str, float]:
     """Reconstruction and codebook metrics of ``tok`` on uint8 images ``(N, H, W, C)``.
 
-    ``psnr`` / ``ssim``: per-image means, on the uint8 reconstruction (what a user sees);
-    ``usage`` (share of the vocabulary used), ``perplexity``, ``dead_codes`` (never used) and
-    ``usage_possible`` (used / min(vocab, codes seen)); msvq adds ``usage_scale{k}`` and
-    ``usage_possible_scale{k}`` for each scale k (0 = coarsest).
+    ``psnr`` / ``ssim``: per-image means over ``images``, on the uint8 reconstruction (what a
+    user sees). Codebook metrics (see :func:`arvision.metrics.codebook.codebook_stats`):
+    ``usage`` (share of the vocabulary used), ``usage_possible``, ``usage_vs_uniform``,
+    ``perplexity``, ``dead_codes``; msvq adds ``usage_scale{k}``, ``usage_possible_scale{k}``,
+    ``usage_vs_uniform_scale{k}`` and ``perplexity_scale{k}`` for each scale k (0 = coarsest)
+    and ``usage_min_scale``, the smallest ``usage_possible_scale{k}``: the one number for
+    "no scale collapsed". The codebook metrics are over the codes of ``usage_images`` when
+    given (pass the training set: msvq's coarse scales have one or four codes an image, too
+    few on a validation set to tell a healthy codebook from a collapsing one), else of
+    ``images``; ``usage_images_n`` says how many images they were counted on.
     """
     device = torch.device(device)
     was_training = tok.training
@@ -159,18 +181,21 @@ def evaluate_tokenizer(tok: Tokenizer, images: np.ndarray, *, batch_size: int = 
         psnr_sum += float(psnr(rec, x)) * len(x)
         ssim_sum += float(ssim(rec, x)) * len(x)
         codes_all.append(codes.cpu())
-    tok.train(was_training)
     n = max(1, len(images))
     codes = torch.cat(codes_all) if codes_all else torch.zeros(0, tok.seq_len, dtype=torch.long)
+    if usage_images is not None and len(usage_images):
+        codes = _encode_all(tok, usage_images, batch_size, device)
+    tok.train(was_training)
     out = {"psnr": psnr_sum / n, "ssim": ssim_sum / n, **codebook_stats(codes, tok.vocab_size)}
+    out["usage_images_n"] = float(len(codes))
     if tok.kind == "msvq":
         start = 0
         for k, (h, w) in enumerate(tok.layout):
             st = codebook_stats(codes[:, start : start + h * w], tok.vocab_size)
-            out[f"usage_scale{k}"] = st["usage"]
-            out[f"usage_possible_scale{k}"] = st["usage_possible"]
-            out[f"perplexity_scale{k}"] = st["perplexity"]
+            for key in ("usage", "usage_possible", "usage_vs_uniform", "perplexity"):
+                out[f"{key}_scale{k}"] = st[key]
             start += h * w
+        out["usage_min_scale"] = min(out[f"usage_possible_scale{k}"] for k in range(len(tok.layout)))
     return out
 
 
