@@ -153,7 +153,6 @@ def stage_run(stage: str, root: str | Path = ".", tags: dict[str, Any] | None = 
 
     The run ends FINISHED on success and FAILED on an exception (which propagates).
     """
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(root)
@@ -173,5 +172,3 @@ def stage_run(stage: str, root: str | Path = ".", tags: dict[str, Any] | None = 
         raise
     else:
         client.set_terminated(run.info.run_id, "FINISHED")
-    finally:
-        mlflow.set_tracking_uri(uri)
