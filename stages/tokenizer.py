@@ -46,7 +46,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         tracker.log_metrics({f"train_{k}": v for k, v in m.items()}, step=step)
         curve.append({"step": step, **m})
 
-    train_tokenizer(tok, train_x, cfg, seed=params.seed, device=device, log=log)
+    trained = train_tokenizer(tok, train_x, cfg, seed=params.seed, device=device, log=log)
     tok.eval()
     val = evaluate_tokenizer(tok, val_x if len(val_x) else train_x, device=device)
     # codebook usage counted on train too: there every scale (even msvq's 1×1) sees enough
@@ -72,6 +72,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         "seq_len": tok.seq_len,
         "vocab_size": tok.vocab_size,
         "params": n_params,
+        "train_seconds": round(trained["train_time_s"], 1),
     }
 
 
