@@ -33,7 +33,8 @@ def dataset_overrides(name: str, mnist_path: str) -> list[str]:
 
 
 def run_one(dataset: str, kind: str, overrides: list[str]) -> dict:
-    cmd = ["dvc", "exp", "run", "tokenizer", "-n", f"tok-{dataset}-{kind}", "--force"]
+    dvc = str(Path(sys.executable).parent / "dvc") if (Path(sys.executable).parent / "dvc").exists() else "dvc"
+    cmd = [dvc, "exp", "run", "tokenizer", "-n", f"tok-{dataset}-{kind}", "--force"]
     for o in [f"tokenizer.kind={kind}", *KIND_OVERRIDES.get(kind, []), *overrides]:
         cmd += ["-S", o]
     print("$", " ".join(cmd), flush=True)
