@@ -112,6 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
     ap.add_argument("--budget-s", type=float, default=420, help="skip compiled runs once past this many seconds")
+    ap.add_argument("--res", default="", help="comma list of resolutions to run (default: all of %s)" % list(CONFIGS))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/tokenizer.py needs CUDA")
@@ -121,7 +122,10 @@ def main() -> None:
     t_start = time.perf_counter()
     dev = torch.cuda.get_device_name()
     rows = []
-    for res in CONFIGS:
+    todo = [int(r) for r in args.res.split(",")] if args.res else list(CONFIGS)
+    for res in todo:
+        if res not in CONFIGS:
+            sys.exit(f"--res {res}: allowed {list(CONFIGS)}")
         over, tb, eb = CONFIGS[res]
         n_params = sum(p.numel() for p in make(res).parameters())
         tok = make(res)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def run_one(dataset: str, kind: str, overrides: list[str]) -> dict:
         cmd += ["-S", o]
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, text=True, capture_output=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(cmd, text=True, capture_output=True, env=env)  # the stages' `python` is this venv's
     wall = time.time() - t0
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)

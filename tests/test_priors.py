@@ -23,9 +23,13 @@ def _gpt(layout, vocab=64, seed=0, class_dropout=0.1):
 # --------------------------------------------------------------------------- gpt
 
 
+@pytest.mark.parametrize("bucket", [None, 4], ids=["whole-cache", "bucketed"])
 @pytest.mark.parametrize("layout", [[(4, 4)], [(3, 5)], [(2, 3, 4)]], ids=["grid", "oblong", "rq"])
-def test_gpt_kv_cache_matches_full_forward(layout):
+def test_gpt_kv_cache_matches_full_forward(layout, bucket):
+    """Decoding through the cache (reading all of it, or only its filled buckets) gives the
+    logits of a full forward pass."""
     model = _gpt(layout, vocab=50)  # 50: the head is padded to 64, logits must not be
+    model.decode_bucket = bucket
     L = model.seq_len
     codes = torch.randint(0, 50, (3, L))
     labels = torch.tensor([0, 4, CLASSES])  # the last: the null class
@@ -37,7 +41,9 @@ def test_gpt_kv_cache_matches_full_forward(layout):
     torch.testing.assert_close(pre, full[:, :k], rtol=1e-5, atol=1e-5)
     pos = torch.tensor([k])
     for i in range(k, L):
-        step = model.decode_step(codes[:, i - 1 : i], pos)
+        kv_len = model.decode_kv_len(i)
+        assert kv_len is None or i + 1 <= kv_len <= L
+        step = model.decode_step(codes[:, i - 1 : i], pos, kv_len)
         torch.testing.assert_close(step, full[:, i], rtol=1e-5, atol=1e-5)
         pos += 1
 
@@ -212,6 +218,25 @@ def test_var_kv_cache_matches_full_forward():
     full = model(codes, labels)
     assert full.shape == (3, 30, 48)
     torch.testing.assert_close(model.cached_logits(codes, labels), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("min_tokens", [1, 4, 9, 64])
+def test_var_split_attention_equals_dense_mask(min_tokens):
+    """Every grouping of the scales into SDPA calls gives the dense-mask result, and the cached
+    (sampling) path agrees with both."""
+    model = _var()
+    model.split_min_tokens = min_tokens
+    codes = torch.randint(0, 48, (3, model.seq_len))
+    labels = torch.tensor([0, 3, CLASSES])
+    plan = model.split_plan()
+    assert plan[0][0] == 0 and plan[-1][1] == model.seq_len
+    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))  # contiguous, whole scales
+    model.set_attention("split")
+    split = model(codes, labels)
+    model.set_attention("sdpa")
+    dense = model(codes, labels)
+    torch.testing.assert_close(split, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.cached_logits(codes, labels), split, rtol=1e-5, atol=1e-5)
 
 
 def test_var_attention_is_block_causal():

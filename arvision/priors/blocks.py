@@ -208,9 +208,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x_BTC: Tensor, rope_TP2: Tensor, mask: Tensor | None = None, input_pos_T: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x_BTC: Tensor, rope_TP2: Tensor, mask: Tensor | None = None, input_pos_T: Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> Tensor:
         """Training (``input_pos`` None): causal over ``x``. Cached: write k/v at ``input_pos`` and
-        attend over the whole cache under ``mask`` ``(1, 1, T, S)`` (True = may attend)."""
+        attend over the cache's first ``kv_len`` positions (all if None) under ``mask``
+        ``(1, 1, T, kv_len)`` (True = may attend)."""
         B, T, C = x_BTC.shape
         qkv_BT3HD = self.wqkv(x_BTC).view(B, T, 3, self.heads, self.head_dim)
         qk_BT2HD = apply_rope(qkv_BT3HD[:, :, :2], rope_TP2)  # q and k in one pass
@@ -223,6 +227,8 @@ class CausalSelfAttention(nn.Module):
         else:
             assert self.kv_cache is not None, "call setup_caches() first"
             k_BHSD, v_BHSD = self.kv_cache.update(input_pos_T, k_BHTD, v_BHTD)
+            if kv_len is not None:  # decoding reads only the filled part of the cache (a bucket)
+                k_BHSD, v_BHSD = k_BHSD[:, :, :kv_len], v_BHSD[:, :, :kv_len]
             y = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask)
         y_BTC = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.wo(y_BTC))
@@ -238,8 +244,11 @@ class DecoderBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps)
         self.feed_forward = SwiGLU(dim, swiglu_hidden(dim), dropout)
 
-    def forward(self, x: Tensor, rope_TP2: Tensor, mask: Tensor | None = None, input_pos_T: Tensor | None = None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), rope_TP2, mask, input_pos_T)
+    def forward(
+        self, x: Tensor, rope_TP2: Tensor, mask: Tensor | None = None, input_pos_T: Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rope_TP2, mask, input_pos_T, kv_len)
         return x + self.feed_forward(self.ffn_norm(x))
 
 

@@ -75,47 +75,55 @@ def exp_noise(shape: tuple[int, ...], generator: torch.Generator | None, device:
 
 def gpt_decode_and_sample(
     model: Any, tok_B: Tensor, input_pos_1: Tensor, noise_BV: Tensor,
-    cfg_scale: float, temperature: float, top_k: int, top_p: float, guided: bool,
+    cfg_scale: float, temperature: float, top_k: int, top_p: float, guided: bool, kv_len: int | None = None,
 ) -> Tensor:
     """One decode step: feed the last token at ``input_pos``, guide, filter, pick the next token.
 
-    Static shapes throughout (the KV cache is preallocated): compile with
-    ``mode="reduce-overhead"`` to replay it as a CUDA graph.
+    Static shapes throughout (the KV cache is preallocated; ``kv_len``, the part of it read, is
+    a plain int that changes once per bucket): compile with ``mode="reduce-overhead"`` to
+    replay it as a CUDA graph.
     """
     B = tok_B.shape[0]
     tok_R1 = (torch.cat([tok_B, tok_B]) if guided else tok_B)[:, None]
-    logits_RV = model.decode_step(tok_R1, input_pos_1)
+    logits_RV = model.decode_step(tok_R1, input_pos_1, kv_len)
     return pick(guide(logits_RV, B, cfg_scale), noise_BV, temperature, top_k, top_p)
 
 
 class CUDAGraphStep:
-    """A decode step captured once as a CUDA graph and replayed per token (static inputs are
-    copied in). ``fn`` may be eager or ``torch.compile``d (without its own CUDA graphs); the
-    graph is re-captured when shapes or sampling settings change. CUDA only."""
+    """A decode step captured as CUDA graphs and replayed per token (static inputs are copied
+    in). ``fn`` may be eager or ``torch.compile``d (without its own CUDA graphs). One graph per
+    setting of the trailing arguments (one per KV bucket in a sampling run), all sharing one
+    memory pool and the same static inputs; everything is re-captured when the shapes or the
+    caches change. CUDA only."""
 
     def __init__(self, fn: Callable[..., Tensor] = gpt_decode_and_sample) -> None:
-        self.fn, self.key, self.graph = fn, None, None
+        self.fn, self.key, self.graphs = fn, None, {}
 
     def __call__(self, model: Any, tok_B: Tensor, input_pos_1: Tensor, noise_BV: Tensor, *settings: Any) -> Tensor:
-        key = (id(model), tuple(tok_B.shape), tuple(noise_BV.shape), settings,
+        key = (id(model), tuple(tok_B.shape), tuple(noise_BV.shape),
                tuple(layer.attention.kv_cache.k_cache.data_ptr() for layer in model.layers))
         if key != self.key:
+            self.graphs = {}  # free the old graphs before new captures
             self.static = [tok_B.clone(), input_pos_1.clone(), noise_BV.clone()]
+            self.pool = torch.cuda.graph_pool_handle()
+            self.key = key
+        self.static[0].copy_(tok_B)
+        self.static[1].copy_(input_pos_1)
+        self.static[2].copy_(noise_BV)
+        if settings not in self.graphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up: the same step, so its cache writes are harmless
                 for _ in range(2):
                     self.fn(model, *self.static, *settings)
             torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self.fn(model, *self.static, *settings)
-            self.key = key
-        self.static[0].copy_(tok_B)
-        self.static[1].copy_(input_pos_1)
-        self.static[2].copy_(noise_BV)
-        self.graph.replay()
-        return self.out
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.fn(model, *self.static, *settings)
+            self.graphs[settings] = (graph, out)
+        graph, out = self.graphs[settings]
+        graph.replay()
+        return out
 
 
 @torch.no_grad()
@@ -146,7 +154,8 @@ def sample_gpt(
     for i in range(1, L):
         noise_BV = exp_noise((B, V), generator, device)
         # clone: under CUDA graphs the step's output buffer is overwritten by the next replay
-        tok_B = step(model, tok_B, input_pos_1, noise_BV, cfg_scale, temperature, top_k, top_p, guided).clone()
+        kv_len = model.decode_kv_len(i) if hasattr(model, "decode_kv_len") else None
+        tok_B = step(model, tok_B, input_pos_1, noise_BV, cfg_scale, temperature, top_k, top_p, guided, kv_len).clone()
         codes_BL[:, i] = tok_B
         input_pos_1 += 1  # in place on the device: no host→device copy per step
     model.train(was_training)

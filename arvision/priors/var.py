@@ -62,6 +62,14 @@ class VARAttention(nn.Module):
             self.k_cache[:, :, start:end] = k_BHlD
             self.v_cache[:, :, start:end] = v_BHlD
             y = F.scaled_dot_product_attention(q_BHlD, self.k_cache[:, :, :end], self.v_cache[:, :, :end], scale=1.0)
+        elif isinstance(mask, list):  # split block-causal: see VAR.split_plan
+            p = self.attn_dropout if self.training else 0.0
+            y = torch.cat([
+                F.scaled_dot_product_attention(
+                    q_BHlD[:, :, qs:qe], k_BHlD[:, :, :qe], v_BHlD[:, :, :qe], attn_mask=m, dropout_p=p, scale=1.0
+                )
+                for qs, qe, m in mask
+            ], dim=2)
         elif mask is not None and not isinstance(mask, Tensor):  # a flex_attention BlockMask
             y = _flex_attention()(q_BHlD, k_BHlD, v_BHlD, block_mask=mask, scale=1.0)
         else:
@@ -129,8 +137,9 @@ class VAR(Prior):
             self.offsets.append(self.offsets[-1] + s * s)
         self.seq_len, self.first_l = self.offsets[-1], self.scales[0] ** 2
         self.tokenizer = tokenizer
-        self.attn_impl = "sdpa"  # or "flex" (CUDA): see use_flex_attention()
+        self.attn_impl = "split"  # or "sdpa" (one call, dense mask), "flex" (CUDA): see set_attention()
         self.sample_fn = None  # set by compile_sampling()
+        self.sample_blocks: list[Any] | None = None  # compiled blocks for sampling (compile_sampling)
 
         init_std = math.sqrt(1 / width / 3)
         self.word_embed = nn.Linear(embed_dim, width)
@@ -199,13 +208,43 @@ class VAR(Prior):
             blk.ada_lin[-1].weight[2 * self.width :].mul_(0.5)  # scales, shifts
             blk.ada_lin[-1].weight[: 2 * self.width].mul_(1e-5)  # gates start ≈ 0
 
-    def use_flex_attention(self, on: bool = True) -> None:
-        """Train with a flex_attention block mask instead of SDPA with a boolean mask (CUDA)."""
-        self.attn_impl = "flex" if on else "sdpa"
+    #: scales of at least this many tokens get an attention call of their own (see split_plan)
+    split_min_tokens = 64
+
+    def set_attention(self, impl: str) -> None:
+        """How training attends block-causally (the same result each way):
+
+        - ``"split"`` (default): the block-causal pattern as a few SDPA calls without a mask: each
+          scale of ``split_min_tokens`` or more tokens attends, unmasked, to every key up to its
+          own end; the small scales before them share one masked call. No dense (L, L) mask
+          reaches the kernels, so the flash/cuDNN kernels run unmasked, and only the ~60% of
+          query-key pairs the pattern allows are computed (VAR's 10 scales);
+        - ``"sdpa"``: one SDPA call with the dense boolean ``(L, L)`` mask (as VAR ships);
+        - ``"flex"``: ``flex_attention`` with a block mask (CUDA).
+        """
+        if impl not in ("split", "sdpa", "flex"):
+            raise ValueError(f"var attention '{impl}': allowed split, sdpa, flex")
+        self.attn_impl = impl
         self._block_mask = None
 
+    def use_flex_attention(self, on: bool = True) -> None:
+        self.set_attention("flex" if on else "split")
+
+    def split_plan(self) -> list[tuple[int, int, Tensor | None]]:
+        """``[(q_start, q_end, mask | None)]``: query rows ``[q_start, q_end)`` attend to keys
+        ``[0, q_end)``. Groups are whole scales, so the unmasked ones are exact."""
+        plan: list[tuple[int, int, Tensor | None]] = []
+        k_big = next((k for k, s in enumerate(self.scales) if s * s >= self.split_min_tokens), len(self.scales))
+        if k_big > 0:
+            e = self.offsets[k_big]
+            plan.append((0, e, self.mask_11LL[:, :, :e, :e] if k_big > 1 else None))
+        plan += [(self.offsets[k], self.offsets[k + 1], None) for k in range(k_big, len(self.scales))]
+        return plan
+
     def _train_mask(self, device: torch.device) -> Any:
-        if self.attn_impl != "flex":
+        if self.attn_impl == "split":
+            return self.split_plan()
+        if self.attn_impl == "sdpa":
             return self.mask_11LL
         if self._block_mask is None or self._block_mask.kv_indices.device != device:
             from torch.nn.attention.flex_attention import create_block_mask
@@ -272,7 +311,7 @@ class VAR(Prior):
     def scale_step(self, k: int, x_RlC: Tensor, state: dict[str, Any]) -> Tensor:
         """Run scale ``k``'s inputs against the cache; logits ``(R, s_k², vocab)``."""
         span = (self.offsets[k], self.offsets[k + 1])
-        for blk, ada in zip(self.blocks, state["ada"]):
+        for blk, ada in zip(self.sample_blocks or self.blocks, state["ada"]):
             x_RlC = blk(x_RlC, ada, None, span)
         return self._head(x_RlC, state["cond"])[..., : self.vocab_size]
 
@@ -299,14 +338,25 @@ class VAR(Prior):
 
     def compile_sampling(self, mode: str = "cudagraph") -> None:
         """Speed up sampling on CUDA: ``"cudagraph"`` replays the whole scale loop (every scale,
-        guidance, filtering, the tokenizer's next-scale input) as one CUDA graph; ``"eager"``
-        undoes it. Same codes for the same generator either way."""
+        guidance, filtering, the tokenizer's next-scale input) as one CUDA graph;
+        ``"compile+cudagraph"`` does the same with each block ``torch.compile``d for the scales'
+        static shapes (fused norm/modulation/GELU kernels inside the graph; one compile per
+        scale, shared by every block); ``"eager"`` undoes both. Same codes for the same
+        generator up to the compiled kernels' rounding."""
+        self.sample_blocks = None
         if mode == "eager":
             self.sample_fn = None
         elif mode == "cudagraph":
             self.sample_fn = sampling.VARGraphSampler()
+        elif mode == "compile+cudagraph":
+            cfg = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):  # one graph per scale
+                if hasattr(cfg, name):
+                    setattr(cfg, name, max(getattr(cfg, name), 4 * len(self.scales)))
+            self.sample_blocks = [torch.compile(blk, dynamic=False) for blk in self.blocks]
+            self.sample_fn = sampling.VARGraphSampler()
         else:
-            raise ValueError(f"var sampling mode '{mode}': allowed cudagraph, eager")
+            raise ValueError(f"var sampling mode '{mode}': allowed cudagraph, compile+cudagraph, eager")
 
     @torch.no_grad()
     def sample(
@@ -336,10 +386,11 @@ class StandInScaleTokenizer(nn.Module):
         self.layout = [(s, s) for s in self.scales]
 
     def next_scale_input(self, k: int, f_hat_BEhw: Tensor | None, codes_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
+        from arvision.tokenizers.base import bicubic_resize
+
         s, S = self.scales[k], self.scales[-1]
         h_BEss = self.embedding(codes_Bl).transpose(1, 2).reshape(codes_Bl.shape[0], self.embed_dim, s, s)
-        if s != S:
-            h_BEss = F.interpolate(h_BEss, size=(S, S), mode="bicubic")
+        h_BEss = bicubic_resize(h_BEss, S)
         f_hat_BEhw = h_BEss if f_hat_BEhw is None else f_hat_BEhw + h_BEss
         if k == len(self.scales) - 1:
             return f_hat_BEhw, None

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from arvision.errors import UserError
-from arvision.tokenizers.base import Z_CHANNELS, ConvTokenizer, VectorQuantizer, flatten_latent
+from arvision.tokenizers.base import Z_CHANNELS, ConvTokenizer, VectorQuantizer, bicubic_resize, flatten_latent
 
 
 class Phi(nn.Module):
@@ -78,7 +78,7 @@ class MSVQTokenizer(ConvTokenizer):
 
     def _up(self, h_BdSS: Tensor) -> Tensor:
         S = self.latent_side
-        return h_BdSS if h_BdSS.shape[-1] == S else F.interpolate(h_BdSS, size=(S, S), mode="bicubic")
+        return bicubic_resize(h_BdSS, S)
 
     def _scale_vectors(self, k: int, codes_Bl: Tensor) -> Tensor:
         """Scale k's codes ``(B, s_k²)`` → its contribution ``h (B, embed_dim, S, S)`` to f_hat."""
