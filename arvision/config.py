@@ -166,6 +166,8 @@ class Params(_Section):
             )
         if self.prior.kind == "var" and self.tokenizer.kind != "msvq":
             raise ValueError("prior.kind 'var' needs tokenizer.kind 'msvq' (next-scale prediction)")
+        if self.prior.strategy == "fsdp" and not self.ray.use_gpu:
+            raise ValueError("prior.strategy 'fsdp' shards over GPUs and needs ray.use_gpu: true; on CPU use 'ddp'")
         if self.tokenizer.kind == "msvq" and self.prior.kind != "var":
             raise ValueError("tokenizer.kind 'msvq' needs prior.kind 'var'")
         return self

@@ -22,7 +22,7 @@ from pathlib import Path
 
 KINDS = ["palette", "vq", "rq", "fsq", "msvq"]
 # what each kind needs beyond its own defaults (msvq pairs with the var prior: params cross-check)
-KIND_OVERRIDES = {"msvq": ["prior.kind=var"]}
+KIND_OVERRIDES = {"msvq": ["prior.kind=var"], **{k: ["prior.kind=gpt"] for k in KINDS if k != "msvq"}}
 
 
 def dataset_overrides(name: str, mnist_path: str) -> list[str]:
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--mnist-path", default="../shared/datasets/mnist")
     ap.add_argument("--set", action="append", default=[], help="extra -S override for every run")
     ap.add_argument("--out", default="reports/tokenizer_table.md")
+    ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run (reports/…json) for other data/kinds")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
     bad = [k for k in kinds if k not in KINDS]
@@ -86,14 +87,18 @@ def main() -> None:
         raise SystemExit(f"--kinds: unknown {bad}; allowed: {', '.join(KINDS)}")
     params = Path("params.yaml")
     saved = params.read_text()
-    rows = []
+    store = Path(args.out).with_suffix(".json")
+    rows = json.loads(store.read_text()) if args.append and store.exists() else []
     try:
         for ds in args.datasets.split(","):
             over = dataset_overrides(ds, str(Path(args.mnist_path).resolve())) + args.set
             for kind in kinds:
-                rows.append(run_one(ds, kind, over))
-                print(json.dumps(rows[-1]), flush=True)
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                params.write_text(saved)  # `dvc exp run -S` edits params.yaml in place: start clean
+                row = run_one(ds, kind, over)
+                rows = [r for r in rows if (r["dataset"], r["kind"]) != (ds, kind)] + [row]
+                print(json.dumps(row), flush=True)
+                store.parent.mkdir(parents=True, exist_ok=True)
+                store.write_text(json.dumps(rows, indent=1))
                 Path(args.out).write_text(table(rows))
     finally:
         params.write_text(saved)

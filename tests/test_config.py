@@ -89,3 +89,14 @@ def test_cli_reports_bad_params_without_traceback_and_does_no_work(tmp_path):
     assert proc.returncode == 2
     assert "prior.lr" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_fsdp_needs_gpus():
+    raw = _raw()
+    raw["prior"]["strategy"] = "fsdp"
+    raw["ray"]["use_gpu"] = False
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    assert "prior.strategy" in str(e.value) and "ray.use_gpu" in str(e.value)
+    raw["ray"]["use_gpu"] = True
+    assert parse_params(raw).prior.strategy == "fsdp"

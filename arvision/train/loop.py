@@ -61,8 +61,8 @@ def compile_model(model: nn.Module, mode: str | bool = "regional") -> nn.Module:
     blocks = getattr(raw, "layers", None) or getattr(raw, "blocks", None)
     if mode == "whole" or not isinstance(blocks, nn.ModuleList):
         return torch.compile(model)
-    for blk in blocks:
-        blk.compile()
+    for blk in blocks:  # under FSDP each block is wrapped: compile what it wraps, keep its hooks eager
+        (blk.module if _is_fsdp(blk) else blk).compile()
     if mode == "regional" and hasattr(raw, "fused_loss"):
         raw.fused_loss = True
     return model
@@ -70,6 +70,20 @@ def compile_model(model: nn.Module, mode: str | bool = "regional") -> nn.Module:
 
 def _is_fsdp(model: nn.Module) -> bool:
     return type(model).__name__ == "FullyShardedDataParallel"
+
+
+def fsdp_wrap(model: nn.Module) -> nn.Module:
+    """Shard ``model`` (on the current CUDA device, process group initialised) with FSDP: one
+    unit per transformer block (``layers`` / ``blocks``) plus the root, so only one block's
+    full weights exist at a time; original parameters kept (``use_orig_params``) so the blocks
+    can be compiled and the EMA follows the shards."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    blocks = getattr(model, "layers", None) or getattr(model, "blocks", None)
+    policy = ModuleWrapPolicy({type(b) for b in blocks}) if isinstance(blocks, nn.ModuleList) else None
+    return FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.cuda.current_device(),
+                limit_all_gathers=True)
 
 
 def _opt(cfg: Any, name: str, default: Any) -> Any:

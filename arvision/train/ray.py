@@ -93,6 +93,22 @@ def _batches(shard, batch_size: int, seed: int, skip: int = 0):
         epoch += 1
 
 
+def prepare_parallel(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+    """On a Ray Train worker: move ``model`` to the worker's device and wrap it for data-parallel
+    training: DDP (Ray's ``prepare_model``; no wrapper for one worker), or with ``"fsdp"`` FSDP
+    sharded per block (:func:`arvision.train.loop.fsdp_wrap`; also for one worker, so the path
+    is the same at every scale). FSDP needs CUDA (the params check refuses it on CPU)."""
+    import ray.train.torch
+
+    if strategy != "fsdp":
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+    if not torch.cuda.is_available():
+        raise RuntimeError("prior.strategy 'fsdp' needs GPUs (ray.use_gpu: true)")
+    from arvision.train.loop import fsdp_wrap
+
+    return fsdp_wrap(ray.train.torch.prepare_model(model, parallel_strategy=None))
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -120,8 +136,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
 
-    strategy = "fsdp" if cfg.strategy == "fsdp" and ctx.get_world_size() > 1 else "ddp"
-    model = ray.train.torch.prepare_model(model, parallel_strategy=strategy)
+    model = prepare_parallel(model, cfg.strategy)
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"] + 1000 * rank)  # different dropout / class-drop per rank
 
