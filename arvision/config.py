@@ -144,6 +144,7 @@ class EvaluateConfig(_Section):
     seed: int = 0
     max_val_images: Optional[int] = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile_sampling: bool = False  # CUDA: compiled sampler in CUDA graphs (pays off for large priors)
 
 
 class Params(_Section):

@@ -202,6 +202,8 @@ def sdpa_priority(first: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if first == "flash":
+        order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     try:
         return sdpa_kernel(order, set_priority=True)
     except TypeError:  # older torch: no priority, only the allowed set
@@ -321,7 +323,14 @@ def run_gpu(args) -> None:
             model.compile_sampling(mode)
             labels = torch.arange(64, device=device) % 1000
             first, best = time_sampling(model, labels, reps=3 if mode != "eager" else 1, cfg_scale=2.0)
-            return {"images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
+            res = {"images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
+            if mode != "eager":  # against the eager loop, same seed (compiled kernels may round differently)
+                g = model.sample(labels, cfg_scale=2.0, generator=torch.Generator(device=device).manual_seed(7))
+                model.compile_sampling("eager")
+                e = model.sample(labels, cfg_scale=2.0, generator=torch.Generator(device=device).manual_seed(7))
+                res["codes_equal_eager"] = bool(torch.equal(g, e))
+                res["codes_agree_frac"] = (g == e).float().mean().item()
+            return res
 
         _s()
 
@@ -370,6 +379,8 @@ def run_gpu(args) -> None:
 
             _vs()
     gpt_sample("compile+cudagraph")
+    gpt_sample("compile+graph")
+    var_train("regional", sdpa="flash")
     if want("profile") and out_dir is not None:
 
         @item("profile_gpt_decode")

@@ -55,6 +55,8 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     manifest = read_json(paths.prepared / "manifest.json")
     gen = Generator.load(paths.tokenizer, paths.prior, device=str(device))
+    if cfg.compile_sampling:
+        gen.compile_sampling()
     codes, labels = load_codes(paths.tokens / "val")
     if cfg.max_val_images:
         codes, labels = codes[: cfg.max_val_images], labels[: cfg.max_val_images]

@@ -329,3 +329,20 @@ def test_var_sample_loop_with_drawn_noise_equals_sample_var():
     with torch.no_grad():
         out = var_sample_loop(model, cond, lambda k, shape: noise[k], (3, 2.0, 1.0, 10, 0.95, True))
     assert torch.equal(out, ref)
+
+
+def test_gpt_sample_loop_with_drawn_noise_equals_sample_gpt():
+    """The whole-sequence graph sampler feeds every step's noise drawn up front and reads exactly
+    the filled cache without a mask; on the same generator that gives sample_gpt's codes."""
+    from arvision.priors.sampling import exp_noise, gpt_decode_and_sample, gpt_sample_loop
+
+    model = _gpt([(4, 4)], vocab=50)
+    labels = torch.tensor([0, 1, 2])
+    ref = sample_gpt(model, labels, cfg_scale=2.0, top_k=10, top_p=0.95, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    noise = torch.stack([exp_noise((3, 50), g, torch.device("cpu")) for _ in range(model.seq_len)])
+    cond = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    model.setup_caches(6)
+    with torch.no_grad():
+        out = gpt_sample_loop(model, cond, noise, (3, 2.0, 1.0, 10, 0.95, True), gpt_decode_and_sample)
+    assert torch.equal(out, ref)

@@ -68,6 +68,7 @@ class GPT(Prior):
             layer.attention.wo.weight.data.mul_(residual_scale(n_layer))
             layer.feed_forward.w2.weight.data.mul_(residual_scale(n_layer))
         self.decode_fn = None  # set by compile_sampling()
+        self.sample_fn = None  # set by compile_sampling("compile+graph")
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -112,7 +113,10 @@ class GPT(Prior):
                 layer.attention.kv_cache = KVCache(rows, self.n_head, self.seq_len, self.head_dim, dtype, device)
 
     def _cached(self, h_RTC: Tensor, input_pos_T: Tensor, kv_len: int | None = None) -> Tensor:
-        mask_11TS = self.causal_LL[input_pos_T][None, None, :, :kv_len]
+        if kv_len is not None and kv_len < 0:  # exact: one token at position -kv_len - 1, no mask
+            kv_len, mask_11TS = -kv_len, None
+        else:
+            mask_11TS = self.causal_LL[input_pos_T][None, None, :, :kv_len]
         rope_TP2 = self.rope_LP2[input_pos_T]
         for layer in self.layers:
             h_RTC = layer(h_RTC, rope_TP2, mask_11TS, input_pos_T, kv_len)
@@ -138,7 +142,8 @@ class GPT(Prior):
 
     def decode_step(self, tok_R1: Tensor, input_pos_1: Tensor, kv_len: int | None = None) -> Tensor:
         """Feed one code at ``input_pos`` (static shapes); logits ``(R, V)`` for the next code.
-        ``kv_len`` (≥ input_pos + 1): how much of the cache to read."""
+        ``kv_len`` (≥ input_pos + 1): how much of the cache to read, masked beyond
+        ``input_pos``; negative, ``-(input_pos + 1)``: exactly the filled part, with no mask."""
         h_R1C = self.tok_embeddings(tok_R1)
         if self.depth_embedding is not None:
             h_R1C = h_R1C + self.depth_embedding(self.depth_L[input_pos_1])
@@ -151,12 +156,18 @@ class GPT(Prior):
         - ``"compile+cudagraph"``: ``torch.compile``d (fused) kernels in a CUDA graph of our own;
         - ``"autotune+cudagraph"``: the same, compiled with ``max-autotune-no-cudagraphs`` (Triton
           matmuls tuned for the decode shapes: 2B rows; a compile of minutes);
+        - ``"compile+graph"``: the whole sequence (prefill and every step) as one CUDA graph of
+          compiled steps, each reading exactly its filled cache without a mask;
         - ``"reduce-overhead"`` (or any torch.compile mode): torch.compile's own CUDA graphs;
         - ``"eager"``: undo.
         """
         fn = sampling.gpt_decode_and_sample
+        self.sample_fn = None
         if mode == "eager":
             self.decode_fn = None
+        elif mode == "compile+graph":
+            self.decode_fn = None
+            self.sample_fn = sampling.GPTGraphSampler(torch.compile(fn, fullgraph=True))
         elif mode == "cudagraph":
             self.decode_fn = sampling.CUDAGraphStep(fn)
         elif mode == "compile+cudagraph":

@@ -144,6 +144,13 @@ def sample_gpt(
     guided = force_guidance_batch or cfg_scale != 1.0
     cond_R = torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
     model.setup_caches(cond_R.shape[0])
+    settings = (B, cfg_scale, temperature, top_k, top_p, guided)
+    graph = getattr(model, "sample_fn", None)
+    if graph is not None:  # the whole sequence as one CUDA graph: every step's noise drawn up front
+        noise_LBV = torch.stack([exp_noise((B, V), generator, device) for _ in range(L)])
+        codes_BL = graph(model, cond_R, noise_LBV, settings)
+        model.train(was_training)
+        return codes_BL
     step: Callable[..., Tensor] = getattr(model, "decode_fn", None) or gpt_decode_and_sample
 
     codes_BL = torch.empty(B, L, dtype=torch.long, device=device)
@@ -160,6 +167,58 @@ def sample_gpt(
         input_pos_1 += 1  # in place on the device: no host→device copy per step
     model.train(was_training)
     return codes_BL
+
+
+def gpt_sample_loop(model: Any, cond_R: Tensor, noise_LBV: Tensor, settings: tuple, step: Callable[..., Tensor]) -> Tensor:
+    """:func:`sample_gpt`'s loop with every step's noise given (``noise_LBV[i]`` for code i) and
+    the positions as slices of one static tensor: no host sync, no host→device copy, so the
+    whole sequence can be captured as one CUDA graph. Step i reads exactly ``i + 1`` cache
+    entries and needs no mask (``kv_len`` exact), so the attention kernels run unmasked."""
+    B, cfg_scale, temperature, top_k, top_p, guided = settings
+    L = noise_LBV.shape[0]
+    logits_RV = model.prefill(cond_R)[:, -1]
+    tok_B = pick(guide(logits_RV, B, cfg_scale), noise_LBV[0], temperature, top_k, top_p)
+    positions = torch.arange(L, device=cond_R.device)
+    out = [tok_B]
+    for i in range(1, L):
+        tok_B = step(model, tok_B, positions[i : i + 1], noise_LBV[i], cfg_scale, temperature, top_k, top_p, guided, -(i + 1))
+        out.append(tok_B)
+    return torch.stack(out, dim=1)
+
+
+class GPTGraphSampler:
+    """The whole gpt sampling run (prefill + every decode step, guidance and picking) captured
+    once as one CUDA graph and replayed per batch, with ``step`` (the decode step, typically
+    ``torch.compile``d with a dynamic cache length) inside. Per token nothing runs on the host:
+    no launches, copies or graph replays between steps. Re-captured when the batch, the
+    settings or the caches change. CUDA only."""
+
+    def __init__(self, step: Callable[..., Tensor]) -> None:
+        self.step, self.key, self.graph = step, None, None
+
+    def __call__(self, model: Any, cond_R: Tensor, noise_LBV: Tensor, settings: tuple) -> Tensor:
+        key = (id(model), tuple(cond_R.shape), tuple(noise_LBV.shape), settings,
+               tuple(layer.attention.kv_cache.k_cache.data_ptr() for layer in model.layers))
+        if key != self.key:
+            self.graph = None
+            self.static = [cond_R.clone(), noise_LBV.clone()]
+
+            def run():
+                return gpt_sample_loop(model, self.static[0], self.static[1], settings, self.step)
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiles the step for the cache lengths
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = run()
+            self.key = key
+        self.static[0].copy_(cond_R)
+        self.static[1].copy_(noise_LBV)
+        self.graph.replay()
+        return self.out.clone()
 
 
 # --------------------------------------------------------------------------- VAR: next scale
