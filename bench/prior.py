@@ -190,6 +190,17 @@ def time_sampling(model, labels, reps: int, **kw) -> tuple[float, float]:
     return first, best
 
 
+def agreement_with_eager(model, labels, **kw) -> dict:
+    """The model's current (compiled / graphed) sampler against the eager loop, same seed:
+    compiled kernels round differently, so under compile a share of codes may differ.
+    Leaves the model in eager mode."""
+    dev = labels.device
+    g = model.sample(labels, generator=torch.Generator(device=dev).manual_seed(7), **kw)
+    model.compile_sampling("eager")
+    e = model.sample(labels, generator=torch.Generator(device=dev).manual_seed(7), **kw)
+    return {"codes_equal_eager": bool(torch.equal(g, e)), "codes_agree_frac": (g == e).float().mean().item()}
+
+
 # --------------------------------------------------------------------------- GPU items
 
 
@@ -324,12 +335,8 @@ def run_gpu(args) -> None:
             labels = torch.arange(64, device=device) % 1000
             first, best = time_sampling(model, labels, reps=3 if mode != "eager" else 1, cfg_scale=2.0)
             res = {"images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
-            if mode != "eager":  # against the eager loop, same seed (compiled kernels may round differently)
-                g = model.sample(labels, cfg_scale=2.0, generator=torch.Generator(device=device).manual_seed(7))
-                model.compile_sampling("eager")
-                e = model.sample(labels, cfg_scale=2.0, generator=torch.Generator(device=device).manual_seed(7))
-                res["codes_equal_eager"] = bool(torch.equal(g, e))
-                res["codes_agree_frac"] = (g == e).float().mean().item()
+            if mode != "eager":
+                res.update(agreement_with_eager(model, labels, cfg_scale=2.0))
             return res
 
         _s()
@@ -368,13 +375,7 @@ def run_gpu(args) -> None:
                 kw = dict(cfg_scale=1.5, top_k=900, top_p=0.96)
                 first, best = time_sampling(model, labels, reps=3, **kw)
                 res = {"images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
-                # the graph against the eager loop, same seed (compiled kernels round differently,
-                # so a share of codes, not all, may differ under compile)
-                g = model.sample(labels, generator=torch.Generator(device=device).manual_seed(7), **kw)
-                model.compile_sampling("eager")
-                e = model.sample(labels, generator=torch.Generator(device=device).manual_seed(7), **kw)
-                res["codes_equal_eager"] = bool(torch.equal(g, e))
-                res["codes_agree_frac"] = (g == e).float().mean().item()
+                res.update(agreement_with_eager(model, labels, **kw))
                 return res
 
             _vs()

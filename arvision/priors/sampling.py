@@ -161,8 +161,8 @@ def sample_gpt(
     for i in range(1, L):
         noise_BV = exp_noise((B, V), generator, device)
         # clone: under CUDA graphs the step's output buffer is overwritten by the next replay
-        kv_len = model.decode_kv_len(i) if hasattr(model, "decode_kv_len") else None
-        tok_B = step(model, tok_B, input_pos_1, noise_BV, cfg_scale, temperature, top_k, top_p, guided, kv_len).clone()
+        tok_B = step(model, tok_B, input_pos_1, noise_BV, cfg_scale, temperature, top_k, top_p, guided,
+                     model.decode_kv_len(i)).clone()
         codes_BL[:, i] = tok_B
         input_pos_1 += 1  # in place on the device: no host→device copy per step
     model.train(was_training)
@@ -186,39 +186,51 @@ def gpt_sample_loop(model: Any, cond_R: Tensor, noise_LBV: Tensor, settings: tup
     return torch.stack(out, dim=1)
 
 
-class GPTGraphSampler:
-    """The whole gpt sampling run (prefill + every decode step, guidance and picking) captured
-    once as one CUDA graph and replayed per batch, with ``step`` (the decode step, typically
-    ``torch.compile``d with a dynamic cache length) inside. Per token nothing runs on the host:
-    no launches, copies or graph replays between steps. Re-captured when the batch, the
-    settings or the caches change. CUDA only."""
+class WholeRunGraph:
+    """One sampling run captured as one CUDA graph and replayed per batch (the samplers below).
 
-    def __init__(self, step: Callable[..., Tensor]) -> None:
-        self.step, self.key, self.graph = step, None, None
+    ``fn(*static_inputs)`` is warmed up on a side stream (compiles, allocates caches), then
+    captured; a replay copies the new inputs into the static ones. Re-captured when ``key``,
+    taken after each capture, no longer matches (batch, settings, caches). CUDA only."""
 
-    def __call__(self, model: Any, cond_R: Tensor, noise_LBV: Tensor, settings: tuple) -> Tensor:
-        key = (id(model), tuple(cond_R.shape), tuple(noise_LBV.shape), settings,
-               tuple(layer.attention.kv_cache.k_cache.data_ptr() for layer in model.layers))
-        if key != self.key:
-            self.graph = None
-            self.static = [cond_R.clone(), noise_LBV.clone()]
+    def __init__(self) -> None:
+        self.key, self.graph = None, None
 
-            def run():
-                return gpt_sample_loop(model, self.static[0], self.static[1], settings, self.step)
-
+    def __call__(self, key_fn: Callable[[], tuple], inputs: list[Tensor], fn: Callable[..., Tensor]) -> Tensor:
+        if key_fn() != self.key:
+            self.graph = None  # free the old graph's pool before the new capture
+            self.static = [t.clone() for t in inputs]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: compiles the step for the cache lengths
-                run()
+            with torch.cuda.stream(side):
+                fn(*self.static)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.out = run()
-            self.key = key
-        self.static[0].copy_(cond_R)
-        self.static[1].copy_(noise_LBV)
+                self.out = fn(*self.static)
+            self.key = key_fn()  # after the capture: the warm-up may have allocated the caches
+        for dst, src in zip(self.static, inputs):
+            dst.copy_(src)
         self.graph.replay()
-        return self.out.clone()
+        return self.out.clone()  # the next replay overwrites the graph's output
+
+
+class GPTGraphSampler(WholeRunGraph):
+    """The whole gpt sampling run (prefill + every decode step, guidance and picking) as one
+    CUDA graph, with ``step`` (the decode step, typically ``torch.compile``d; its cache length
+    becomes dynamic after the first steps) inside. Per token nothing runs on the host: no
+    launches, copies or graph replays between steps."""
+
+    def __init__(self, step: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.step = step
+
+    def __call__(self, model: Any, cond_R: Tensor, noise_LBV: Tensor, settings: tuple) -> Tensor:
+        def key():
+            return (id(model), tuple(cond_R.shape), tuple(noise_LBV.shape), settings,
+                    tuple(layer.attention.kv_cache.k_cache.data_ptr() for layer in model.layers))
+
+        return super().__call__(key, [cond_R, noise_LBV], lambda c, n: gpt_sample_loop(model, c, n, settings, self.step))
 
 
 # --------------------------------------------------------------------------- VAR: next scale
@@ -284,40 +296,17 @@ def var_sample_loop(model: Any, cond_R: Tensor, noise_fn: Callable[[int, tuple],
     return torch.cat(out, dim=1)
 
 
-class VARGraphSampler:
+class VARGraphSampler(WholeRunGraph):
     """The whole VAR scale loop (10 scales × every block, guidance, top-k/top-p, the tokenizer's
-    next-scale input) captured once as one CUDA graph and replayed per batch: eager, the loop
-    launches ~7000 small kernels and is bound by the host. Re-captured when the batch, the
-    sampling settings or the caches change. CUDA only; the tokenizer must be capturable (no
-    host sync)."""
-
-    def __init__(self) -> None:
-        self.key, self.graph = None, None
+    next-scale input) as one CUDA graph: eager, the loop launches ~7000 small kernels and is
+    bound by the host. The tokenizer must be capturable (no host sync)."""
 
     def __call__(self, model: Any, cond_R: Tensor, noise: list[Tensor], settings: tuple) -> Tensor:
-        key = (id(model), tuple(cond_R.shape), settings, tuple(n.shape for n in noise))
-        if key != self.key or self._cache_ptr(model) != self.cache_ptr:
-            self.graph = None  # free the old graph's pool before the new capture
-            self.static = [cond_R.clone(), [n.clone() for n in noise]]
+        def key():
+            return (id(model), tuple(cond_R.shape), settings, tuple(n.shape for n in noise),
+                    tuple(blk.attn.k_cache.data_ptr() if blk.attn.k_cache is not None else 0 for blk in model.blocks))
 
-            def run():
-                return var_sample_loop(model, self.static[0], lambda k, shape: self.static[1][k], settings)
+        def run(c: Tensor, *ns: Tensor) -> Tensor:
+            return var_sample_loop(model, c, lambda k, shape: ns[k], settings)
 
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: allocates the caches, loads the kernels
-                run()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = run()
-            self.key, self.cache_ptr = key, self._cache_ptr(model)
-        self.static[0].copy_(cond_R)
-        for dst, src in zip(self.static[1], noise):
-            dst.copy_(src)
-        self.graph.replay()
-        return self.out.clone()  # the next replay overwrites the graph's output
-
-    @staticmethod
-    def _cache_ptr(model: Any) -> tuple[int, ...]:
-        return tuple(blk.attn.k_cache.data_ptr() if blk.attn.k_cache is not None else 0 for blk in model.blocks)
+        return super().__call__(key, [cond_R, *noise], run)

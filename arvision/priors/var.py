@@ -227,9 +227,6 @@ class VAR(Prior):
         self.attn_impl = impl
         self._block_mask = None
 
-    def use_flex_attention(self, on: bool = True) -> None:
-        self.set_attention("flex" if on else "split")
-
     def split_plan(self) -> list[tuple[int, int, Tensor | None]]:
         """``[(q_start, q_end, mask | None)]``: query rows ``[q_start, q_end)`` attend to keys
         ``[0, q_end)``. Groups are whole scales, so the unmasked ones are exact."""
