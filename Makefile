@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench clean-outputs
+.PHONY: install run test bench clean-outputs plots
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+# The curves and the sample grid on one page, dvc_plots/index.html, which opens offline:
+# .dvc/config names a page template with Vega inlined (scripts/offline_plots_template.py).
+plots: $(STAMP)
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc plots show
 
 clean-outputs:
 	rm -rf data/prepared data/tokens models metrics reports dvc.lock .arvision

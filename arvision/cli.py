@@ -3,6 +3,7 @@
     arvision run                 the whole pipeline (Prefect flow; DVC skips what is unchanged)
     arvision sample SOURCE ...   images from a registered model or the stage outputs
     arvision check               validate params.yaml and say what would run
+    arvision serve-flow --cron C the pipeline on a schedule (a served Prefect deployment)
 
 A mistake of the user's (bad params, unknown model, missing data) prints one clear message
 and exits with status 2; no traceback.
@@ -30,17 +31,23 @@ def summary(root: Path, results: list[dict], parent_run_id: str | None, seconds:
     lines = ["", f"arvision run: {'FAILED' if any(r.get('failed') for r in results) else 'done'} in {seconds:.1f} s", ""]
     lines.append(f"  {'stage':<10} {'status':<9} {'time':>8}")
     done = {r["stage"]: r for r in results}
-    from pipelines.run import STAGES
+    from arvision.dag import STAGES
 
     for st in STAGES:
         r = done.get(st)
         status = "not run" if r is None else "FAILED" if r.get("failed") else "ran" if r["ran"] else "skipped"
         t = f"{r['seconds']:.1f} s" if r and r["ran"] else ""
         lines.append(f"  {st:<10} {status:<9} {t:>8}")
+    for r in results:
+        if r.get("failed") and r.get("reason"):
+            lines.append(f"\n  {r['stage']} failed: {r['reason']}")
+    # numbers only from stages that ran in THIS run: a skipped or failed stage's metrics file
+    # belongs to an earlier run (`dvc metrics show` has the current ones)
+    ran = {r["stage"] for r in results if r.get("ran") and not r.get("failed")}
     m = {}
-    for name in ("tokenizer", "prior", "eval"):
+    for stage, name in (("tokenizer", "tokenizer"), ("prior", "prior"), ("evaluate", "eval")):
         p = root / "metrics" / f"{name}.json"
-        if p.exists():
+        if stage in ran and p.exists():
             m[name] = json.loads(p.read_text())
     ev, tk = m.get("eval", {}), m.get("tokenizer", {})
     keys = [
@@ -53,15 +60,18 @@ def summary(root: Path, results: list[dict], parent_run_id: str | None, seconds:
     shown = [f"{k} {_fmt(v)}" for k, v in keys if v is not None]
     if shown:
         lines += ["", "  " + " | ".join(shown)]
+    elif results and not ran and not any(r.get("failed") for r in results):
+        lines += ["", "  nothing changed: the outputs are current (`dvc metrics show` for their numbers)"]
     if ev.get("registered_version") is not None:
         lines.append(
             f"  registered arvision-generator v{ev['registered_version']}"
             + (" (new champion)" if ev.get("is_champion") else " (candidate; champion kept)")
         )
     uri = tracking_uri(root)
+    lines += [""]
+    if "evaluate" in ran:
+        lines.append(f"  sample grid : {root / 'reports' / 'samples.png'}")
     lines += [
-        "",
-        f"  sample grid : {root / 'reports' / 'samples.png'}",
         f"  MLflow      : mlflow ui --backend-store-uri {uri}" + (f"   (parent run {parent_run_id})" if parent_run_id else ""),
         "  DVC         : dvc metrics show ; dvc plots show",
         "  Prefect     : "
@@ -73,21 +83,28 @@ def summary(root: Path, results: list[dict], parent_run_id: str | None, seconds:
 
 
 def cmd_run(args) -> int:
-    from arvision.config import load_params
+    from arvision.config import check_batches, load_params
 
     root = Path.cwd()
-    load_params(root / "params.yaml")  # every parameter checked before any work
+    params = load_params(root / "params.yaml")  # every parameter checked before any work
+    check_batches(params, root)
     if not (root / "dvc.yaml").exists():
         raise UserError(f"{root} has no dvc.yaml: run arvision from the project root")
+    from pipelines.lock import RunLock
+
+    lock = RunLock(root)
+    lock.acquire()  # before the slow imports: a second run in this repo is told at once
     from pipelines.run import run_pipeline
 
-    results, parent, seconds = run_pipeline(root, force=args.force)
+    results, parent, seconds = run_pipeline(root, force=args.force, lock=lock)
     print(summary(root, results, parent, seconds))
     # machine-readable record of this run (what ran, what was skipped), for scripts and tests
     (root / ".arvision").mkdir(exist_ok=True)
     (root / ".arvision" / "last_run.json").write_text(
         json.dumps({"parent_run_id": parent, "seconds": seconds, "stages": results}, indent=2)
     )
+    if any(r.get("interrupted") for r in results):
+        raise KeyboardInterrupt
     return 1 if any(r.get("failed") for r in results) else 0
 
 
@@ -98,19 +115,64 @@ def _labels(text: str) -> list[int]:
         raise UserError(f"--labels must be comma-separated integers, got {text!r}") from None
 
 
+def _check_sampling_args(args) -> None:
+    """``--n`` at least 1; the sampling knobs in the ranges params.yaml's ``evaluate`` allows."""
+    from pydantic import ValidationError
+
+    from arvision.config import EvaluateConfig
+
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1 image per label (got {args.n})")
+    try:
+        EvaluateConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise UserError(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg'].lower()} (got {e['input']})") from None
+
+
+def _load(source: str):
+    """The generator at ``source``; a damaged model directory is one clear line naming the file."""
+    import zipfile
+
+    from arvision.registry import load_generator
+
+    path = Path(source)
+    if path.is_dir():
+        for part in ("tokenizer", "prior"):
+            for name in ("config.json", "weights.pt"):
+                f = path / part / name
+                if not f.is_file():
+                    raise UserError(f"cannot load {source}: {f} is missing (re-run the {part} stage, or `dvc pull`)")
+            try:
+                json.loads((path / part / "config.json").read_text())
+            except (ValueError, UnicodeDecodeError) as err:
+                raise UserError(f"cannot load {source}: {path / part / 'config.json'} is not valid JSON ({err})") from None
+            if not zipfile.is_zipfile(path / part / "weights.pt"):
+                raise UserError(f"cannot load {source}: {path / part / 'weights.pt'} is not a complete torch checkpoint (truncated?)")
+    try:
+        return load_generator(source)
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as err:  # damaged files the checks above let through
+        raise UserError(f"cannot load {source}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
 def cmd_sample(args) -> int:
     import numpy as np
 
-    from arvision.registry import load_generator
     from arvision.tracking import setup_mlflow
     from arvision.viz import save_grid
 
+    _check_sampling_args(args)
     if args.source.startswith(("models:/", "runs:/")):
-        setup_mlflow(Path.cwd())
-    gen = load_generator(args.source)
+        setup_mlflow(Path.cwd(), create=False)  # outside a repo: an error, not a new empty mlflow.db
+    gen = _load(args.source)
     if args.compile and not gen.compile_sampling():
         print("--compile: no GPU here, sampling eagerly on the CPU", file=sys.stderr)
     labels = _labels(args.labels) if args.labels else list(range(gen.num_classes))
+    bad = [c for c in labels if not 0 <= c < gen.num_classes]
+    if bad:
+        raise UserError(f"--labels {','.join(map(str, bad))}: this generator knows classes 0..{gen.num_classes - 1}")
     names = gen.class_names or [str(c) for c in range(gen.num_classes)]
     rows = []
     all_labels = [c for c in labels for _ in range(args.n)]
@@ -136,12 +198,26 @@ def cmd_sample(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from arvision.config import load_params
+    from arvision.config import check_batches, load_params
 
     params = load_params(Path.cwd() / "params.yaml")
+    check_batches(params, Path.cwd())
     print("params.yaml is valid:")
     for section, values in params.model_dump(mode="json").items():
         print(f"  {section}: {values}")
+    return 0
+
+
+def cmd_serve_flow(args) -> int:
+    from arvision.config import load_params
+
+    root = Path.cwd()
+    load_params(root / "params.yaml")
+    if not (root / "dvc.yaml").exists():
+        raise UserError(f"{root} has no dvc.yaml: run arvision from the project root")
+    from pipelines.serve import serve
+
+    serve(root, args.cron, args.name)
     return 0
 
 
@@ -167,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
     c = sub.add_parser("check", help="validate params.yaml")
     c.set_defaults(func=cmd_check)
+    f = sub.add_parser("serve-flow", help="run the pipeline on a schedule (a served Prefect deployment)")
+    f.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (03:00 every day)')
+    f.add_argument("--name", default="arvision-scheduled", help="deployment name")
+    f.set_defaults(func=cmd_serve_flow)
+    from arvision.compare import add_parser as add_compare
+
+    add_compare(sub)
     return p
 
 

@@ -7,11 +7,12 @@ any work starts. Unknown keys are errors too (a typo must not silently fall back
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from arvision.errors import UserError
 
@@ -22,6 +23,26 @@ class ParamsError(UserError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_mixup(cls, value: Any, info: ValidationInfo) -> Any:
+        """A YAML ``true`` is not the number 1, and a ``1`` is not ``true``: both are refused.
+
+        Pydantic's lax mode takes either for the other; the rest of lax coercion stays (YAML
+        reads ``1e-3`` as a string, which must still pass as a float).
+        """
+        is_bool_field = cls.model_fields[info.field_name].annotation is bool
+        if isinstance(value, bool) and not is_bool_field:
+            raise ValueError(f"expected a value of type {_type_name(cls, info.field_name)}, not a boolean")
+        if is_bool_field and not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+
+
+def _type_name(cls: type[BaseModel], field: str) -> str:
+    ann = cls.model_fields[field].annotation
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 
 class DataConfig(_Section):
@@ -40,7 +61,7 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
         if self.source != "emoji" and not self.path:
-            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+            raise ValueError(f"data.path: required when data.source is '{self.source}'")
         return self
 
 
@@ -121,6 +142,10 @@ class PriorConfig(_Section):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    # validation while training: val loss every eval_every steps (0: off); which weights to keep
+    eval_every: int = Field(100, ge=0)
+    keep: Literal["best", "last"] = "best"  # best: the weights with the lowest val loss
+    early_stop_patience: int = Field(0, ge=0)  # stop after this many evals without improvement (0: off)
 
 
 class RayConfig(_Section):
@@ -130,12 +155,35 @@ class RayConfig(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
+    max_failures: int = Field(0, ge=-1)  # a lost worker restarts from the last checkpoint this often (-1: always)
+    dashboard: bool = False  # start the Ray dashboard with a local instance
+
+
+class FeaturesConfig(_Section):
+    """The image encoder that judges samples (stage ``features``): a classifier when the data
+    are labelled, contrastive (SimCLR-style, on augmentations) otherwise."""
+
+    mode: Literal["auto", "classifier", "contrastive"] = "auto"  # auto: classifier iff labelled
+    width: int = Field(32, ge=8)  # channels of the first conv level
+    dim: int = Field(128, ge=8)  # feature dimension
+    steps: int = Field(400, ge=0)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    temperature: float = Field(0.2, gt=0.0)  # contrastive loss temperature
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class EvaluateConfig(_Section):
     """Evaluation and sampling (stage ``evaluate``)."""
 
-    samples_per_class: int = Field(8, ge=1)
+    samples_per_class: int = Field(8, ge=1)  # for the sample grid
+    num_samples: int = Field(500, ge=10)  # generated images scored against val (sample metrics)
+    primary: Literal["fd", "kid", "val_bpd", "neg_precision", "neg_recall", "copy_rate"] = "fd"  # champion metric, lower is better
+    inception_weights: Optional[str] = None  # path to the FID Inception weights file: Inception FID too
+    nearest_k: int = Field(5, ge=1)  # k of the k-NN manifolds (precision, recall, density, coverage)
+    max_copy_rate: float = Field(0.5, ge=0.0, le=1.0)  # a model copying more of its samples can't be champion
+    score_last: bool = False  # with prior.keep best: also score the last weights
     cfg_scale: float = Field(2.0, ge=0.0)
     temperature: float = Field(1.0, gt=0.0)
     top_k: int = Field(0, ge=0)  # 0: off
@@ -154,38 +202,58 @@ class Params(_Section):
     tokens: TokensConfig = TokensConfig()
     prior: PriorConfig = PriorConfig()
     ray: RayConfig = RayConfig()
+    features: FeaturesConfig = FeaturesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> "Params":
+        """Checks that span keys or sections: each message starts with the keys it is about."""
         from arvision.sizes import SIZES  # no torch: validation stays quick
 
+        problems: list[str] = []
         sizes = SIZES[self.prior.kind]
         if self.prior.size not in sizes:
-            raise ValueError(
-                f"prior.size '{self.prior.size}' is not a {self.prior.kind} size; allowed: {', '.join(sizes)}"
-            )
+            problems.append(f"prior.size / prior.kind: '{self.prior.size}' is not a {self.prior.kind} size; allowed: {', '.join(sizes)}")
         if self.prior.kind == "var" and self.tokenizer.kind != "msvq":
-            raise ValueError("prior.kind 'var' needs tokenizer.kind 'msvq' (next-scale prediction)")
-        if self.prior.strategy == "fsdp" and not self.ray.use_gpu:
-            raise ValueError("prior.strategy 'fsdp' shards over GPUs and needs ray.use_gpu: true; on CPU use 'ddp'")
+            problems.append(f"prior.kind / tokenizer.kind: prior 'var' (next-scale prediction) needs tokenizer 'msvq', not '{self.tokenizer.kind}'")
         if self.tokenizer.kind == "msvq" and self.prior.kind != "var":
-            raise ValueError("tokenizer.kind 'msvq' needs prior.kind 'var'")
+            problems.append(f"tokenizer.kind / prior.kind: tokenizer 'msvq' needs prior 'var', not '{self.prior.kind}'")
+        if self.prior.strategy == "fsdp" and not self.ray.use_gpu:
+            problems.append("prior.strategy / ray.use_gpu: 'fsdp' shards over GPUs and needs ray.use_gpu: true; on CPU use 'ddp'")
+        # warmup must end inside training (features has no warmup); tokenizer.steps 0 trains nothing
+        for name, sec in (("tokenizer", self.tokenizer), ("prior", self.prior)):
+            if sec.steps > 0 and sec.warmup_steps >= sec.steps:
+                problems.append(
+                    f"{name}.warmup_steps / {name}.steps: warmup ({sec.warmup_steps}) must be shorter than training "
+                    f"({sec.steps} steps); lower {name}.warmup_steps or raise {name}.steps"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
 
 def _format_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming its key path (``prior.steps: ...``).
+
+    A check over a whole section or several keys (a model validator) names its keys in its
+    own message, so neither "(top level)" nor a dump of the section's values is printed.
+    """
     lines = [f"invalid parameters in {source}:"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        path = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
+        if e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a model-level check
+            lines += [f"  {m}" for m in msg.removeprefix("Value error, ").splitlines()]
+            continue
+        if e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent = ".".join(str(p) for p in e["loc"][:-1])
             allowed = _allowed_keys(parent)
             msg = f"unknown key; allowed keys{' in ' + parent if parent else ''}: {', '.join(allowed)}"
         elif "input" in e and e["type"] not in ("missing",):
             msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  {path}: {msg}")
+        lines.append(f"  {path or '(params)'}: {msg}")
     return "\n".join(lines)
 
 
@@ -210,13 +278,120 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ParamsError(_format_error(err, source)) from None
 
 
+def _check_data_path(data: DataConfig, root: Path) -> None:
+    """``data.path`` exists and is the kind of thing its source reads (relative to ``root``)."""
+    if data.path is None:
+        return
+    where = root / Path(data.path).expanduser()
+    if not where.exists():
+        raise ParamsError(f"data.path: '{data.path}' does not exist (data.source '{data.source}', looked in {where})")
+    need_dir = data.source in ("folder", "mnist")
+    if need_dir and not where.is_dir():
+        raise ParamsError(f"data.path: '{data.path}' is a file; data.source '{data.source}' reads a folder")
+    if data.source == "parquet" and where.is_file() and where.suffix != ".parquet":
+        raise ParamsError(f"data.path: '{data.path}' is not a .parquet file (data.source 'parquet': a .parquet file or a folder of them)")
+    if data.source == "emoji" and where.is_dir() and not (where / "emoji.parquet").is_file():
+        raise ParamsError(f"data.path: '{data.path}' holds no emoji.parquet (data.source 'emoji')")
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``."""
+    """Read and validate ``params.yaml``: every section present, every key valid, and
+    ``data.path`` (relative to the file's folder, the project root) existing with the right kind."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: no such file (run from the project root, or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(raw, str(path))
+    sections = list(Params.model_fields)
+    if raw is None:
+        raise ParamsError(f"{path} is empty; it needs the sections {', '.join(sections)} (see the project's params.yaml)")
+    if isinstance(raw, dict):
+        missing = [k for k in sections if k not in raw]
+        if missing:  # a missing section would silently run on defaults
+            raise ParamsError(
+                f"{path}: missing section{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+                "every section must be written out (an empty one, e.g. `features: {}`, takes the defaults)"
+            )
+        raw = {k: ({} if v is None and k != "seed" else v) for k, v in raw.items()}
+    params = parse_params(raw, str(path))
+    from arvision.dag import missing_tracked_keys
+
+    untracked = missing_tracked_keys(raw)
+    if untracked:  # DVC tracks these keys one by one and stops on a missing one
+        shown = ", ".join(f"{k}: {json.dumps(v)}" for k, v in untracked.items())
+        raise ParamsError(f"{path}: DVC tracks these keys one by one, so they must be written out; "
+                          f"add them (the defaults are): {shown}")
+    _check_data_path(params.data, path.resolve().parent)
+    return params
+
+
+def _source_rows(data: DataConfig, root: Path) -> Optional[int]:
+    """Images in the source, from metadata only (Parquet footers, IDX headers, a file count);
+    None when that is not cheap to know."""
+    import pyarrow.parquet as pq
+
+    from arvision.data.sources import EMOJI_DIR, EMOJI_FILE, IMAGE_EXTENSIONS
+
+    where = root / Path(data.path).expanduser() if data.path else EMOJI_DIR
+    if data.source in ("emoji", "parquet"):
+        if data.source == "emoji" and where.is_dir():
+            where = where / EMOJI_FILE
+        files = sorted(where.rglob("*.parquet")) if where.is_dir() else [where]
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if data.source == "mnist":
+        import gzip
+
+        total = 0
+        for f in where.iterdir():
+            if "labels" in f.name and ("idx1" in f.name):
+                opener = gzip.open if f.suffix == ".gz" else open
+                with opener(f, "rb") as fh:
+                    total += int.from_bytes(fh.read(8)[4:8], "big")  # IDX header: magic, then the count
+        return total
+    if data.source == "folder":
+        return sum(1 for f in where.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+    return None
+
+
+def train_images(params: Params, root: Path) -> tuple[Optional[int], str]:
+    """How many training images ``prepare`` gives with these params, and where that number is from.
+
+    ``data/prepared/manifest.json`` when it was made with the same ``seed`` and ``data``
+    params; else an estimate from the source's size, ``data.max_images`` and
+    ``data.val_fraction`` (duplicates and undecodable images make the real number smaller).
+    """
+    import json
+
+    manifest = root / "data" / "prepared" / "manifest.json"
+    if manifest.exists():
+        try:
+            m = json.loads(manifest.read_text())
+        except ValueError:
+            m = {}
+        if m.get("params") == {"seed": params.seed, "data": params.data.model_dump(mode="json")}:
+            return int(m["counts"]["train"]), "data/prepared/manifest.json"
+    n = _source_rows(params.data, root)
+    if n is None:
+        return None, ""
+    why = f"{n} images in the source"
+    if params.data.max_images is not None and params.data.max_images < n:
+        n, why = params.data.max_images, f"data.max_images {params.data.max_images}"
+    return int(n * (1 - params.data.val_fraction)), f"about: {why}, {1 - params.data.val_fraction:.0%} of them for training"
+
+
+def check_batches(params: Params, root: Path) -> None:
+    """A training batch must fit in the data: the prior's per-worker batch is drawn from the
+    worker's share of the training tokens (training images / ``ray.num_workers``)."""
+    train, source = train_images(params, root)
+    if train is None:
+        return
+    workers = params.ray.num_workers
+    share = train // workers
+    if params.prior.batch_size > share:
+        each = f"the {share} each of ray.num_workers={workers} workers gets" if workers > 1 else f"the {train}"
+        raise ParamsError(
+            f"prior.batch_size / data: a batch of {params.prior.batch_size} per worker is larger than {each} "
+            f"training images ({source}); lower prior.batch_size to {max(1, share)} or less, or use more data"
+        )

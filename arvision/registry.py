@@ -1,13 +1,20 @@
 """The MLflow Model Registry side: pyfunc wrappers, registration, aliases, loading.
 
 ``arvision-tokenizer``: PNG images in, codes out. ``arvision-generator``: labels in, PNG images
-out (it bundles tokenizer and prior). ``candidate`` always names the newest version;
-``champion`` moves only when a candidate beats it on the primary metric (lower is better).
+out (it bundles tokenizer and prior). ``candidate`` always names the newest version; which one
+is ``champion`` is decided in :mod:`arvision.champion`.
+
+Each logged model is self-contained: it carries the part of the ``arvision`` package that its
+pyfunc imports (``code_paths``) and pins the versions of the libraries that code needs, so it
+loads and serves where arvision is not installed (``mlflow models serve``).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +26,42 @@ import pandas as pd
 from arvision.errors import UserError
 from arvision.tracking import GENERATOR_MODEL, TOKENIZER_MODEL
 
-# What the pyfunc needs at load time. The environment of a fresh process must already hold
-# arvision (models are loaded where the project is installed), so no requirement inference.
-_PIP = ["arvision", "torch", "einops", "numpy", "pillow", "pandas"]
+#: the modules of ``arvision`` the pyfuncs import at load and predict time (this one, the
+#: models, the generator, PNG encoding); copied into each model as its code
+_CODE = [
+    "__init__.py", "errors.py", "images.py", "tracking.py", "registry.py", "generator.py", "viz.py", "sizes.py", "priors", "tokenizers",
+]
+#: the distributions that code imports, pinned to the installed versions (MLflow adds its own
+#: pin and cloudpickle's)
+_REQUIREMENTS = ["torch", "einops", "numpy", "pillow", "pandas"]
+#: the most labels one request may ask for (one image each, sampled in one batch)
+MAX_LABELS = 256
+
+
+def _pinned_requirements() -> list[str]:
+    """``name==version`` of the installed distributions, without a local tag (``+cpu``), which
+    no public index serves."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in _REQUIREMENTS]
+
+
+def _code_dir(tmp: Path) -> Path:
+    """A copy of the modules in :data:`_CODE` as ``tmp/arvision`` (no caches), for ``code_paths``."""
+    src = Path(__file__).resolve().parent
+    dst = tmp / "arvision"
+    dst.mkdir()
+    for name in _CODE:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src / name, dst / name)
+    return dst
+
+
+def _invalid(message: str) -> mlflow.exceptions.MlflowException:
+    """A request the caller must fix: the scoring server answers HTTP 400 with this message."""
+    return mlflow.exceptions.MlflowException.invalid_parameter_value(message)
 
 
 class TokenizerPyfunc(mlflow.pyfunc.PythonModel):
@@ -67,16 +107,39 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from arvision.viz import png_bytes
 
+        labels = self._labels(model_input)
         p = dict(params or {})
-        imgs = self.generator.generate(
-            [int(x) for x in model_input["label"]],
-            cfg_scale=float(p.get("cfg_scale", 2.0)),
-            temperature=float(p.get("temperature", 1.0)),
-            top_k=int(p.get("top_k", 0)),
-            top_p=float(p.get("top_p", 1.0)),
-            seed=int(p.get("seed", 0)),
-        )
+        settings = {
+            "cfg_scale": float(p.get("cfg_scale", 2.0)), "temperature": float(p.get("temperature", 1.0)),
+            "top_k": int(p.get("top_k", 0)), "top_p": float(p.get("top_p", 1.0)), "seed": int(p.get("seed", 0)),
+        }
+        # the same bounds as params.yaml's evaluate section
+        if settings["cfg_scale"] < 0:
+            raise _invalid(f"cfg_scale must be >= 0, got {settings['cfg_scale']}")
+        if settings["temperature"] <= 0:
+            raise _invalid(f"temperature must be > 0, got {settings['temperature']}")
+        if settings["top_k"] < 0:
+            raise _invalid(f"top_k must be >= 0 (0: off), got {settings['top_k']}")
+        if not 0 < settings["top_p"] <= 1:
+            raise _invalid(f"top_p must be in (0, 1] (1: off), got {settings['top_p']}")
+        imgs = self.generator.generate(labels, **settings)
         return pd.DataFrame({"image": [png_bytes(im) for im in imgs]})
+
+    def _labels(self, model_input: pd.DataFrame) -> list[int]:
+        """The requested class ids, checked: 1..MAX_LABELS integers the model knows."""
+        if not isinstance(model_input, pd.DataFrame) or "label" not in model_input.columns:
+            raise _invalid('expected a "label" column of class ids, e.g. {"inputs": {"label": [0, 1]}}')
+        n = self.generator.num_classes
+        if not 1 <= len(model_input) <= MAX_LABELS:
+            raise _invalid(f"give 1 to {MAX_LABELS} labels per request, got {len(model_input)}")
+        try:
+            labels = [int(x) for x in model_input["label"]]
+        except (TypeError, ValueError):
+            raise _invalid(f"labels must be integers in 0..{n - 1}") from None
+        bad = sorted({x for x in labels if not 0 <= x < n})
+        if bad:
+            raise _invalid(f"labels {bad[:8]} out of range: this model knows classes 0..{n - 1}")
+        return labels
 
 
 def _signature(name: str):
@@ -90,26 +153,92 @@ def _signature(name: str):
     return ModelSignature(inputs=Schema([ColSpec("long", "label")]), outputs=Schema([ColSpec("binary", "image")]), params=params)
 
 
-def _log_and_register(run_id: str, name: str, model: mlflow.pyfunc.PythonModel, artifacts: dict[str, str], tags: dict[str, str]):
+def _input_example(name: str) -> pd.DataFrame | None:
+    """What a request looks like (MLflow stores it and checks the model answers it)."""
+    return pd.DataFrame({"label": [0]}) if name == GENERATOR_MODEL else None
+
+
+def _log_and_register(
+    run_id: str,
+    name: str,
+    model: mlflow.pyfunc.PythonModel,
+    artifacts: dict[str, str],
+    tags: dict[str, str],
+    *,
+    metrics: dict[str, float] | None = None,
+    description: str | None = None,
+) -> tuple[str, str]:
+    """Log ``model`` (with its code, pinned requirements and input example) to ``run_id``,
+    register it as a new version of ``name`` and point ``candidate`` at it.
+
+    The version gets ``tags`` and ``metrics`` as tags, plus what :func:`_version_info` reads
+    from the run and the model's files, and ``description`` (default: written from all that).
+    Returns ``(model_uri, version)``.
+    """
     import logging
 
+    prior_dir = Path(artifacts["prior"]) if "prior" in artifacts else None
+    tags, written = _version_info(run_id, Path(artifacts["tokenizer"]), prior_dir, tags, metrics or {})
+
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the cloudpickle notice, every time
-    with mlflow.start_run(run_id=run_id):
+    logging.getLogger("mlflow.models.model").setLevel(logging.ERROR)  # "validating the serving input example"
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             signature=_signature(name),
             name=name.replace("arvision-", ""),
             python_model=model,
             artifacts=artifacts,
-            pip_requirements=_PIP,
+            code_paths=[str(_code_dir(Path(tmp)))],
+            pip_requirements=_pinned_requirements(),
+            input_example=_input_example(name),
             registered_model_name=name,
             await_registration_for=0,
         )
     client = mlflow.MlflowClient()
-    version = info.registered_model_version
+    version = str(info.registered_model_version)
     for k, v in tags.items():
-        client.set_model_version_tag(name, str(version), k, str(v))
-    client.set_registered_model_alias(name, "candidate", str(version))
-    return info.model_uri, str(version)
+        client.set_model_version_tag(name, version, k, str(v))
+    client.update_model_version(name, version, description=description or written)
+    client.set_registered_model_alias(name, "candidate", version)
+    return info.model_uri, version
+
+
+def _version_info(
+    run_id: str, tokenizer_dir: Path, prior_dir: Path | None, tags: dict[str, str], metrics: dict[str, float]
+) -> tuple[dict[str, str], str]:
+    """Tags and a description for a model version: tokenizer and prior kind, data hash, git
+    commit, params (the models' own config and the run's logged params) and metrics.
+
+    The commit and params come from the run that logs the model (its ``git.commit`` tag; its
+    params, or its parent's: the pipeline run holds the whole params.yaml).
+    """
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    parent = run.data.tags.get("mlflow.parentRunId")
+    run_params = dict(run.data.params)
+    if parent:
+        run_params = {**client.get_run(parent).data.params, **run_params}
+    tok = json.loads((Path(tokenizer_dir) / "config.json").read_text())
+    params = {f"tokenizer.{k}": v for k, v in tok["cfg"].items()}
+    out = {"tokenizer.kind": tok["kind"], "git.commit": run.data.tags.get("git.commit", "unknown")}
+    what = f"{tok['kind']} tokenizer"
+    if prior_dir is not None:
+        prior = json.loads((Path(prior_dir) / "config.json").read_text())["config"]
+        params.update({f"prior.{k}": v for k, v in prior.items() if k != "layout"})
+        out.update({"prior.kind": prior["kind"], "prior.size": str(prior.get("size"))})
+        what += f" + {prior['kind']} prior ({prior.get('size')})"
+    params.update(run_params)
+    out.update({k: str(v) for k, v in tags.items()})
+    out.update({k: f"{v:.6g}" for k, v in metrics.items()})
+    out["params"] = json.dumps(params, sort_keys=True, default=str)[:5000]  # the tag value limit
+    lines = [
+        f"{what}, trained on data {out.get('data.content_hash', 'unknown')} at commit {out['git.commit']} (run {run_id}).",
+        "",
+        "metrics: " + (", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items())) or "none"),
+        "",
+        "params: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())),
+    ]
+    return out, "\n".join(lines)[:5000]
 
 
 def register_tokenizer(run_id: str, tokenizer_dir: Path, tags: dict[str, str]) -> dict[str, str]:
@@ -119,28 +248,19 @@ def register_tokenizer(run_id: str, tokenizer_dir: Path, tags: dict[str, str]) -
 
 
 def register_generator(
-    run_id: str, tokenizer_dir: Path, prior_dir: Path, metric: str, value: float, tags: dict[str, str]
+    run_id: str, tokenizer_dir: Path, prior_dir: Path, tags: dict[str, str], metrics: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Register the generator; set ``candidate``; move ``champion`` only if this one is better.
+    """Register the generator as a new version of ``arvision-generator`` and point ``candidate``
+    at it; ``tags`` and ``metrics`` (the evaluation's numbers) go into its tags and description.
 
-    Lower ``metric`` is better (bits per dimension). Returns version, champion flag and the
-    previous champion's value.
+    Whether it becomes champion is decided by the caller, on scores made in the same run
+    (:mod:`arvision.champion`). Returns the version.
     """
-    all_tags = dict(tags, **{metric: f"{value:.6f}"})
     _, version = _log_and_register(
-        run_id, GENERATOR_MODEL, GeneratorPyfunc(), {"tokenizer": str(tokenizer_dir), "prior": str(prior_dir)}, all_tags
+        run_id, GENERATOR_MODEL, GeneratorPyfunc(), {"tokenizer": str(tokenizer_dir), "prior": str(prior_dir)}, tags,
+        metrics=metrics,
     )
-    client = mlflow.MlflowClient()
-    previous = None
-    try:
-        champ = client.get_model_version_by_alias(GENERATOR_MODEL, "champion")
-        previous = float(champ.tags.get(metric, "inf"))
-    except mlflow.exceptions.MlflowException:
-        champ = None
-    promote = champ is None or value < previous
-    if promote:
-        client.set_registered_model_alias(GENERATOR_MODEL, "champion", version)
-    return {"version": version, "champion": promote, "previous_champion_value": previous}
+    return {"version": version}
 
 
 def load_generator(source: str, device: str | None = None):

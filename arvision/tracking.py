@@ -4,9 +4,9 @@ Every stage logs through a :class:`Tracker`. :class:`MlflowTracker` writes to on
 (nested under the pipeline's parent run when ``ARVISION_PARENT_RUN_ID`` is set);
 :class:`NullTracker` drops everything, for model tests.
 
-Defaults need nothing running: the tracking store is ``sqlite:///<repo>/mlflow.db`` (an
-absolute path) and artifacts go to ``<repo>/mlartifacts``, unless ``MLFLOW_TRACKING_URI`` says
-otherwise.
+Defaults need nothing running: the tracking store is ``sqlite:///<repo>/mlflow.db`` and
+artifacts go to ``<repo>/mlartifacts``, both found from the repo root at run time (see
+:func:`setup_mlflow`), unless ``MLFLOW_TRACKING_URI`` says otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ EXPERIMENT = "arvision"
 PARENT_RUN_ENV = "ARVISION_PARENT_RUN_ID"
 TOKENIZER_MODEL = "arvision-tokenizer"
 GENERATOR_MODEL = "arvision-generator"
+#: the default store at the repo root: the sqlite database and the artifacts beside it
+STORE_DB = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
 
 
 class Tracker(Protocol):
@@ -51,33 +54,85 @@ class NullTracker:
 
 
 def tracking_uri(root: str | Path = ".") -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the sqlite store at the repo root (absolute)."""
+    """``MLFLOW_TRACKING_URI`` if set, else the sqlite store ``<root>/mlflow.db``.
+
+    ``root`` is resolved at call time, so a moved or copied repo finds its own store.
+    """
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return _default_uri(Path(root).resolve())
 
 
-def setup_mlflow(root: str | Path = ".") -> str:
+def _default_uri(root: Path) -> str:
+    return f"sqlite:///{root / STORE_DB}"
+
+
+def _relocate_store(db: Path, artifacts: Path, stored: str) -> None:
+    """Rewrite the artifact paths of a default store that was moved or copied with its repo.
+
+    MLflow's sqlite store keeps absolute artifact URIs (experiment, runs, logged models, model
+    versions). ``mlflow.db`` and ``mlartifacts/`` belong together at the repo root, so a store
+    whose experiment points at another ``.../mlartifacts`` came from another place: every
+    text value that holds the old artifacts path gets the new one, in one transaction.
+    """
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    old = unquote(urlparse(stored).path).rstrip("/")
+    new = str(artifacts)
+    with sqlite3.connect(db) as con:
+        for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+            columns = con.execute(f'PRAGMA table_info("{table}")').fetchall()  # (cid, name, type, ...)
+            for col in [c[1] for c in columns if "CHAR" in c[2].upper() or "TEXT" in c[2].upper()]:
+                con.execute(
+                    f'UPDATE "{table}" SET "{col}" = replace("{col}", ?, ?) WHERE instr("{col}", ?) > 0', (old, new, old)
+                )
+
+
+def setup_mlflow(root: str | Path = ".", create: bool = True) -> str | None:
     """Point MLflow at the store and make sure the experiment exists; returns its id.
 
-    Called once by the flow (before any parallel writer) and by each stage.
+    The default store is ``<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts/``; the two
+    move together: a default store found at a new path has its artifact paths rewritten first
+    (:func:`_relocate_store`). A tracking server (``MLFLOW_TRACKING_URI``) keeps its own
+    artifact root. Called once by the flow (before any parallel writer) and by each stage.
+
+    ``create=False`` is for reading registered models (``arvision sample``): a missing default
+    store is a :class:`UserError` rather than a new empty ``mlflow.db``, and a missing experiment
+    is not created (returns None).
     """
     import logging
 
     import mlflow
 
+    from arvision.errors import UserError
+
     # alembic prints a line per migration on the first use of a fresh sqlite store
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri(root))
+    root = Path(root).resolve()
+    uri = tracking_uri(root)
+    # compared with the URI, not with the variable's presence: mlflow.set_tracking_uri exports
+    # MLFLOW_TRACKING_URI to every child process (the stages), so it is set there for the default too
+    default = uri == _default_uri(root)
+    artifacts = root / ARTIFACTS_DIR
+    if default and not create and not (root / STORE_DB).exists():
+        raise UserError(
+            f"no MLflow store at {root / STORE_DB}: run this in the project root "
+            "or set MLFLOW_TRACKING_URI to the store that holds the model"
+        )
+    mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
+        stored = exp.artifact_location
+        moved = stored.startswith("file:") and stored.rstrip("/").endswith("/" + ARTIFACTS_DIR) and stored != artifacts.as_uri()
+        if default and moved:
+            _relocate_store(root / STORE_DB, artifacts, stored)
         return exp.experiment_id
-    artifacts = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        artifacts = (Path(root).resolve() / "mlartifacts").as_uri()
+    if not create:
+        return None
     try:
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri() if default else None)
     except Exception:  # created concurrently by another process
         return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
 
@@ -133,6 +188,52 @@ class MlflowTracker:
             self.client.set_tag(self.run_id, k, str(v))
 
 
+CLOSED_REASON_TAG = "arvision.end_reason"
+
+
+def process_tags() -> dict[str, str]:
+    """Which process holds a run open (host, pid): how a later run tells a live run from an orphan."""
+    import socket
+
+    return {"arvision.host": socket.gethostname(), "arvision.pid": str(os.getpid())}
+
+
+def close_orphaned_runs(uri: str, parent_run_id: str, reason: str) -> list[str]:
+    """End ``parent_run_id`` and its nested runs that are still RUNNING but whose process is
+    gone (same host, pid not alive) as KILLED, tagged with ``reason``; returns their ids."""
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    )
+    closed = []
+    for run in [parent, *children]:
+        tags = run.data.tags
+        if run.info.status != "RUNNING" or tags.get("arvision.host") != socket.gethostname():
+            continue
+        pid = int(tags.get("arvision.pid", "0") or 0)
+        if pid and _alive(pid):
+            continue
+        client.set_tag(run.info.run_id, CLOSED_REASON_TAG, reason)
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def git_commit(root: str | Path = ".") -> str:
     """The code commit, with ``-dirty`` when the work tree has changes; ``unknown`` outside git."""
     try:
@@ -151,14 +252,16 @@ def git_commit(root: str | Path = ".") -> str:
 def stage_run(stage: str, root: str | Path = ".", tags: dict[str, Any] | None = None) -> Iterator[MlflowTracker]:
     """An MLflow run for one stage: nested under ``$ARVISION_PARENT_RUN_ID`` if set.
 
-    The run ends FINISHED on success and FAILED on an exception (which propagates).
+    The run ends FINISHED on success, KILLED on Ctrl-C / SIGTERM (KeyboardInterrupt) and
+    FAILED on any other exception (which propagates). A run left RUNNING because its process
+    was killed outright is closed by the next ``arvision run`` (:func:`close_orphaned_runs`).
     """
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(root)
     exp_id = setup_mlflow(root)
     client = MlflowClient(uri)
-    all_tags = {"arvision.stage": stage, "git.commit": git_commit(root)}
+    all_tags = {"arvision.stage": stage, "git.commit": git_commit(root), **process_tags()}
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         all_tags["mlflow.parentRunId"] = parent
@@ -167,6 +270,10 @@ def stage_run(stage: str, root: str | Path = ".", tags: dict[str, Any] | None = 
     tracker = MlflowTracker(run.info.run_id, uri)
     try:
         yield tracker
+    except KeyboardInterrupt:
+        client.set_tag(run.info.run_id, CLOSED_REASON_TAG, "interrupted (Ctrl-C or SIGTERM)")
+        client.set_terminated(run.info.run_id, "KILLED")
+        raise
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise

@@ -56,3 +56,36 @@ def png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr.astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def memorisation_panel(
+    samples_u8: np.ndarray, nearest_train_u8: np.ndarray, scores: np.ndarray, path: str | Path, n: int = 8
+) -> Path:
+    """The ``n`` most copy-like samples (top row) above their nearest training images, each
+    column captioned with its copy score (threshold / distance: >= 1 is flagged a copy).
+
+    ``samples_u8`` and ``nearest_train_u8``: uint8 ``(M, H, W, C)``, row i of the second the
+    nearest training image of sample i; ``scores``: ``(M,)``. Written as PNG to ``path``.
+    """
+    order = np.argsort(-np.asarray(scores), kind="stable")[:n]
+    scale, pad, label_width = 3, 2, 110  # as image_grid's defaults, but 3× so the text fits under
+    grid = image_grid(
+        [samples_u8[order], nearest_train_u8[order]],
+        row_names=["sample", "nearest train"],
+        scale=scale,
+        pad=pad,
+        label_width=label_width,
+    )
+    caption_h = 16
+    canvas = Image.new("RGB", (grid.width, grid.height + caption_h), "white")
+    canvas.paste(grid, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, grid.height), "copy score", fill="black")
+    cell_w = samples_u8.shape[2] * scale + pad
+    for c, i in enumerate(order):
+        s = float(scores[i])
+        draw.text((label_width + pad + c * cell_w, grid.height), f"{s:.2f}", fill="red" if s >= 1 else "black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG")
+    return path

@@ -1,6 +1,6 @@
 """The pipeline's own stage code on a GPU machine, end to end, timed per stage.
 
-Runs ``stages.{prepare,tokenizer,tokens,prior,evaluate}.run`` in order with a do-nothing
+Runs ``stages.{prepare,tokenizer,features,tokens,prior,evaluate}.run`` in order with a do-nothing
 tracker (the GPU machine has no MLflow/Prefect/DVC), the demo ``params.yaml`` with
 ``device: cuda`` and ``ray.use_gpu: true``: the tokenizer trains in bf16 with channels_last,
 the tokens are encoded in bf16, the prior trains under Ray Train's ``TorchTrainer`` on the GPU
@@ -40,11 +40,11 @@ def main() -> None:
 
     from arvision.config import parse_params
     from arvision.tracking import NullTracker
-    from stages import evaluate, prepare, prior, tokenizer, tokens
+    from stages import evaluate, features, prepare, prior, tokenizer, tokens
     from stages.common import Paths
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["tokenizer"]["device"] = raw["tokens"]["device"] = raw["evaluate"]["device"] = "cuda"
+    raw["tokenizer"]["device"] = raw["tokens"]["device"] = raw["evaluate"]["device"] = raw["features"]["device"] = "cuda"
     raw["ray"]["use_gpu"] = True
     raw["ray"]["cpus_per_worker"] = 4
     raw["data"]["path"] = str(REPO / "arvision" / "data" / "emoji")
@@ -59,7 +59,8 @@ def main() -> None:
     paths = Paths(root)
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     results: dict[str, dict] = {}
-    for name, mod in [("prepare", prepare), ("tokenizer", tokenizer), ("tokens", tokens), ("prior", prior), ("evaluate", evaluate)]:
+    for name, mod in [("prepare", prepare), ("tokenizer", tokenizer), ("features", features), ("tokens", tokens),
+                      ("prior", prior), ("evaluate", evaluate)]:
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         metrics = mod.run(params, paths, NullTracker())
@@ -78,7 +79,9 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_pipeline.md").write_text(report + "\n")
         (out / "gpu_pipeline.json").write_text(json.dumps(results, indent=2))
-        for f in [root / "reports" / "samples.png", root / "models" / "tokenizer" / "recon.png"]:
+        for f in [root / "reports" / "samples.png", root / "reports" / "memorisation.png", root / "reports" / "curves.png",
+                  root / "reports" / "report.md", root / "models" / "tokenizer" / "recon.png",
+                  root / "metrics" / "prior_val_curve.csv"]:
             if f.exists():
                 shutil.copy(f, out / f"gpu_{f.parent.name}_{f.name}")
 

@@ -5,109 +5,377 @@ result caching on top. The first stage that has to run opens the parent MLflow r
 ``arvision run`` and hands its id to the stages (``ARVISION_PARENT_RUN_ID``), so each stage
 that runs logs a nested run under it; a run in which everything is unchanged stays quick and
 leaves MLflow alone.
+
+What a run's word rests on:
+
+- one run at a time per repo (:class:`RunLock`, ``.arvision/run.lock``, with the holder's pid);
+- the services it needs are reachable before any stage touches an output (:mod:`pipelines.preflight`);
+- a failed stage ends its task and the flow Failed with the stage's own one-line reason; an
+  unchanged stage ends in a state named ``Skipped``; Ctrl-C or SIGTERM end the flow Cancelled
+  (or Crashed, between stages) and the MLflow runs KILLED, within seconds;
+- the temporary Prefect server runs in its own session, so Ctrl-C at the terminal reaches the
+  stage but not the server, which records the end of the flow before it is stopped.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.states import Cancelled, Completed, Failed
 
-STAGES = ["prepare", "tokenizer", "tokens", "prior", "evaluate"]
+from arvision.dag import STAGES
+from pipelines.lock import RunLock, _parse
+
+
+class _NoEmptyTraceback(logging.Filter):
+    """Prefect logs a failed task's state with ``exc_info`` even when the task returned a
+    Failed state rather than raising: drop the resulting "NoneType: None" line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 class ParentRun:
-    """The parent MLflow run of one ``arvision run``, created on first need."""
+    """The parent MLflow run of one ``arvision run``, created on first need: it holds the run's
+    params (all of params.yaml) and, at the end, the headline metrics of the stages that ran."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, lock: RunLock | None = None):
         self.root = root
+        self.lock = lock
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
 
     def ensure(self) -> str:
         if self.run_id is None:
+            import yaml
+            from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
 
-            from arvision.tracking import PARENT_RUN_ENV, git_commit, setup_mlflow, tracking_uri
+            from arvision.tracking import PARENT_RUN_ENV, git_commit, process_tags, setup_mlflow, tracking_uri
 
-            exp_id = setup_mlflow(self.root)  # creates the store once, before any stage writes to it
-            run = MlflowClient(tracking_uri(self.root)).create_run(
-                exp_id, run_name="arvision-run", tags={"git.commit": git_commit(self.root), "arvision.stage": "pipeline"}
+            self.experiment_id = setup_mlflow(self.root)  # creates the store once, before any stage writes to it
+            client = MlflowClient(tracking_uri(self.root))
+            run = client.create_run(
+                self.experiment_id, run_name="arvision-run",
+                tags={"git.commit": git_commit(self.root), "arvision.stage": "pipeline", **process_tags()},
             )
             self.run_id = run.info.run_id
             os.environ[PARENT_RUN_ENV] = self.run_id
+            if self.lock is not None and self.lock.held:
+                self.lock.update(parent_run_id=self.run_id, tracking_uri=tracking_uri(self.root))
+            raw = yaml.safe_load((self.root / "params.yaml").read_text()) or {}
+            params = [Param(k, str(v)[:6000]) for k, v in _flat(raw).items()]
+            for i in range(0, len(params), 100):
+                client.log_batch(self.run_id, params=params[i : i + 100])
         return self.run_id
 
     def finish(self, results: list[dict[str, Any]]) -> None:
+        """Log this run's headline metrics (``<metrics file>.<key>`` of every stage that ran) and end it."""
         if self.run_id is None:
             return
+        from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
-        from arvision.tracking import tracking_uri
+        from arvision.dag import METRICS_FILE
+        from arvision.tracking import CLOSED_REASON_TAG, tracking_uri
 
         client = MlflowClient(tracking_uri(self.root))
-        client.set_tag(self.run_id, "arvision.stages_ran", ",".join(r["stage"] for r in results if r["ran"]) or "none")
-        client.set_terminated(self.run_id, "FAILED" if any(r.get("failed") for r in results) else "FINISHED")
+        ts = int(time.time() * 1000)
+        metrics = []
+        for r in results:
+            if not r.get("ran") or r.get("failed"):
+                continue
+            name = METRICS_FILE.get(r["stage"], r["stage"])
+            f = self.root / "metrics" / f"{name}.json"
+            if f.exists():
+                for k, v in _parse(f.read_text()).items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        metrics.append(Metric(f"{name}.{k}", float(v), ts, 0))
+        if metrics:
+            client.log_batch(self.run_id, metrics=metrics)
+        client.set_tag(self.run_id, "arvision.stages_ran", ",".join(r["stage"] for r in results if r.get("ran")) or "none")
+        if any(r.get("interrupted") for r in results):
+            client.set_tag(self.run_id, CLOSED_REASON_TAG, "interrupted (Ctrl-C or SIGTERM)")
+            status = "KILLED"
+        else:
+            status = "FAILED" if any(r.get("failed") for r in results) else "FINISHED"
+        client.set_terminated(self.run_id, status)
 
 
-_PARENT: ParentRun | None = None
+class PipelineRun:
+    """One ``arvision run`` in this process: its lock, parent MLflow run and stage results."""
+
+    def __init__(self, root: Path, force: bool, lock: RunLock | None = None):
+        self.root = Path(root)
+        self.force = force
+        self.lock = lock or RunLock(self.root)
+        self.parent = ParentRun(self.root, self.lock)
+        self.results: list[dict[str, Any]] = []
+        self.on_sigterm = None  # set by run_pipeline: SIGTERM ends the run as Ctrl-C does
+
+    def start(self) -> None:
+        """Take the lock (unless this process holds it already)."""
+        if not self.lock.held:
+            self.lock.acquire()
+
+    def close_orphans(self) -> None:
+        """End the MLflow runs a killed predecessor left RUNNING (it left their ids in the lock file)."""
+        previous, self.lock.previous = self.lock.previous, {}
+        if previous.get("parent_run_id"):
+            from arvision.tracking import close_orphaned_runs
+
+            closed = close_orphaned_runs(
+                previous.get("tracking_uri") or _tracking_uri(self.root), previous["parent_run_id"],
+                f"its arvision run (pid {previous.get('pid')}) was killed; closed by the next arvision run",
+            )
+            if closed:
+                print(f"closed {len(closed)} MLflow run(s) left RUNNING by a killed arvision run (pid {previous.get('pid')})",
+                      flush=True)
+
+
+def _tracking_uri(root: Path) -> str:
+    from arvision.tracking import tracking_uri
+
+    return tracking_uri(root)
+
+
+_RUN: PipelineRun | None = None
+
+
+def _stage_reason(root: Path, stage: str, err: BaseException, t0: float) -> str:
+    """The stage's own one-line reason if it wrote one in this run, else DVC's message."""
+    from stages.common import stage_error
+
+    f = stage_error(root, stage)
+    if f.exists() and f.stat().st_mtime >= t0 - 1:
+        return " ".join(f.read_text().split())
+    chain, e = [], err
+    while e is not None:
+        chain.append(str(e).strip())
+        e = e.__cause__ or e.__context__
+    return "; ".join(dict.fromkeys(c for c in chain if c)) or type(err).__name__
+
+
+def _forward_log(root: Path, stage: str, t0: float, max_lines: int = 2000) -> None:
+    """Send what the stage printed in this run to the Prefect task run's logs (API only: the
+    terminal has shown it already). Progress-bar redraws (``\\r``) keep their last state."""
+    from prefect.logging.handlers import APILogHandler
+
+    from stages.common import stage_log
+
+    f = stage_log(root, stage)
+    if not f.exists() or f.stat().st_mtime < t0 - 1:
+        return
+    logger = logging.getLogger("arvision.stage")
+    if not logger.handlers:
+        logger.addHandler(APILogHandler())
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+    lines = [ln.rsplit("\r", 1)[-1].rstrip() for ln in f.read_text(errors="replace").split("\n")]
+    lines = [ln for ln in lines if ln][-max_lines:]
+    for ln in lines:
+        logger.info(ln)
 
 
 @task(name="stage", retries=0, cache_policy=None)
-def run_stage(stage: str, root: str, force: bool = False) -> dict[str, Any]:
-    """Reproduce one stage through DVC: it runs only if its deps, params or outs changed."""
-    from dvc.exceptions import DvcException, ReproductionError
+def run_stage(stage: str, root: str, force: bool = False):
+    """Reproduce one stage through DVC: it runs only if its deps, params or outs changed.
+
+    Ends Completed (ran), Completed named ``Skipped`` (unchanged), Failed with the stage's own
+    reason, or Cancelled when the stage was interrupted.
+    """
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    import logging
-
     logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)  # "git add dvc.lock" hints, every stage
+    run = _RUN
+    rootp = Path(root)
     t0 = time.time()
     print(f"── {stage} " + "─" * max(0, 60 - len(stage)), flush=True)
+    record: dict[str, Any] = {"stage": stage, "ran": False, "seconds": 0.0}
+    run.results.append(record)
     try:
         with Repo(root) as repo:
-            if _PARENT is not None:
-                with repo.lock:
-                    stale = force or any(s.changed() for s in repo.stage.collect(stage))
-                if stale:
-                    _PARENT.ensure()
+            with repo.lock:
+                stale = force or any(s.changed() for s in repo.stage.collect(stage))
+            if stale:
+                run.parent.ensure()
             done = repo.reproduce(targets=[stage], single_item=True, force=force)
-    except ReproductionError:  # the stage's own output above says why
-        return {"stage": stage, "ran": False, "failed": True, "seconds": time.time() - t0}
-    except DvcException as err:  # e.g. an invalid dvc.yaml, a missing dependency
-        print(f"error: {stage}: {err}", file=sys.stderr, flush=True)
-        return {"stage": stage, "ran": False, "failed": True, "seconds": time.time() - t0}
-    ran = bool(done)
-    seconds = time.time() - t0
-    print(f"   {stage}: {'ran' if ran else 'skipped (unchanged)'} in {seconds:.1f} s", flush=True)
-    return {"stage": stage, "ran": ran, "seconds": seconds}
+    except DvcException as err:  # the stage failed (its reason is in its error file) or DVC refused
+        record["seconds"] = time.time() - t0
+        reason = _stage_reason(rootp, stage, err, t0)
+        _forward_log(rootp, stage, t0)
+        if reason == "interrupted" or _exit_code(err) in (130, -signal.SIGINT, -signal.SIGTERM):
+            record.update(failed=True, interrupted=True, reason="interrupted")
+            print(f"   {stage}: interrupted after {record['seconds']:.1f} s", file=sys.stderr, flush=True)
+            return Cancelled(message=f"{stage}: interrupted")
+        record.update(failed=True, reason=reason)
+        print(f"   {stage} FAILED: {reason}", file=sys.stderr, flush=True)
+        return Failed(message=f"{stage}: {reason}")
+    record["ran"] = bool(done)
+    record["seconds"] = time.time() - t0
+    if not done:
+        print(f"   {stage}: skipped (unchanged)", flush=True)
+        return Completed(name="Skipped", message=f"{stage}: unchanged since the last run (DVC: deps, params and outs match dvc.lock)")
+    _forward_log(rootp, stage, t0)
+    print(f"   {stage}: ran in {record['seconds']:.1f} s", flush=True)
+    return Completed(message=f"{stage}: ran in {record['seconds']:.1f} s")
+
+
+def _exit_code(err: BaseException) -> int | None:
+    e: BaseException | None = err
+    while e is not None:
+        if getattr(e, "returncode", None) is not None:
+            return int(e.returncode)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _publish_report(run: PipelineRun) -> None:
+    """``reports/report.md`` as a Prefect markdown artifact, with a link to the parent MLflow run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    report = run.root / "reports" / "report.md"
+    if not report.exists():
+        return
+    uri = _tracking_uri(run.root)
+    link = ""
+    if run.parent.run_id:
+        path = f"#/experiments/{run.parent.experiment_id}/runs/{run.parent.run_id}"
+        if uri.startswith(("http://", "https://")):
+            link = f"MLflow run: [{run.parent.run_id}]({uri.rstrip('/')}/{path})"
+        else:
+            link = (f"MLflow run: [{run.parent.run_id}](http://127.0.0.1:5000/{path}) "
+                    f"(after `mlflow ui --backend-store-uri {uri}`)")
+    create_markdown_artifact(
+        markdown=report.read_text() + ("\n\n" + link if link else ""), key="arvision-report",
+        description="arvision evaluation report",
+    )
 
 
 @flow(name="arvision", log_prints=False, persist_result=False)
-def arvision_flow(root: str, force: bool = False) -> list[dict[str, Any]]:
-    """prepare → tokenizer → tokens → prior → evaluate, each skipped when DVC says unchanged."""
-    results: list[dict[str, Any]] = []
-    for stage in STAGES:
-        results.append(run_stage.with_options(task_run_name=stage)(stage, root, force))
-        if results[-1].get("failed"):
-            break
-    return results
+def arvision_flow(root: str, force: bool = False):
+    """prepare → tokenizer → features → tokens → prior → evaluate, each skipped when DVC says unchanged.
+
+    Called by :func:`run_pipeline` (``arvision run``) or by a Prefect deployment
+    (:mod:`pipelines.serve`); in the latter case the flow takes the repo lock itself.
+    """
+    global _RUN
+
+    own = _RUN is None or _RUN.root != Path(root)
+    if own:  # a deployment's run: nothing set up by run_pipeline
+        _RUN = PipelineRun(Path(root), force)
+        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+        _RUN.start()
+        _RUN.close_orphans()
+    run = _RUN
+    if run.on_sigterm is not None:  # Prefect's flow engine installed its own SIGTERM handler: ours instead
+        signal.signal(signal.SIGTERM, run.on_sigterm)
+    try:
+        for stage in STAGES:
+            state = run_stage.with_options(task_run_name=stage)(stage, root, force, return_state=True)
+            if state.is_cancelled():
+                return Cancelled(message=state.message)
+            if state.is_failed():
+                return Failed(message=state.message)
+        if any(r["stage"] == "evaluate" and r["ran"] for r in run.results):
+            _publish_report(run)
+        ran = [r["stage"] for r in run.results if r["ran"]]
+        return Completed(message=f"ran: {', '.join(ran) or 'nothing (all unchanged)'}")
+    finally:
+        if own:
+            _finish(run)
 
 
-def run_pipeline(root: Path, force: bool = False) -> tuple[list[dict[str, Any]], str | None, float]:
-    """Run the flow; returns (stage results, parent MLflow run id or None, seconds)."""
-    global _PARENT
+def _finish(run: PipelineRun) -> None:
+    try:
+        run.parent.finish(run.results or [{"stage": "flow", "ran": False, "failed": True}])
+    finally:
+        run.lock.release()
+
+
+def run_pipeline(root: Path, force: bool = False, lock: RunLock | None = None) -> tuple[list[dict[str, Any]], str | None, float]:
+    """Run the flow; returns (stage results, parent MLflow run id or None, seconds).
+
+    Order: the repo lock (``lock`` if the caller took it already; a second run stops there at
+    once), the preflight of every service
+    (before any stage deletes an output), the temporary Prefect server (in its own session)
+    unless ``PREFECT_API_URL`` names one, then the flow. SIGTERM is handled like Ctrl-C.
+    """
+    global _RUN
+
+    from arvision.config import load_params
+    from pipelines.preflight import preflight
+    from pipelines.server import prefect_api
 
     # Stage commands are run by DVC through the shell: put this interpreter's bin first.
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     t0 = time.time()
-    _PARENT = ParentRun(root)
-    results: list[dict[str, Any]] = []
+    run = _RUN = PipelineRun(root, force, lock)
+    run.start()
+    old_term = signal.getsignal(signal.SIGTERM)
     try:
-        results = arvision_flow(str(root), force)
-        return results, _PARENT.run_id, time.time() - t0
+        preflight(root, load_params(root / "params.yaml"))
+        run.close_orphans()
+        with prefect_api() as server:
+            run.on_sigterm = _on_sigterm(server.pid if server else None)
+            signal.signal(signal.SIGTERM, run.on_sigterm)
+            try:
+                arvision_flow(str(root), force, return_state=True)
+            except KeyboardInterrupt:  # between stages: the flow ended Crashed
+                run.results.append({"stage": "flow", "ran": False, "failed": True, "interrupted": True, "reason": "interrupted"})
+            finally:
+                _finish(run)
+                signal.signal(signal.SIGTERM, old_term)
     finally:
-        _PARENT.finish(results or [{"stage": "flow", "ran": False, "failed": True}])
+        run.lock.release()
+        _RUN = None
+    return run.results, run.parent.run_id, time.time() - t0
+
+
+def _on_sigterm(server_pid: int | None):
+    """SIGTERM to ``arvision run``: end the way Ctrl-C does. The running stage (and the processes
+    it started) get the SIGTERM too, which a stage handles as Ctrl-C (SIGINT may be ignored in
+    a process started in the background); with no stage running, the flow is interrupted."""
+
+    def handler(signum, frame) -> None:
+        import psutil
+
+        kids = [p for p in psutil.Process().children(recursive=True) if p.pid != server_pid]
+        if server_pid is not None:
+            try:
+                server_kids = {p.pid for p in psutil.Process(server_pid).children(recursive=True)}
+            except psutil.Error:
+                server_kids = set()
+            kids = [p for p in kids if p.pid not in server_kids]
+        for p in kids:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        if not kids:
+            raise KeyboardInterrupt
+
+    return handler

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -52,6 +53,10 @@ class Paths:
         return self.root / "models" / "prior"
 
     @property
+    def features(self) -> Path:
+        return self.root / "models" / "features"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics"
 
@@ -65,11 +70,30 @@ class Paths:
         return self.root / ".arvision"
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``final`` only if the block succeeds.
 
-    An interrupted stage so leaves no half-written output that a later run would trust.
+    Guarantee: ``final`` is at every instant either the complete old output or the complete
+    new one, never a mix and never half-written. On Linux the two directories are swapped in
+    one ``renameat2(RENAME_EXCHANGE)``; elsewhere the old one is renamed aside, the new one
+    renamed in, and only then the old one deleted, so a crash between the two renames leaves
+    no ``final`` (a stage that did not finish, which DVC re-runs) and the old output intact
+    at ``.<name>.old-<pid>``. A failed or interrupted block leaves ``final`` as it was.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -81,9 +105,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if final.is_dir() and _exchange(tmp, final):
+        shutil.rmtree(tmp)  # now the old output
+        return
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
-        shutil.rmtree(final)
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -137,10 +166,53 @@ def dvc_hashes(root: Path, paths: list[str]) -> dict[str, str]:
     return found
 
 
+def stage_log(root: Path, stage: str) -> Path:
+    """Everything the stage printed in its last run (the flow forwards it to the Prefect run)."""
+    return Path(root) / ".arvision" / "logs" / f"{stage}.log"
+
+
+def stage_error(root: Path, stage: str) -> Path:
+    """The one-line reason the stage's last run failed; absent after a success."""
+    return Path(root) / ".arvision" / "logs" / f"{stage}.error"
+
+
+class _Tee:
+    """A text stream that writes to the terminal's stream and to the stage's log file."""
+
+    def __init__(self, stream, log):
+        self._stream, self._log = stream, log
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._log.flush()
+        self._stream.flush()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding...: the terminal's
+        return getattr(self._stream, name)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any]], reads: list[str]) -> None:
-    """The thin ``main()`` of a stage: params → MLflow run → ``run`` → ``metrics/<stage>.json``."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    """The thin ``main()`` of a stage: params → MLflow run → ``run`` → ``metrics/<stage>.json``.
+
+    What the stage prints also goes to :func:`stage_log`; when it fails, the reason goes to
+    :func:`stage_error` in one line. A user's mistake exits 2 with one line, no traceback;
+    Ctrl-C or SIGTERM exit 130 with its MLflow run ended KILLED and no output kept.
+    """
     root = Path.cwd()
+    error_file = stage_error(root, stage)
+    error_file.parent.mkdir(parents=True, exist_ok=True)
+    error_file.unlink(missing_ok=True)
+    log_file = open(stage_log(root, stage), "w", encoding="utf-8", errors="replace", buffering=1)
+    sys.stdout, sys.stderr = _Tee(sys.stdout, log_file), _Tee(sys.stderr, log_file)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         params = load_params(root / "params.yaml")
         paths = Paths(root)
@@ -159,21 +231,17 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
             tracker.log_metrics(metrics)
             write_json(paths.metrics / f"{METRICS_FILE.get(stage, stage)}.json", metrics)
     except UserError as err:
+        error_file.write_text(str(err) + "\n")
         print(f"error: {stage}: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        error_file.write_text("interrupted\n")
         print(f"{stage}: interrupted; no output was kept", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:  # a bug or a failure of the machinery: the traceback follows
+        lines = str(err).strip().splitlines()
+        error_file.write_text(f"{type(err).__name__}: {lines[-1] if lines else ''}\n")
+        raise
 
 
-# metrics/<name>.json per stage (DESIGN.md names evaluate's metrics/eval.json)
-METRICS_FILE = {"evaluate": "eval"}
-
-# The params sections each stage reads (mirrors dvc.yaml).
-_PARAM_SECTIONS = {
-    "prepare": {"seed", "data"},
-    "tokenizer": {"seed", "tokenizer"},
-    "tokens": {"tokens"},
-    "prior": {"seed", "prior", "ray"},
-    "evaluate": {"evaluate"},
-}
+from arvision.dag import METRICS_FILE, PARAM_SECTIONS as _PARAM_SECTIONS  # noqa: E402

@@ -1,108 +1,280 @@
-"""Stage ``evaluate``: likelihood, reconstruction, samples and speed; registers the generator.
+"""Stage ``evaluate``: judge the generator by its samples; register it; keep the best as champion.
 
-Writes ``metrics/eval.json`` (for ``dvc metrics``), ``reports/samples.png`` (one row per class)
-and ``reports/report.md``; registers ``arvision-generator`` with alias ``candidate`` and moves
-``champion`` only when the candidate has lower validation bits per dimension.
+Scores ``evaluate.num_samples`` generated images against the val split in the feature space of
+the ``features`` stage (Fréchet distance, KID, precision/recall, density/coverage, class
+accuracy), checks them for copies of training images, and puts beside them the *floor*: the
+same metrics for an equal number of train images, what a perfect generator would score. Also
+val likelihood (bits per dim) and tokenizer reconstruction.
+
+Writes ``metrics/eval.json`` (``dvc metrics``), ``reports/`` (``samples.png`` one row per class,
+``memorisation.png`` the most copy-like samples beside their nearest training images,
+``curves.png`` the training curves, ``report.md``, ``speed.json``: sampling speed, kept out of
+``dvc metrics`` because it measures the machine's load as much as the model). Registers
+``arvision-generator`` (alias ``candidate``) and moves the champion only when the candidate
+beats the incumbent re-scored here, on the same data (:mod:`arvision.champion`).
 """
 
 from __future__ import annotations
 
-import math
-import time
-from typing import Any
+import csv
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
-import torch
-from tqdm import tqdm
 
 from arvision.config import Params
-from arvision.data.parquet_io import load_images
 from arvision.generator import Generator
+from arvision.judge import SAMPLE_KEYS, Yardstick, judge, primary_value
 from arvision.tracking import Tracker
 from arvision.train.tokenizer import evaluate_tokenizer
 from arvision.viz import save_grid
-from stages.common import Paths, atomic_dir, read_json, resolve_device, stage_main
+from stages.common import Paths, read_json, resolve_device, stage_main, write_json
 
-PRIMARY = "val_bpd"
-
-
-def load_codes(split_dir) -> tuple[np.ndarray, np.ndarray]:
-    """Codes ``(N, L)`` int64 and labels ``(N,)`` from token shards."""
-    table = pq.read_table(split_dir, columns=["codes", "label"])
-    n = table.num_rows
-    if n == 0:
-        return np.zeros((0, 0), np.int64), np.zeros((0,), np.int64)
-    flat = table.column("codes").combine_chunks().flatten().to_numpy()
-    return flat.reshape(n, -1).astype(np.int64), table.column("label").to_numpy().astype(np.int64)
+log = logging.getLogger("arvision")
 
 
-@torch.no_grad()
-def nll_nats(prior, codes: np.ndarray, labels: np.ndarray, batch_size: int, device) -> float:
-    """Summed negative log-likelihood (nats) of ``codes`` under the prior, conditional on labels."""
-    prior.eval()
-    total = 0.0
-    for i in tqdm(range(0, len(codes), batch_size), desc="evaluate/nll", unit="batch", leave=False):
-        c = torch.from_numpy(codes[i : i + batch_size]).to(device)
-        y = torch.from_numpy(labels[i : i + batch_size]).to(device)
-        logits = prior(c, y).float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), c.flatten(), reduction="sum").item()
-    return total
+#: what the stage writes into reports/ (dvc.yaml lists each as an output: other tools, like
+#: ``arvision compare``, write beside them)
+REPORT_FILES = ["samples.png", "memorisation.png", "curves.png", "report.md", "speed.json", "decision.txt"]
+
+
+@contextmanager
+def report_files(reports: Path) -> Iterator[Path]:
+    """A scratch directory whose files replace their namesakes in ``reports/`` only if the block
+    succeeds (each by an atomic rename); stale outputs of an earlier run are removed."""
+    reports.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".evaluate-", dir=reports))
+    try:
+        yield tmp
+        for name in REPORT_FILES:
+            if (tmp / name).exists():
+                os.replace(tmp / name, reports / name)
+            else:
+                (reports / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: copy_rate above which the report warns of memorisation (a novel generator scores about 0.05)
+MEMORISATION_WARN = 0.15
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of one file (the feature network's weights: which yardstick a score used)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def class_rows(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int) -> list[np.ndarray]:
+    """Up to ``per_class`` samples of each class, one row a class (one row when unlabelled)."""
+    if num_classes <= 1:
+        return [images[:per_class]]
+    return [images[labels == c][:per_class] for c in range(num_classes)]
+
+
+def curves_png(paths: Paths, out: Path) -> bool:
+    """One figure of the training curves the upstream stages wrote (prior train/val loss,
+    tokenizer PSNR, feature net loss). Returns whether anything was drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("prior_curve.csv", "loss", "prior train loss (nats/token)"),
+              ("prior_val_curve.csv", "val_loss", "prior val loss (nats/token)"),
+              ("tokenizer_curve.csv", "psnr", "tokenizer PSNR (dB)"),
+              ("features_curve.csv", "loss", "feature net loss")]
+    found = []
+    for name, key, title in panels:
+        p = paths.metrics / name
+        if p.exists():
+            rows = [r for r in csv.DictReader(p.open()) if r.get(key) not in (None, "")]
+            if rows:
+                found.append(([float(r["step"]) for r in rows], [float(r[key]) for r in rows], title))
+    if not found:
+        return False
+    fig, axes = plt.subplots(1, len(found), figsize=(3.6 * len(found), 2.8), squeeze=False)
+    for ax, (x, y, title) in zip(axes[0], found):
+        ax.plot(x, y, marker="." if len(x) < 30 else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "—" if np.isnan(v) else f"{v:.4g}"
+    return "—" if v is None else str(v)
+
+
+def report_md(metrics: dict[str, Any], floor: dict[str, float], champ: dict[str, float] | None,
+              last: dict[str, float] | None, primary: str, decision: str, has_curves: bool) -> str:
+    """``reports/report.md``: sample metrics beside their floor, memorisation, curves."""
+    cols = ["this model", "floor (train vs val)"] + (["champion, re-scored"] if champ else []) + (["last weights"] if last else [])
+    lines = ["# arvision evaluation", "",
+             f"Promotion metric `evaluate.primary`: **{primary}** (lower is better). {decision}", "",
+             "## Samples against val, in the pipeline's own feature space", "",
+             "| metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    keys = list(SAMPLE_KEYS) + ["class_accuracy", "val_bpd", "val_bits_per_token"]
+    for k in keys:
+        if k not in metrics:
+            continue
+        row = [metrics.get(k), floor.get(k)] + ([champ.get(k)] if champ else []) + ([last.get(k)] if last else [])
+        lines.append(f"| {k} | " + " | ".join(_fmt(v) for v in row) + " |")
+    for name, m in [("This model", metrics)] + ([("The last weights", last)] if last else []):
+        if m.get("copy_rate", 0.0) > MEMORISATION_WARN:
+            lines += ["", f"**Memorisation ({name.lower()}): it copies training images.** "
+                      f"{m['copy_rate']:.0%} of its samples are closer to a training image "
+                      f"than 95% of val images are (a generator of new images: about 5%). See the panel below."]
+    lines += ["", "The floor is an equal number of training images scored the same way: what a perfect",
+              "generator would reach. `copy_rate`: share of samples closer to a training image than",
+              "95% of val images are (features; `_pixels`: in pixel space).", ""]
+    if "features_val_accuracy" in metrics:
+        lines.append(f"Feature classifier's own val accuracy: {_fmt(metrics['features_val_accuracy'])} "
+                     "(class accuracy of samples is read against it).\n")
+    lines += ["## Samples (one row per class)", "", "![samples](samples.png)", "",
+              "## Memorisation: the most copy-like samples beside their nearest training images", "",
+              "![memorisation](memorisation.png)", ""]
+    if has_curves:
+        lines += ["## Training curves", "", "![curves](curves.png)", ""]
+    lines += ["## All metrics", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
+    return "\n".join(lines) + "\n"
+
+
+def lineage(paths: Paths, gen: Generator) -> dict[str, str]:
+    """What ``arvision compare`` shows of a model beside its quality: kinds, size, training cost."""
+    def seconds(name: str) -> float:
+        p = paths.metrics / f"{name}.json"
+        return float(read_json(p).get("stage_seconds", 0.0)) if p.exists() else 0.0
+
+    return {
+        "tokenizer.kind": gen.tokenizer.kind, "prior.kind": gen.prior.kind,
+        "prior.size": str(gen.prior.config.get("size", "")),
+        "prior.params": str(sum(p.numel() for p in gen.prior.parameters())),
+        "tokenizer.params": str(sum(p.numel() for p in gen.tokenizer.parameters())),
+        "train_seconds": f"{seconds('tokenizer') + seconds('prior'):.1f}",
+    }
+
+
+def _score_champion(version: str, yard: Yardstick, cfg, device) -> dict[str, float] | None:
+    """The incumbent, re-scored here on the same terms; None (and a warning) if it can't load."""
+    from arvision.registry import load_generator
+    from arvision.tracking import GENERATOR_MODEL
+
+    try:
+        gen = load_generator(f"models:/{GENERATOR_MODEL}/{version}", device=str(device))
+    except Exception as err:  # e.g. a version saved by older code that no longer loads
+        log.warning("evaluate: champion v%s cannot be loaded to re-score it (%s); the candidate takes its place",
+                    version, str(err).splitlines()[0][:200])
+        return None
+    metrics, *_ = judge(gen, yard, cfg)
+    return metrics
 
 
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     cfg = params.evaluate
     device = resolve_device(cfg.device)
     manifest = read_json(paths.prepared / "manifest.json")
+    data_hash = manifest["content_hash"]
+    yard = Yardstick.load(paths.prepared, paths.features, device=device, nearest_k=cfg.nearest_k,
+                          batch_size=cfg.batch_size, max_val=cfg.max_val_images)
     gen = Generator.load(paths.tokenizer, paths.prior, device=str(device))
     if cfg.compile_sampling:
         gen.compile_sampling()
-    codes, labels = load_codes(paths.tokens / "val")
-    if cfg.max_val_images:
-        codes, labels = codes[: cfg.max_val_images], labels[: cfg.max_val_images]
-    n_dims = manifest["resolution"] ** 2 * manifest["channels"]
-    nats = nll_nats(gen.prior, codes, labels, cfg.batch_size, device)
-    metrics: dict[str, Any] = {
-        "val_bits_per_token": nats / (math.log(2) * max(1, codes.size)),
-        PRIMARY: nats / (math.log(2) * max(1, len(codes)) * n_dims),
-    }
-    _, val_images, _ = load_images(paths.prepared / "val", limit=cfg.max_val_images)
-    tok_metrics = evaluate_tokenizer(gen.tokenizer, val_images, batch_size=cfg.batch_size, device=device)
-    metrics.update({f"tokenizer_{k}": v for k, v in tok_metrics.items()})
 
-    names = gen.class_names or [str(c) for c in range(gen.num_classes)]
-    sample_labels = [c for c in range(gen.num_classes) for _ in range(cfg.samples_per_class)]
-    t0 = time.perf_counter()
-    images = gen.generate(
-        sample_labels, cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
-    )
-    metrics["sample_images_per_s"] = len(images) / (time.perf_counter() - t0)
-    rows = [images[c * cfg.samples_per_class : (c + 1) * cfg.samples_per_class] for c in range(gen.num_classes)]
+    metrics, images, labels, detail = judge(gen, yard, cfg)
+    speed = {"sample_images_per_s": metrics.pop("sample_images_per_s")}
+    tok = evaluate_tokenizer(gen.tokenizer, yard.val_u8, batch_size=cfg.batch_size, device=device)
+    metrics.update({f"tokenizer_{k}": v for k, v in tok.items() if k in ("psnr", "ssim", "usage", "perplexity")})
+    floor = yard.floor(cfg.num_samples, cfg.seed)
+    metrics.update({f"floor_{k}": v for k, v in floor.items()})
+    feats_metrics = paths.metrics / "features.json"
+    if feats_metrics.exists() and "val_accuracy" in read_json(feats_metrics):
+        metrics["features_val_accuracy"] = float(read_json(feats_metrics)["val_accuracy"])
+    if cfg.inception_weights:
+        from arvision.metrics.samples import inception_fd
 
-    with atomic_dir(paths.reports) as out:
-        save_grid(out / "samples.png", rows, row_names=names, scale=2)
+        metrics["inception_fd"] = inception_fd(images, yard.val_u8, cfg.inception_weights)
+        metrics["floor_inception_fd"] = inception_fd(yard.train_u8[: len(images)], yard.val_u8, cfg.inception_weights)
+
+    last = None
+    if cfg.score_last and (paths.prior / "last" / "weights.pt").exists():
+        last, *_ = judge(Generator.load(paths.tokenizer, paths.prior / "last", device=str(device)), yard, cfg)
+        last.pop("sample_images_per_s", None)
+        metrics.update({f"last_{k}": v for k, v in last.items()})
+
+    value = primary_value(metrics, cfg.primary)
+    champ, decision = None, "No registry (no MLflow run): nothing registered."
+    features_hash = file_hash(paths.features / "weights.pt")
+    with report_files(paths.reports) as out:
+        names = gen.class_names or [str(c) for c in range(gen.num_classes)]
+        rows = class_rows(images, labels, gen.num_classes, cfg.samples_per_class)
+        save_grid(out / "samples.png", rows, row_names=names if gen.num_classes > 1 else ["samples"], scale=2)
+        from arvision.viz import memorisation_panel
+
+        memorisation_panel(images, yard.train_u8[detail["nearest_train"]], detail["copy_score"], out / "memorisation.png")
+        has_curves = curves_png(paths, out / "curves.png")
+        write_json(out / "speed.json", speed)
+
         if tracker.run_id:
+            import mlflow
+
+            from arvision import champion as ch
             from arvision.registry import register_generator
 
-            tracker.log_artifact(out / "samples.png")
-            reg = register_generator(
-                tracker.run_id, paths.tokenizer, paths.prior, PRIMARY, metrics[PRIMARY],
-                {"data.content_hash": manifest["content_hash"]},
-            )
+            client = mlflow.MlflowClient()
+            inc = ch.incumbent(client, data_hash)
+            champ_value = None
+            if inc is not None:
+                champ = _score_champion(inc.version, yard, cfg, device)
+                if champ is not None:
+                    champ_value = primary_value(champ, cfg.primary)
+                    metrics.update({f"champion_{k}": v for k, v in champ.items() if k != "sample_images_per_s"})
+            tags = {ch.DATA_TAG: data_hash, "features.hash": features_hash, "evaluate.primary": cfg.primary,
+                    **lineage(paths, gen)}
+            own = {k: v for k, v in metrics.items() if not k.startswith(("champion_", "last_"))}
+            reg = register_generator(tracker.run_id, paths.tokenizer, paths.prior, tags, metrics={**own, **speed})
             metrics["registered_version"] = int(reg["version"])
-            metrics["is_champion"] = int(reg["champion"])
-        lines = [f"# arvision evaluation\n", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
-        lines.append("\n![samples](samples.png)\n")
-        (out / "report.md").write_text("\n".join(lines))
-        if tracker.run_id:
-            tracker.log_artifact(out / "report.md")
+            ok = metrics["copy_rate"] <= cfg.max_copy_rate
+            inc_ok = champ is None or champ["copy_rate"] <= cfg.max_copy_rate
+            won = ch.beats(value, champ_value, candidate_qualifies=ok, incumbent_qualifies=inc_ok)
+            if not ok:
+                decision = (f"v{reg['version']} registered as candidate but disqualified: it copies "
+                            f"{metrics['copy_rate']:.0%} of its samples (evaluate.max_copy_rate {cfg.max_copy_rate:.0%})"
+                            + (f"; champion v{inc.version} kept." if inc is not None else "; no champion on this data."))
+            elif won:
+                aliases = ch.promote(client, reg["version"], data_hash)
+                why = (f": {cfg.primary} {value:.4g} beats v{inc.version}'s {champ_value:.4g}, re-scored here."
+                       if champ_value is not None and inc_ok else
+                       f": champion v{inc.version} copies {champ['copy_rate']:.0%} of its samples." if champ is not None and not inc_ok
+                       else ": no champion on this data yet.")
+                decision = f"v{reg['version']} is the new champion ({', '.join(aliases)})" + why
+            else:
+                decision = (f"v{reg['version']} registered as candidate; champion v{inc.version} kept: "
+                            f"{cfg.primary} {value:.4g} does not beat its {champ_value:.4g}, re-scored here.")
+            metrics["is_champion"] = int(won)
+        (out / "report.md").write_text(report_md(metrics, floor, champ, last, cfg.primary, decision, has_curves))
+        (out / "decision.txt").write_text(decision + "\n")
+    if tracker.run_id:
+        tracker.log_metrics(speed)
+        for name in ("samples.png", "memorisation.png", "curves.png", "report.md"):
+            tracker.log_artifact(paths.reports / name)
+    log.info("evaluate: %s", decision)
     return metrics
 
 
 def main() -> None:
-    stage_main("evaluate", run, reads=["data/prepared", "data/tokens", "models/tokenizer", "models/prior"])
+    stage_main("evaluate", run, reads=["data/prepared", "models/tokenizer", "models/features", "models/prior"])
 
 
 if __name__ == "__main__":

@@ -100,3 +100,108 @@ def test_fsdp_needs_gpus():
     assert "prior.strategy" in str(e.value) and "ray.use_gpu" in str(e.value)
     raw["ray"]["use_gpu"] = True
     assert parse_params(raw).prior.strategy == "fsdp"
+
+
+# --------------------------------------------------------------------------- what `arvision check` must catch
+
+
+def _write(tmp_path, raw) -> Path:
+    (tmp_path / "params.yaml").write_text("" if raw is None else yaml.safe_dump(raw))
+    return tmp_path / "params.yaml"
+
+
+def _full(tmp_path):
+    raw = _raw()
+    raw["data"]["path"] = str(ROOT / raw["data"]["path"])  # the project's emoji set, wherever the test runs
+    return raw
+
+
+def test_empty_params_yaml_is_an_error(tmp_path):
+    with pytest.raises(ParamsError, match="is empty; it needs the sections seed, data, tokenizer"):
+        load_params(_write(tmp_path, None))
+
+
+def test_missing_section_is_named(tmp_path):
+    raw = _full(tmp_path)
+    del raw["features"]
+    with pytest.raises(ParamsError, match="missing section features"):
+        load_params(_write(tmp_path, raw))
+
+
+@pytest.mark.parametrize("key,value", [("prior.steps", True), ("tokenizer.batch_size", False), ("prior.lr", True),
+                                       ("tokenizer.ema", 1), ("ray.use_gpu", "yes")])
+def test_booleans_and_numbers_do_not_pass_for_each_other(key, value):
+    raw = _raw()
+    section, name = key.split(".")
+    raw[section][name] = value
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        parse_params(raw)
+
+
+def test_yaml_exponent_without_dot_still_a_float():
+    raw = _raw()
+    raw["prior"]["lr"] = "1e-3"  # YAML 1.1 reads this as a string
+    assert parse_params(raw).prior.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("section", ["tokenizer", "prior"])
+def test_warmup_must_end_inside_training(section):
+    raw = _raw()
+    raw[section]["warmup_steps"] = raw[section]["steps"]
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    assert f"{section}.warmup_steps / {section}.steps" in str(e.value)
+
+
+def test_cross_section_errors_name_their_keys_without_a_dump():
+    raw = _raw()
+    raw["prior"]["kind"] = "var"
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    msg = str(e.value)
+    assert "prior.kind / tokenizer.kind:" in msg
+    assert "(top level)" not in msg and "'seed'" not in msg and len(msg.splitlines()) == 2
+
+
+@pytest.mark.parametrize("source,path,expected", [
+    ("folder", "no/such/dir", "does not exist"),
+    ("folder", "params.yaml", "is a file; data.source 'folder' reads a folder"),
+    ("mnist", "params.yaml", "is a file; data.source 'mnist' reads a folder"),
+    ("parquet", "params.yaml", "is not a .parquet file"),
+])
+def test_data_path_missing_or_wrong_kind(tmp_path, source, path, expected):
+    raw = _full(tmp_path)
+    raw["data"].update(source=source, path=path)
+    with pytest.raises(ParamsError) as e:
+        load_params(_write(tmp_path, raw))
+    assert str(e.value).startswith("data.path: ") and expected in str(e.value)
+
+
+def test_batch_larger_than_the_data_is_caught(tmp_path):
+    import json
+
+    from arvision.config import check_batches
+
+    raw = _full(tmp_path)
+    raw["data"]["max_images"] = 50
+    raw["prior"]["batch_size"] = 64
+    params = load_params(_write(tmp_path, raw))
+    with pytest.raises(ParamsError, match=r"prior.batch_size / data: a batch of 64 per worker is larger than the 45"):
+        check_batches(params, tmp_path)  # estimate: 50 images, 90% for training
+    manifest = tmp_path / "data" / "prepared" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"counts": {"train": 70, "val": 10},
+                                    "params": {"seed": params.seed, "data": params.data.model_dump(mode="json")}}))
+    check_batches(params, tmp_path)  # the prepared data hold 70: the batch fits
+    raw["ray"]["num_workers"] = 2  # 35 each
+    params = load_params(_write(tmp_path, raw))
+    with pytest.raises(ParamsError, match=r"the 35 each of ray.num_workers=2 workers gets"):
+        check_batches(params, tmp_path)
+
+
+def test_check_command_catches_what_the_run_would_fail_on(tmp_path):
+    raw = _full(tmp_path)
+    raw["prior"]["steps"] = True
+    _write(tmp_path, raw)
+    proc = subprocess.run([sys.executable, "-m", "arvision.cli", "check"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2 and "prior.steps" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,7 +1,8 @@
 """The whole pipeline through the real Prefect, DVC, MLflow and Ray, on a tiny configuration.
 
-1. a first ``arvision run`` runs all five stages and registers the models;
-2. a second run with nothing changed skips every stage;
+1. a first ``arvision run`` runs all six stages, judges the samples and registers the models;
+2. a second run with nothing changed (but a key that cannot change a result, ``prior.log_every``)
+   skips every stage;
 3. after changing ``prior.lr`` only prior and evaluate run;
 4. ``arvision sample models:/arvision-generator@champion`` draws images in a fresh process.
 """
@@ -19,7 +20,7 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "tokenizer", "tokens", "prior", "evaluate"]
+from arvision.dag import STAGES, complete_params  # noqa: E402
 
 TINY = {
     "seed": 0,
@@ -29,9 +30,10 @@ TINY = {
                   "code_dim": 4, "steps": 20, "batch_size": 16, "log_every": 5, "warmup_steps": 2},
     "tokens": {"batch_size": 64, "shard_size": 128},
     "prior": {"kind": "gpt", "size": "tiny", "steps": 12, "batch_size": 16, "lr": 0.001, "warmup_steps": 2,
-              "log_every": 4, "checkpoint_every": 6},
+              "log_every": 4, "checkpoint_every": 6, "eval_every": 4},
     "ray": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1},
-    "evaluate": {"samples_per_class": 2, "max_val_images": 32, "batch_size": 64},
+    "features": {"width": 8, "dim": 16, "steps": 20, "batch_size": 32},
+    "evaluate": {"samples_per_class": 2, "max_val_images": 32, "batch_size": 64, "num_samples": 32, "nearest_k": 3},
 }
 
 
@@ -43,7 +45,7 @@ def _project(tmp: Path) -> Path:
     for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, proj / name)
-    (proj / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    (proj / "params.yaml").write_text(yaml.safe_dump(complete_params(TINY), sort_keys=False))
     env = _env(tmp)
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
                 [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
@@ -90,6 +92,10 @@ def test_pipeline_end_to_end(tmp_path):
     ev = json.loads((proj / "metrics/eval.json").read_text())
     assert np.isfinite(ev["val_bpd"]) and ev["val_bpd"] > 0
     assert 0 < ev["tokenizer_usage"] <= 1
+    # judged by its samples, beside the floor (train images against val)
+    assert ev["fd"] > ev["floor_fd"] >= 0 and 0 <= ev["copy_rate"] <= 1 and 0 <= ev["floor_precision"] <= 1
+    assert "sample_images_per_s" not in ev  # a machine-load figure: reports/speed.json, not dvc metrics
+    assert "floor" in (proj / "reports/report.md").read_text()
     grid = Image.open(proj / "reports/samples.png")
     assert grid.size[1] > manifest["num_classes"] * 16  # one row per class
     assert (proj / "metrics/prior_curve.csv").read_text().startswith("step")
@@ -110,7 +116,10 @@ def test_pipeline_end_to_end(tmp_path):
     assert str(client.get_model_version_by_alias("arvision-generator", "candidate").version) == str(gen.version)
     assert client.get_model_version_by_alias("arvision-tokenizer", "candidate") is not None
 
-    # 2. nothing changed: everything skipped
+    # 2. nothing changed that can change a result: everything skipped
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["prior"]["log_every"] = 3
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = _arvision(proj, "run")
     assert second.returncode == 0, second.stderr[-3000:]
     assert _ran(proj) == {s: False for s in STAGES}
@@ -121,7 +130,8 @@ def test_pipeline_end_to_end(tmp_path):
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _arvision(proj, "run")
     assert third.returncode == 0, third.stderr[-3000:]
-    assert _ran(proj) == {"prepare": False, "tokenizer": False, "tokens": False, "prior": True, "evaluate": True}
+    assert _ran(proj) == {"prepare": False, "tokenizer": False, "features": False, "tokens": False, "prior": True,
+                          "evaluate": True}
     versions = client.search_model_versions("name='arvision-generator'")
     assert len(versions) == 2
     assert str(client.get_model_version_by_alias("arvision-generator", "candidate").version) == "2"

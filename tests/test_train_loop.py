@@ -1,5 +1,6 @@
 """The training loop: gradient accumulation equals a k× batch, resume continues exactly, the
-EMA is what gets saved, and the LR schedule is warm-up then cosine."""
+EMA is what gets saved, the LR schedule is warm-up then cosine, and validation keeps the best
+weights, stops early and resumes with its bookkeeping."""
 
 from types import SimpleNamespace as NS
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from arvision.priors import build_prior
-from arvision.train.loop import checkpoint_state, ema_model, final_weights, lr_at, make_optimizer, train_prior
+from arvision.train.loop import checkpoint_state, ema_model, final_weights, kept_weights, lr_at, make_optimizer, train_prior
 
 VOCAB, SIDE, CLASSES = 32, 4, 3
 CPU = torch.device("cpu")
@@ -141,3 +142,109 @@ def test_compile_modes():
     assert compile_model(model, True) is model and model.fused_loss  # regional: blocks + fused loss (CUDA only)
     with pytest.raises(ValueError, match="compile mode"):
         compile_model(_model(), "everything")
+
+
+# ---------------------------------------------------------------- validation while training
+
+
+def _val_batches(shift=0, sizes=(8, 8, 5)):
+    """Held-out batches; ``shift`` moves the codes off the training distribution, so the val loss
+    rises as the model fits the training data."""
+    out = []
+    for i, n in enumerate(sizes):
+        codes, labels = _batch(5000 + i, n)
+        out.append(((codes + shift) % VOCAB, labels))
+    return out
+
+
+def test_val_loss_is_token_weighted_mean_in_eval_mode():
+    from arvision.train.loop import val_loss
+
+    model = _model(class_dropout=0.5).eval()
+    batches = _val_batches(sizes=(8, 3))
+    expected = sum(model.loss(c, y).item() * c.numel() for c, y in batches) / sum(c.numel() for c, _ in batches)
+    assert val_loss(model, batches, CPU) == pytest.approx(expected, rel=1e-6)
+    assert val_loss(model, batches, CPU) == val_loss(model, batches, CPU)  # no class dropout in eval mode
+
+
+def test_validation_keeps_best_weights_and_stops_early():
+    """A known val sequence: best at the 4th eval (step 8), two evals without a new best after it
+    → stop at step 12 of 40; the best weights are the EMA weights of step 8."""
+    seq = [3.0, 2.0, 2.5, 1.5, 1.8, 1.9, 0.1]
+    seen, evals, ckpts, logs = [], [], {}, []
+    name = "layers.0.attention.wqkv.weight"
+
+    def evaluate(m):
+        assert not m.training
+        seen.append(m.state_dict()[name].clone())
+        return seq[len(seen) - 1]
+
+    cfg = _cfg(steps=40, eval_every=2, keep="best", early_stop_patience=2, log_every=5, checkpoint_every=4, ema_decay=0.8)
+    model = _model()
+    out = train_prior(model, _batches(8), cfg, device=CPU, progress=False, evaluate=evaluate,
+                      on_eval=lambda s, v: evals.append((s, v)), on_log=lambda s, m: logs.append(s),
+                      on_checkpoint=lambda s, st: ckpts.__setitem__(s, st))
+    assert evals == list(zip([2, 4, 6, 8, 10, 12], seq))
+    assert out["step"] == 12 and out["stopped_early"] == 1.0
+    assert sorted(ckpts) == [4, 8, 12] and logs == [5, 10, 12]  # the stop step is logged and checkpointed
+    end = ckpts[12]
+    assert end["step"] == 12 and end["stopped_early"] and end["evals_since_best"] == 2
+    assert end["val_curve"] == [list(e) for e in evals] and (end["best_step"], end["best_val_loss"]) == (8, 1.5)
+    # evaluate saw the EMA weights (what gets saved), and the best weights are those of step 8
+    torch.testing.assert_close(seen[3], final_weights(ckpts[8])[name], rtol=0, atol=0)
+    for k, v in final_weights(ckpts[8]).items():
+        torch.testing.assert_close(end["best_weights"][k], v, rtol=0, atol=0, msg=k)
+    assert kept_weights(end, "best") is end["best_weights"]
+    assert not torch.equal(kept_weights(end, "last")[name], end["best_weights"][name])
+    # the model is back in training mode with its own (not the EMA) weights
+    assert model.training and torch.equal(model.state_dict()[name], end["model"][name])
+    # a state that stopped early trains no further when resumed
+    again = {}
+    train_prior(_model(), _batches(8), cfg, device=CPU, state=end, progress=False, evaluate=evaluate,
+                on_checkpoint=lambda s, st: again.__setitem__(s, st))
+    assert again == {} and len(seen) == 6
+
+
+def test_keep_last_and_validation_off():
+    cfg = _cfg(steps=5, eval_every=2, keep="last")
+    ckpts, evals = {}, []
+    train_prior(_model(), _batches(8), cfg, device=CPU, progress=False, evaluate=lambda m: 1.0,
+                on_eval=lambda s, v: evals.append(s), on_checkpoint=lambda s, st: ckpts.__setitem__(s, st))
+    assert evals == [2, 4, 5]  # every eval_every steps and at the end
+    end = ckpts[5]
+    assert end["best_weights"] is None and end["best_step"] == 2  # keep=last: no copy of the best
+    assert kept_weights(end, "best") is final_weights(end)
+    # no evaluate (no val split) or eval_every 0: no validation, keep=best acts as last
+    for kw in ({"evaluate": None}, {"evaluate": lambda m: 1.0}):
+        seen = {}
+        c = _cfg(steps=3, eval_every=0 if kw["evaluate"] else 2, keep="best")
+        train_prior(_model(), _batches(8), c, device=CPU, progress=False, on_checkpoint=lambda s, st: seen.__setitem__(s, st), **kw)
+        assert seen[3]["val_curve"] == [] and kept_weights(seen[3], "best") is final_weights(seen[3])
+
+
+def test_resume_keeps_validation_bookkeeping(tmp_path):
+    """Interrupted at step 4 and resumed: the same val curve, best step and best weights, and
+    the same early stop (the patience counter survives the checkpoint)."""
+    from arvision.train.loop import val_loss
+
+    val = _val_batches(shift=2)
+    cfg = _cfg(steps=30, lr=1e-2, eval_every=2, keep="best", early_stop_patience=2, checkpoint_every=4, class_dropout=0.3)
+    full_ckpts = {}
+    torch.manual_seed(7)
+    train_prior(_model(class_dropout=0.3), _batches(8), cfg, device=CPU, progress=False,
+                evaluate=lambda m: val_loss(m, val, CPU), on_checkpoint=lambda s, st: full_ckpts.__setitem__(s, st))
+    end = full_ckpts[max(full_ckpts)]
+    assert end["stopped_early"] and end["step"] < 30 and end["best_step"] < end["step"]
+    torch.save(full_ckpts[4], tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    res_ckpts = {}
+    torch.manual_seed(999)
+    train_prior(_model(seed=5, class_dropout=0.3), _batches(8, start=state["micro_batches"]), cfg, device=CPU, state=state,
+                progress=False, evaluate=lambda m: val_loss(m, val, CPU), on_checkpoint=lambda s, st: res_ckpts.__setitem__(s, st))
+    res = res_ckpts[max(res_ckpts)]
+    assert max(res_ckpts) == max(full_ckpts)
+    for key in ("step", "val_curve", "best_step", "best_val_loss", "evals_since_best", "stopped_early"):
+        assert res[key] == end[key], key
+    for key in ("best_weights", "ema"):
+        for k, v in end[key].items():
+            torch.testing.assert_close(res[key][k], v, rtol=0, atol=0, msg=f"{key}.{k}")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from arvision.errors import UserError
+from arvision.images import images_to_tensor, tensor_to_images  # noqa: F401  (re-exported: the tokenizers' I/O)
 from arvision.tokenizers.base import Tokenizer
 from arvision.tokenizers.fsq import FSQTokenizer
 from arvision.tokenizers.msvq import MSVQTokenizer
@@ -92,15 +93,3 @@ def load_tokenizer(directory: Path, device: str | torch.device = "cpu") -> Token
     tok = build_tokenizer(cfg, channels=meta["channels"], resolution=meta["resolution"])
     tok.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True))
     return tok.to(device).eval()
-
-
-def images_to_tensor(images_uint8_BHWC: np.ndarray) -> torch.Tensor:
-    """uint8 ``(B, H, W, C)`` → float ``(B, C, H, W)`` in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8_BHWC))
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def tensor_to_images(x_BCHW: torch.Tensor) -> np.ndarray:
-    """float ``(B, C, H, W)`` in [-1, 1] → uint8 ``(B, H, W, C)`` (rounded, clipped)."""
-    x = ((x_BCHW.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()

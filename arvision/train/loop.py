@@ -1,7 +1,8 @@
 """The one training loop for the priors (both kinds; plain, DDP or FSDP; CPU or CUDA).
 
 It knows nothing of Ray, MLflow or files: batches come in through an iterator, metrics and
-checkpoints leave through callbacks (``on_log``, ``on_checkpoint``).
+checkpoints leave through callbacks (``on_log``, ``on_eval``, ``on_checkpoint``), and the
+validation loss comes from a callable (``evaluate``, e.g. :func:`val_loss` over held-out batches).
 
 - AdamW (fused on CUDA); no weight decay on norms, biases and embeddings
   (``model.no_weight_decay()``); linear warm-up, then cosine down to ``min_lr_ratio · lr``.
@@ -12,10 +13,16 @@ checkpoints leave through callbacks (``on_log``, ``on_checkpoint``).
   (:func:`final_weights`, :func:`ema_model`).
 - bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; optional ``torch.compile``
   (``cfg.compile``: ``True`` / ``"regional"``, ``"blocks"`` or ``"whole"``, see :func:`compile_model`).
-- A checkpoint (:func:`checkpoint_state`) holds model, EMA, optimizer, step and RNG states;
-  resuming from it continues exactly as the uninterrupted run would, provided ``batches``
-  continues where the checkpointed run left off (the state records ``micro_batches`` consumed;
-  the loop itself never skips data).
+- Validation every ``eval_every`` steps and at the end (0 = off): ``evaluate`` scores the
+  weights that get saved (the EMA when on) in eval mode; the loop keeps the val curve, the best
+  val loss and its step, and with ``keep: best`` a copy of the best weights
+  (:func:`kept_weights`); with ``early_stop_patience`` p > 0 it stops after p evals without
+  improvement. Under DDP / FSDP every rank evaluates and rank 0's value is broadcast, so all
+  ranks take the same decisions.
+- A checkpoint (:func:`checkpoint_state`) holds model, EMA, optimizer, step, RNG states and the
+  validation bookkeeping; resuming from it continues exactly as the uninterrupted run would,
+  provided ``batches`` continues where the checkpointed run left off (the state records
+  ``micro_batches`` consumed; the loop itself never skips data).
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["train_prior", "compile_model", "checkpoint_state", "final_weights", "ema_model", "lr_at", "unwrap", "make_optimizer"]
+__all__ = [
+    "train_prior", "compile_model", "checkpoint_state", "final_weights", "kept_weights", "ema_model", "val_loss", "lr_at",
+    "unwrap", "make_optimizer",
+]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -180,21 +190,40 @@ def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
+def _ema_state_dict(model: nn.Module, ema: EMA) -> dict[str, Tensor]:
+    """The raw model's state dict (CPU) with the EMA weights in place of the parameters."""
+    if _is_fsdp(model):
+        with ema.swapped_in():
+            return _full_state_dict(model)
+    sd = _full_state_dict(model)
+    for (name, _), e in zip(unwrap(model).named_parameters(), ema.shadow):
+        sd[name] = e.detach().cpu().clone().to(sd[name].dtype)
+    return sd
+
+
+def _new_validation() -> dict[str, Any]:
+    """The validation bookkeeping a run carries (and its checkpoints): ``val_curve`` as
+    ``[step, val_loss]`` pairs (nats/token), the best val loss and its step (None before the
+    first eval), evals since the best, whether the run stopped early, and the best weights
+    (raw state dict on CPU; kept only with ``keep: best``)."""
+    return {"val_curve": [], "best_val_loss": None, "best_step": None, "evals_since_best": 0, "stopped_early": False,
+            "best_weights": None}
+
+
+def _copy_validation(val: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot of the bookkeeping: the curve copied; ``best_weights`` shared (the loop only
+    ever replaces it, never writes into it)."""
+    return {**val, "val_curve": [list(point) for point in val["val_curve"]]}
+
+
 def checkpoint_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, step: int, device: torch.device, micro_batches: int
+    model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, step: int, device: torch.device, micro_batches: int,
+    validation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a resumed run needs: ``model`` and ``ema`` (raw state dicts, CPU; ``ema`` None
-    when off), ``optimizer``, ``step``, ``rng``, ``micro_batches`` consumed."""
-    if ema is None:
-        ema_sd = None
-    elif _is_fsdp(model):
-        with ema.swapped_in():
-            ema_sd = _full_state_dict(model)
-    else:
-        raw = unwrap(model)
-        ema_sd = _full_state_dict(model)
-        for (name, _), e in zip(raw.named_parameters(), ema.shadow):
-            ema_sd[name] = e.detach().cpu().clone().to(ema_sd[name].dtype)
+    when off), ``optimizer``, ``step``, ``rng``, ``micro_batches`` consumed, and the validation
+    bookkeeping (keys of :func:`_new_validation`; empty curve when validation is off)."""
+    ema_sd = None if ema is None else _ema_state_dict(model, ema)
     if _is_fsdp(model):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -203,13 +232,21 @@ def checkpoint_state(
         opt_sd = copy.deepcopy(optimizer.state_dict())
     return {
         "model": _full_state_dict(model), "ema": ema_sd, "optimizer": opt_sd, "step": step,
-        "rng": _rng_state(device), "micro_batches": micro_batches,
+        "rng": _rng_state(device), "micro_batches": micro_batches, **_copy_validation(validation or _new_validation()),
     }
 
 
 def final_weights(state: dict[str, Any]) -> dict[str, Tensor]:
-    """The weights to save and sample from: the EMA if the run kept one, else the model's."""
+    """The last weights to save and sample from: the EMA if the run kept one, else the model's."""
     return state["ema"] if state.get("ema") is not None else state["model"]
+
+
+def kept_weights(state: dict[str, Any], keep: str) -> dict[str, Tensor]:
+    """The weights ``keep`` asks for: ``"best"`` the lowest-val-loss weights when the run
+    validated, else (``"last"``, or no validation) :func:`final_weights`."""
+    if keep == "best" and state.get("best_weights") is not None:
+        return state["best_weights"]
+    return final_weights(state)
 
 
 def ema_model(model: nn.Module, state: dict[str, Any]) -> nn.Module:
@@ -239,6 +276,39 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights), nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def val_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device) -> float:
+    """Teacher-forced mean cross-entropy of ``model`` over ``batches`` of ``(codes (B, L) long,
+    labels (B,) long)``, in nats per token (each batch weighted by its token count). The caller
+    puts the model in eval mode (no class dropout, no dropout)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    for codes_BL, labels_B in batches:
+        codes_BL, labels_B = codes_BL.to(device, non_blocking=True), labels_B.to(device, non_blocking=True)
+        with _autocast(device):
+            loss = model(codes_BL, labels_B, return_loss=True)
+        total += loss.double() * codes_BL.numel()
+        tokens += codes_BL.numel()
+    return float(total.item()) / max(1, tokens)
+
+
+def _agree(value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (a no-op without a process group): every rank then takes
+    the same best-weights and early-stop decisions even if float rounding differed."""
+    if _world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def train_prior(
     model: nn.Module,
     batches: Iterator[tuple[Tensor, Tensor]],
@@ -248,6 +318,8 @@ def train_prior(
     state: dict | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[int, dict], None] | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
     progress: bool = True,
     is_main: bool = True,
 ) -> dict[str, float]:
@@ -255,9 +327,18 @@ def train_prior(
 
     ``batches`` yields ``(codes (B, L) long, labels (B,) long)`` micro-batches, ``grad_accum``
     per step. ``on_log(step, {loss, lr, grad_norm, tokens_per_s})`` every ``log_every`` steps
-    (loss: mean nats/token over the window; tokens/s: all ranks together);
-    ``on_checkpoint(step, checkpoint_state)`` every ``checkpoint_every`` steps and at the end.
-    Returns the final metrics (last window's loss, lr, grad_norm, tokens_per_s; step).
+    (loss: mean nats/token over the window; tokens/s: all ranks together, validation time
+    excluded); ``on_checkpoint(step, checkpoint_state)`` every ``checkpoint_every`` steps and at
+    the end (also an early stop).
+
+    Validation (``evaluate`` given and ``cfg.eval_every`` > 0): every ``eval_every`` steps and at
+    the end, ``evaluate(m)`` returns the val loss in nats/token of ``m``, the model holding the
+    weights that get saved (EMA when on), in eval mode under ``no_grad``; every rank calls it
+    (FSDP gathers inside) and rank 0's value counts. ``on_eval(step, val_loss)`` follows. With
+    ``cfg.keep == "best"`` the lowest-val-loss weights are kept in the state
+    (:func:`kept_weights`); with ``cfg.early_stop_patience`` p > 0 training stops after p evals
+    without a new best. Returns the final metrics (last window's loss, lr, grad_norm,
+    tokens_per_s; step; stopped_early 0/1).
     """
     device = torch.device(device)
     raw = unwrap(model)
@@ -267,19 +348,44 @@ def train_prior(
     accum = _opt(cfg, "grad_accum", 1)
     log_every, ckpt_every = _opt(cfg, "log_every", 50), _opt(cfg, "checkpoint_every", 500)
     clip = _opt(cfg, "grad_clip", 1.0)
+    eval_every = _opt(cfg, "eval_every", 0) if evaluate is not None else 0
+    keep_best = _opt(cfg, "keep", "last") == "best"
+    patience = _opt(cfg, "early_stop_patience", 0)
     optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
     decay = _opt(cfg, "ema_decay", 0.0)
     ema = EMA(model, decay) if decay > 0 else None
     step = 0
+    val = _new_validation()
     if state is not None:
         _restore(model, optimizer, ema, state, device)
         step = int(state["step"])
+        val = _copy_validation({**val, **{k: state[k] for k in val if k in state}})
     micro_batches = int(state.get("micro_batches", step * accum)) if state else 0
     compile_mode = _opt(cfg, "compile", False)
     fwd = compile_model(model, compile_mode) if compile_mode else model
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    eval_model = model if _is_fsdp(model) else raw  # FSDP must gather shards; DDP's raw model needs no collective
     can_skip_sync = hasattr(model, "no_sync") and model is not raw
     world = _world_size()
+
+    def validate(step: int) -> None:
+        """Score the weights that get saved; update the best / patience bookkeeping in ``val``."""
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            model.eval()
+            try:
+                with torch.no_grad():
+                    loss = _agree(float(evaluate(eval_model)), device)
+            finally:
+                model.train()
+        val["val_curve"].append([step, loss])
+        if val["best_val_loss"] is None or loss < val["best_val_loss"]:
+            val.update(best_val_loss=loss, best_step=step, evals_since_best=0)
+            if keep_best:
+                val["best_weights"] = _full_state_dict(model) if ema is None else _ema_state_dict(model, ema)
+        else:
+            val["evals_since_best"] += 1
+            val["stopped_early"] = patience > 0 and val["evals_since_best"] >= patience
+        if on_eval is not None:
+            on_eval(step, loss)
 
     bar = None
     if progress and is_main:
@@ -294,7 +400,7 @@ def train_prior(
     window_loss = torch.zeros((), device=device)
     window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
     grad_norm = torch.zeros((), device=device)
-    while step < cfg.steps:
+    while step < cfg.steps and not val["stopped_early"]:
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -304,7 +410,7 @@ def train_prior(
             labels_B = labels_B.to(device, non_blocking=True)
             sync = model.no_sync() if can_skip_sync and micro < accum - 1 else contextlib.nullcontext()
             with sync:
-                with autocast():
+                with _autocast(device):
                     loss = fwd(codes_BL, labels_B, return_loss=True)
                 (loss / accum).backward()
             window_loss += loss.detach() / accum
@@ -324,7 +430,12 @@ def train_prior(
         if bar is not None:
             bar.update(1)
 
-        if step % log_every == 0 or step == cfg.steps:
+        if eval_every > 0 and (step % eval_every == 0 or step == cfg.steps):
+            t_eval = time.perf_counter()
+            validate(step)
+            t0 += time.perf_counter() - t_eval  # keep validation out of tokens/s
+        done = step == cfg.steps or val["stopped_early"]
+        if step % log_every == 0 or done:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -338,8 +449,8 @@ def train_prior(
                 on_log(step, metrics)
             window_loss.zero_()
             window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
-        if on_checkpoint is not None and (step % ckpt_every == 0 or step == cfg.steps):
-            on_checkpoint(step, checkpoint_state(model, optimizer, ema, step, device, micro_batches))
+        if on_checkpoint is not None and (step % ckpt_every == 0 or done):
+            on_checkpoint(step, checkpoint_state(model, optimizer, ema, step, device, micro_batches, val))
     if bar is not None:
         bar.close()
-    return {**metrics, "step": float(step)}
+    return {**metrics, "step": float(step), "stopped_early": float(val["stopped_early"])}

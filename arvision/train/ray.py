@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ import torch
 # NVLink multicast stays off everywhere (see the device notes): also in Ray's workers.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 STATE_FILE = "state.pt"
+log = logging.getLogger("arvision")
 
 
 def run_name(payload: dict[str, Any]) -> str:
@@ -34,38 +36,65 @@ def run_name(payload: dict[str, Any]) -> str:
     return "prior-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
-def init_ray(address: str | None, num_workers: int, cpus_per_worker: int, root: Path) -> None:
-    """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local instance sized for the job."""
+def quiet_worker_logs() -> None:
+    """Runs at the start of every Ray worker process (``worker_process_setup_hook``): silence
+    what repeats without telling the user anything. The placement-group cleaner warns about
+    every second that it cannot reach the state API (there is no dashboard by default), and
+    Ray's own deprecation warnings are about Ray's internals."""
+    import logging
+    import warnings
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed", module=r"ray\.")
+
+
+def init_ray(address: str | None, num_workers: int, cpus_per_worker: int, root: Path, dashboard: bool = False) -> None:
+    """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local instance sized for the job
+    (with the Ray dashboard when ``dashboard``, i.e. ``ray.dashboard: true``).
+
+    Logs stay readable: repeated lines are deduplicated across workers, worker progress bars
+    redraw at most every 15 s (a non-terminal gets one line per redraw), and the known
+    repeating warnings are silenced (:func:`quiet_worker_logs`). ``RAY_*``/``TQDM_*`` settings
+    already in the environment win.
+    """
     import ray
 
     for k, v in MULTICAST_OFF.items():
         os.environ.setdefault(k, v)
+    quiet = {
+        "RAY_DEDUP_LOGS": "1",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a cloud-preemption poller: noise on one machine
+        "TQDM_MININTERVAL": "15",
+    }
+    for k, v in quiet.items():
+        os.environ.setdefault(k, v)
     env_vars = dict(MULTICAST_OFF)
+    env_vars["TQDM_MININTERVAL"] = os.environ["TQDM_MININTERVAL"]
     env_vars["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     for key in ("MLFLOW_TRACKING_URI",):
         if key in os.environ:
             env_vars[key] = os.environ[key]
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = dict(
-        runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=True, configure_logging=False
+        runtime_env={"env_vars": env_vars, "worker_process_setup_hook": "arvision.train.ray.quiet_worker_logs"},
+        log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
     )
     if address is None:
+        kwargs["include_dashboard"] = dashboard
         # Logical CPUs: the workers' plus room for Ray Data's read tasks and Train's actors,
         # whatever the core count (too few and the data read waits forever for a free CPU).
         kwargs["num_cpus"] = max(os.cpu_count() or 1, num_workers * cpus_per_worker + 2)
+        # the raylet warns when more workers start at once than this; Train + Data start ~8
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, kwargs["num_cpus"])))
     if not ray.is_initialized():
-        ray.init(address=address, **kwargs)
+        ctx = ray.init(address=address, **kwargs)
+        if dashboard and address is None:
+            print(f"Ray dashboard: http://{ctx.dashboard_url}", flush=True)
 
 
-def _batches(shard, batch_size: int, seed: int, skip: int = 0):
-    """Endless (codes, labels) batches from this worker's Ray Data shard, reshuffled each epoch.
-
-    The shard is streamed once through Ray Data and kept in memory as compact integer arrays
-    (token data is small: 1M images × 256 uint16 codes is 512 MB); every later epoch is a
-    seeded permutation of it. Re-executing the Ray Data pipeline each epoch cost 3-8 s per
-    epoch, most of the prior's time on the demo data set. ``skip`` drops the batches a resumed
-    run has already consumed, so it sees the same data as an uninterrupted one.
-    """
+def _read_shard(shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """All rows of a Ray Data shard as ``codes (N, L)`` and ``labels (N,)`` int64 tensors
+    (unlabelled rows, label -1, become class 0)."""
     import numpy as np
 
     codes_parts, label_parts = [], []
@@ -77,10 +106,21 @@ def _batches(shard, batch_size: int, seed: int, skip: int = 0):
         label_parts.append(batch["label"])
     codes = np.concatenate(codes_parts) if codes_parts else np.zeros((0, 0), np.int64)
     labels = np.maximum(np.concatenate(label_parts), 0) if label_parts else np.zeros(0, np.int64)  # unlabelled (-1) → 0
-    if len(codes) < batch_size:
-        raise RuntimeError(f"the token shard holds {len(codes)} rows, fewer than one batch ({batch_size}); lower prior.batch_size")
-    codes_t = torch.from_numpy(codes.astype(np.int64))
-    labels_t = torch.from_numpy(labels.astype(np.int64))
+    return torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(labels.astype(np.int64))
+
+
+def _batches(shard, batch_size: int, seed: int, skip: int = 0):
+    """Endless (codes, labels) batches from this worker's Ray Data shard, reshuffled each epoch.
+
+    The shard is streamed once through Ray Data and kept in memory as compact integer arrays
+    (token data is small: 1M images × 256 uint16 codes is 512 MB); every later epoch is a
+    seeded permutation of it. Re-executing the Ray Data pipeline each epoch cost 3-8 s per
+    epoch, most of the prior's time on the demo data set. ``skip`` drops the batches a resumed
+    run has already consumed, so it sees the same data as an uninterrupted one.
+    """
+    codes_t, labels_t = _read_shard(shard)
+    if len(codes_t) < batch_size:
+        raise RuntimeError(f"the token shard holds {len(codes_t)} rows, fewer than one batch ({batch_size}); lower prior.batch_size")
     epoch = 0
     while True:
         order = torch.randperm(len(codes_t), generator=torch.Generator().manual_seed(seed + epoch))
@@ -91,6 +131,28 @@ def _batches(shard, batch_size: int, seed: int, skip: int = 0):
             idx = order[i : i + batch_size]
             yield codes_t[idx], labels_t[idx]
         epoch += 1
+
+
+def _val_batches(split_dir: str, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The whole val split as in-order batches of at most ``batch_size`` rows (unlabelled rows,
+    label -1, become class 0), kept in memory for every evaluation. Every worker reads all of it
+    with pyarrow: it is small, and a Ray Data pipeline per worker cost seconds of start-up."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(split_dir, columns=["codes", "label"])
+    codes = table.column("codes").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    labels = np.maximum(table.column("label").to_numpy(), 0)
+    codes_t, labels_t = torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(labels.astype(np.int64))
+    return [(codes_t[i : i + batch_size], labels_t[i : i + batch_size]) for i in range(0, len(codes_t), batch_size)]
+
+
+def split_rows(split_dir: Path) -> int:
+    """Rows in a token split's Parquet shards (0 when the directory is missing or has none),
+    from the files' footers only."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(Path(split_dir).glob("*.parquet")))
 
 
 def prepare_parallel(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
@@ -116,7 +178,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     from types import SimpleNamespace
 
     from arvision.priors import build_prior
-    from arvision.train.loop import train_prior
+    from arvision.train.loop import train_prior, val_loss
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -153,6 +215,10 @@ def _train_worker(config: dict[str, Any]) -> None:
             if tracker is not None:
                 tracker.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
 
+    def on_eval(step: int, loss: float) -> None:
+        if tracker is not None:
+            tracker.log_metrics({"val_loss": loss}, step=step)
+
     def on_checkpoint(step: int, st: dict[str, Any]) -> None:
         metrics = {"step": step, **({k: v for k, v in curve[-1].items() if k != "step"} if curve else {})}
         if rank == 0:
@@ -163,9 +229,16 @@ def _train_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=None)
 
     shard = ray.train.get_dataset_shard("train")
+    evaluate = None
+    if config["val_dir"] is not None:
+        val_batches = _val_batches(config["val_dir"], cfg.batch_size)
+
+        def evaluate(m: torch.nn.Module) -> float:
+            return val_loss(m, val_batches, device)
+
     train_prior(
         model, _batches(shard, cfg.batch_size, config["seed"] + rank, skip=int((state or {}).get("micro_batches", 0))), cfg, device=device, state=state,
-        on_log=on_log, on_checkpoint=on_checkpoint, progress=rank == 0, is_main=rank == 0,
+        on_log=on_log, on_checkpoint=on_checkpoint, evaluate=evaluate, on_eval=on_eval, progress=rank == 0, is_main=rank == 0,
     )
 
 
@@ -185,17 +258,22 @@ def fit_prior(
     mlflow_uri: str | None = None,
     root: Path = Path("."),
 ) -> dict[str, Any]:
-    """Train under Ray Train; return the final training state (weights, EMA, curve)."""
+    """Train under Ray Train; return the final training state (weights, EMA, train curve and the
+    validation bookkeeping of :func:`arvision.train.loop.checkpoint_state`). Validation runs when
+    ``prior_cfg["eval_every"]`` > 0 and ``token_dir/val`` holds rows."""
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    init_ray(ray_cfg.get("address"), ray_cfg["num_workers"], ray_cfg["cpus_per_worker"], root)
+    init_ray(ray_cfg.get("address"), ray_cfg["num_workers"], ray_cfg["cpus_per_worker"], root, ray_cfg.get("dashboard", False))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # deterministic order → reproducible on CPU
     train_ds = ray.data.read_parquet(str(token_dir / "train"), columns=["codes", "label"])
+    validate = prior_cfg.get("eval_every", 0) > 0 and split_rows(token_dir / "val") > 0
+    if not validate and prior_cfg.get("eval_every", 0) > 0:
+        log.info("prior: no validation: %s is missing or empty (no val curve)", token_dir / "val")
     resources = {"CPU": ray_cfg["cpus_per_worker"]}
     if ray_cfg["use_gpu"]:
         resources["GPU"] = 1
@@ -205,10 +283,13 @@ def fit_prior(
             "prior": prior_cfg, "seed": seed, "vocab_size": vocab_size, "layout": layout,
             "num_classes": num_classes, "tokenizer_dir": str(tokenizer_dir.resolve()),
             "cpus_per_worker": ray_cfg["cpus_per_worker"], "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri,
+            "val_dir": str((token_dir / "val").resolve()) if validate else None,
         },
         scaling_config=ScalingConfig(num_workers=ray_cfg["num_workers"], use_gpu=ray_cfg["use_gpu"], resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=str(storage.resolve()), checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # a lost worker restarts the group from the last checkpoint, ray.max_failures times (-1: always)
+            failure_config=FailureConfig(max_failures=ray_cfg.get("max_failures", 0)),
         ),
         datasets={"train": train_ds},
     )

@@ -1,0 +1,81 @@
+"""Which registered generator is the champion: decided on comparable terms only.
+
+The rules (the README states them for users):
+
+- Models trained on different data never compete. Each data set (its content hash from
+  ``data/prepared/manifest.json``) has its own champion alias, ``champion-<hash[:12]>``.
+- ``champion`` (what ``models:/arvision-generator@champion`` loads) is the champion of the data
+  it was first set on: a candidate trained on other data never touches it (it competes for its
+  own data's alias instead). It is set when no ``champion`` exists yet.
+- A candidate beats the incumbent only when, re-scored in the same evaluation (same val data,
+  same feature network, same sampling seed and labels), its value of ``evaluate.primary`` is
+  lower. Numbers stored by earlier runs are never compared.
+- A model that copies training images (``copy_rate`` above ``evaluate.max_copy_rate``) is
+  disqualified: Fréchet distance rewards memorisation, so it must not crown a copier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arvision.tracking import GENERATOR_MODEL
+
+CHAMPION = "champion"
+DATA_TAG = "data.content_hash"
+
+
+def data_alias(data_hash: str) -> str:
+    """The per-data champion alias: ``champion-<first 12 hex of the data's content hash>``."""
+    return f"{CHAMPION}-{data_hash[:12]}"
+
+
+@dataclass(frozen=True)
+class Incumbent:
+    """The version a candidate on this data must beat."""
+
+    version: str
+    data_hash: str
+    holds_champion: bool  # also holds the plain ``champion`` alias
+
+
+def _version_by_alias(client, alias: str):
+    import mlflow
+
+    try:
+        return client.get_model_version_by_alias(GENERATOR_MODEL, alias)
+    except mlflow.exceptions.MlflowException:  # no such alias, or no registered model yet
+        return None
+
+
+def incumbent(client, data_hash: str) -> Incumbent | None:
+    """The current champion of ``data_hash``'s data, or None when this data has none yet."""
+    champ = _version_by_alias(client, CHAMPION)
+    if champ is not None and champ.tags.get(DATA_TAG) == data_hash:
+        return Incumbent(str(champ.version), data_hash, True)
+    mv = _version_by_alias(client, data_alias(data_hash))
+    if mv is not None and mv.tags.get(DATA_TAG) == data_hash:
+        return Incumbent(str(mv.version), data_hash, False)
+    return None
+
+
+def beats(candidate: float, incumbent_value: float | None, *, candidate_qualifies: bool = True,
+          incumbent_qualifies: bool = True) -> bool:
+    """Lower is better; a tie keeps the incumbent; no incumbent → the candidate wins. A
+    disqualified candidate never wins; a qualified one always beats a disqualified incumbent."""
+    if not candidate_qualifies:
+        return False
+    if incumbent_value is None or not incumbent_qualifies:
+        return True
+    return candidate < incumbent_value
+
+
+def promote(client, version: str, data_hash: str) -> list[str]:
+    """Give ``version`` its data's champion alias, and ``champion`` too when ``champion`` is
+    unset or belongs to this data. Returns the aliases set."""
+    aliases = [data_alias(data_hash)]
+    champ = _version_by_alias(client, CHAMPION)
+    if champ is None or champ.tags.get(DATA_TAG) == data_hash:
+        aliases.append(CHAMPION)
+    for alias in aliases:
+        client.set_registered_model_alias(GENERATOR_MODEL, alias, str(version))
+    return aliases

@@ -1,0 +1,205 @@
+"""Judge generators by their samples: one yardstick, built once, applied to every generator.
+
+A :class:`Yardstick` holds what every score in one evaluation is measured against: the feature
+network trained by the ``features`` stage, the val split (and its features), the train split
+(for memorisation) and the copy thresholds calibrated on val-to-train distances. The candidate,
+the re-scored champion, the last weights and the *floor* (an equal number of train images, what
+a perfect generator would score) are all scored by :meth:`Yardstick.score` with the same
+labels and the same seed, so their numbers can be compared.
+
+Lower is better for ``fd``, ``kid``, ``copy_rate``, ``val_bpd``; higher for ``precision``,
+``recall``, ``density``, ``coverage``, ``class_accuracy``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+#: image-space metrics every scored set gets (FD etc. are in the features' space)
+SAMPLE_KEYS = ("fd", "kid", "precision", "recall", "density", "coverage", "copy_rate", "copy_rate_pixels")
+
+#: the promotion metrics ``evaluate.primary`` may name, as "lower is better" values
+PRIMARY_SIGN = {"fd": 1.0, "kid": 1.0, "val_bpd": 1.0, "copy_rate": 1.0, "neg_precision": -1.0, "neg_recall": -1.0}
+
+
+def primary_value(metrics: dict[str, float], primary: str) -> float:
+    """The value of ``primary`` in ``metrics`` as a lower-is-better number."""
+    key = primary.removeprefix("neg_")
+    return PRIMARY_SIGN[primary] * float(metrics[key])
+
+
+def sample_labels(val_labels: np.ndarray, num_classes: int, n: int, seed: int) -> np.ndarray:
+    """``n`` class labels in val's class proportions (a seeded shuffle of val's labels, tiled),
+    so FD against val compares like with like. Unlabelled data (or a model of one class): 0s."""
+    labels = np.asarray(val_labels, np.int64)
+    if num_classes <= 1 or len(labels) == 0 or labels.min() < 0:
+        return np.zeros(n, np.int64)
+    rng = np.random.default_rng(seed)
+    reps = -(-n // len(labels))
+    return np.concatenate([rng.permutation(labels) for _ in range(reps)])[:n]
+
+
+@dataclass
+class Yardstick:
+    """The fixed reference of one evaluation (see the module docstring)."""
+
+    net: Any  # arvision.features.FeatureNet
+    device: torch.device
+    val_u8: np.ndarray  # (Nv, H, W, C)
+    val_labels: np.ndarray  # (Nv,) int, -1 unlabelled
+    train_u8: np.ndarray  # (Nt, H, W, C)
+    train_labels: np.ndarray
+    nearest_k: int = 5
+    batch_size: int = 256
+    val_feats: np.ndarray = field(init=False)
+    train_feats: np.ndarray = field(init=False)
+    memo: Any = field(init=False)  # the calibrated memorisation reference
+
+    def __post_init__(self) -> None:
+        from arvision.features import embed
+        from arvision.metrics.samples import copy_reference
+
+        self.val_feats = embed(self.net, self.val_u8, batch_size=self.batch_size, device=self.device)
+        self.train_feats = embed(self.net, self.train_u8, batch_size=self.batch_size, device=self.device)
+        self.memo = copy_reference(self.train_feats, self.train_u8, self.val_feats, self.val_u8)
+
+    @classmethod
+    def load(cls, prepared: Path, features_dir: Path, *, device, nearest_k: int = 5, batch_size: int = 256,
+             max_val: int | None = None, max_train: int | None = None) -> "Yardstick":
+        from arvision.data.parquet_io import load_images
+        from arvision.features import load_features
+
+        _, val_u8, val_labels = load_images(Path(prepared) / "val", limit=max_val)
+        _, train_u8, train_labels = load_images(Path(prepared) / "train", limit=max_train)
+        net = load_features(Path(features_dir), device=device)
+        return cls(net=net, device=torch.device(device), val_u8=val_u8, val_labels=val_labels, train_u8=train_u8,
+                   train_labels=train_labels, nearest_k=nearest_k, batch_size=batch_size)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(len(self.val_labels)) and int(self.val_labels.min()) >= 0 and len(np.unique(self.val_labels)) > 1
+
+    @property
+    def is_classifier(self) -> bool:
+        return bool(getattr(self.net, "num_classes", 0))
+
+    def reconstruction_reference(self, tokenizer):
+        """The copy reference as seen through ``tokenizer``: its reconstructions of the train
+        images, thresholds calibrated on its reconstructions of the val images. A generator
+        that replays a training image's codes draws that image's *reconstruction*, which a lossy
+        tokenizer leaves farther from the original than near-duplicates in val are; against the
+        reconstructions such a copy is found."""
+        from arvision.features import embed
+        from arvision.metrics.samples import copy_reference
+
+        train_rec = reconstruct(tokenizer, self.train_u8, device=self.device, batch_size=self.batch_size)
+        val_rec = reconstruct(tokenizer, self.val_u8, device=self.device, batch_size=self.batch_size)
+        feats = lambda x: embed(self.net, x, batch_size=self.batch_size, device=self.device)  # noqa: E731
+        return copy_reference(feats(train_rec), train_rec, feats(val_rec), val_rec)
+
+    def score(self, images_u8: np.ndarray, intended_labels: np.ndarray | None,
+              recon_ref=None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Sample metrics of ``images_u8`` (uint8 ``(N, H, W, C)``) against val.
+
+        Returns ``(metrics, detail)``: metrics as in :data:`SAMPLE_KEYS`, plus ``class_accuracy``
+        when the data are labelled and the feature net is a classifier; ``detail`` holds the
+        per-image ``copy_score`` (>= 1: flagged) and ``nearest_train`` index (for the
+        memorisation panel). A sample is a copy when it is flagged against the training images
+        or, with ``recon_ref`` (:meth:`reconstruction_reference`), against their reconstructions.
+        """
+        from arvision.features import classify, embed
+        from arvision.metrics.samples import class_accuracy, memorisation, sample_metrics
+
+        feats = embed(self.net, images_u8, batch_size=self.batch_size, device=self.device)
+        metrics = dict(sample_metrics(feats, self.val_feats, nearest_k=self.nearest_k))
+        reports = [memorisation(self.memo, feats, images_u8)]
+        if recon_ref is not None:
+            reports.append(memorisation(recon_ref, feats, images_u8))
+        score_RM = np.stack([r.score for r in reports])
+        score_px_RM = np.stack([r.score_pixels for r in reports])
+        which_M = score_RM.argmax(0)
+        copy_score = score_RM.max(0)
+        metrics["copy_rate"] = float((copy_score >= 1).mean()) if len(copy_score) else 0.0
+        metrics["copy_rate_pixels"] = float((score_px_RM.max(0) >= 1).mean()) if len(copy_score) else 0.0
+        metrics["copy_threshold"], metrics["copy_threshold_pixels"] = reports[0].threshold, reports[0].threshold_pixels
+        if intended_labels is not None and self.labelled and self.is_classifier:
+            pred = classify(self.net, images_u8, batch_size=self.batch_size, device=self.device)
+            metrics["class_accuracy"] = class_accuracy(pred, np.asarray(intended_labels))
+        nearest = np.stack([r.nearest for r in reports])[which_M, np.arange(len(which_M))]
+        detail = {"copy_score": copy_score, "nearest_train": nearest}
+        return {k: float(v) for k, v in metrics.items()}, detail
+
+    def floor(self, n: int, seed: int) -> dict[str, float]:
+        """What a perfect generator scores: ``n`` train images (seeded choice, at most all of
+        them) against val, labelled with their own labels. Memorisation is left out: these
+        *are* training images."""
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.choice(len(self.train_u8), size=min(n, len(self.train_u8)), replace=False))
+        metrics, _ = self.score(self.train_u8[idx], self.train_labels[idx])
+        return {k: v for k, v in metrics.items() if not k.startswith("copy_")}
+
+
+@torch.no_grad()
+def reconstruct(tokenizer, images_u8: np.ndarray, *, device, batch_size: int = 256) -> np.ndarray:
+    """``tokenizer``'s reconstructions (encode, then decode) of uint8 ``(N, H, W, C)`` images;
+    ``tokenizer`` lives on ``device``."""
+    from arvision.images import images_to_tensor, tensor_to_images
+
+    out = [tensor_to_images(tokenizer.decode(tokenizer.encode(images_to_tensor(images_u8[i : i + batch_size]).to(device))))
+           for i in range(0, len(images_u8), batch_size)]
+    return np.concatenate(out) if out else images_u8.copy()
+
+
+@torch.no_grad()
+def bits_per_dim(gen, images_u8: np.ndarray, labels: np.ndarray, *, batch_size: int = 256) -> dict[str, float]:
+    """Val likelihood of a generator's prior on its own tokenizer's codes of ``images_u8``:
+    ``val_bits_per_token`` and ``val_bpd`` (bits per image dimension, H·W·C). Comparable only
+    between models with the same tokenizer: the bits count what the prior models, not what
+    the tokenizer loses."""
+    from arvision.images import images_to_tensor
+
+    prior, tok, device = gen.prior.eval(), gen.tokenizer.eval(), gen.device
+    total_nats, n_tokens = 0.0, 0
+    for i in range(0, len(images_u8), batch_size):
+        x = images_to_tensor(images_u8[i : i + batch_size]).to(device)
+        codes_BL = tok.encode(x).long()
+        y_B = torch.as_tensor(np.maximum(labels[i : i + batch_size], 0), dtype=torch.long, device=device)  # unlabelled: 0
+        y_B = y_B.clamp_max(max(0, gen.num_classes - 1))
+        logits = prior(codes_BL, y_B).float()
+        total_nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes_BL.flatten(), reduction="sum").item()
+        n_tokens += codes_BL.numel()
+    n_dims = max(1, len(images_u8)) * int(np.prod(images_u8.shape[1:]))
+    return {"val_bits_per_token": total_nats / (math.log(2) * max(1, n_tokens)), "val_bpd": total_nats / (math.log(2) * n_dims)}
+
+
+def generate(gen, labels: np.ndarray, cfg) -> tuple[np.ndarray, float]:
+    """Sample one image per label with the evaluate config's sampling settings; returns the
+    images and images per second."""
+    import time
+
+    t0 = time.perf_counter()
+    images = gen.generate(
+        [int(x) for x in labels], cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k,
+        top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
+    )
+    return images, len(images) / max(1e-9, time.perf_counter() - t0)
+
+
+def judge(gen, yard: Yardstick, cfg) -> tuple[dict[str, float], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Score one generator: ``evaluate.num_samples`` samples against val, plus val likelihood.
+
+    Returns ``(metrics, images, labels, detail)``; ``metrics['sample_images_per_s']`` is the
+    sampling speed on this machine (not a result: it depends on the load)."""
+    labels = sample_labels(yard.val_labels, gen.num_classes, cfg.num_samples, cfg.seed)
+    images, speed = generate(gen, labels, cfg)
+    metrics, detail = yard.score(images, labels if gen.num_classes > 1 else None,
+                                 recon_ref=yard.reconstruction_reference(gen.tokenizer))
+    metrics.update(bits_per_dim(gen, yard.val_u8, yard.val_labels, batch_size=cfg.batch_size))
+    metrics["sample_images_per_s"] = speed
+    return metrics, images, labels, detail

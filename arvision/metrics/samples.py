@@ -1,0 +1,278 @@
+"""Sample quality and memorisation, on features computed once (:func:`arvision.features.embed`).
+
+Everything here takes feature arrays ``(N, D)`` (numpy or torch), so the real sets (val,
+train) are embedded once and every generated set is scored against them.
+
+- Fréchet distance and KID: torchmetrics' ``FrechetInceptionDistance`` and
+  ``KernelInceptionDistance``, given a pass-through "extractor" so that they work on the
+  pipeline's own features.
+- precision / recall (Kynkäänniemi et al. 2019, k-NN manifolds) and density / coverage
+  (Naeem et al. 2020): written here in torch, batched.
+- memorisation: each sample's nearest training image, in feature space and in pixel space,
+  against a threshold calibrated on real held-out images (:data:`COPY_PERCENTILE`).
+- Inception FID (:func:`inception_fd`), optional: needs ``torch-fidelity`` and a weights file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from arvision.errors import UserError
+
+Array = Union[np.ndarray, Tensor]
+
+#: A sample is flagged a copy when its distance to the nearest training image is at or below
+#: this percentile of the same distance for real val images (unseen in training): it sits
+#: closer to a training image than 95 % of real unseen images do. Real held-out images are
+#: so flagged 5 % of the time by construction; a copying generator far more often.
+COPY_PERCENTILE = 5.0
+#: copy scores (threshold / distance) are capped here, so an exact copy (distance 0) is finite
+COPY_SCORE_CAP = 1000.0
+#: KID: subsets drawn, and the largest subset size; smaller sets use half their size, so that
+#: the subsets differ and the std over them means something
+KID_SUBSETS = 100
+KID_MAX_SUBSET = 100
+#: rows of a distance block: memory ~ CHUNK × (other set's size) floats
+CHUNK = 1024
+
+
+def _feats(x: Array) -> Tensor:
+    """Features as a float64 CPU tensor ``(N, D)``."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
+    return t.detach().to("cpu", torch.float64).flatten(1)
+
+
+class _Precomputed(nn.Module):
+    """torchmetrics' feature-extractor slot for features computed already: passes them on."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim  # read by FrechetInceptionDistance instead of a dummy forward
+
+    def forward(self, feats_ND: Tensor) -> Tensor:
+        return feats_ND
+
+
+def frechet_distance(gen_feats: Array, real_feats: Array) -> float:
+    """Fréchet distance between Gaussians fitted to the two feature sets (FID's formula)."""
+    gen, real = _feats(gen_feats), _feats(real_feats)
+    fd = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    fd.update(real, real=True)
+    fd.update(gen, real=False)
+    return float(fd.compute())
+
+
+def kernel_distance(gen_feats: Array, real_feats: Array, *, seed: int = 0) -> tuple[float, float]:
+    """KID (Bińkowski et al. 2018): mean and std over :data:`KID_SUBSETS` subsets of the
+    unbiased squared MMD, cubic polynomial kernel. Subset size: min(:data:`KID_MAX_SUBSET`,
+    half the smaller set), so small sets work. Seeded: the same inputs give the same value."""
+    gen, real = _feats(gen_feats), _feats(real_feats)
+    if min(len(gen), len(real)) < 4:
+        raise ValueError(f"KID needs at least 4 images in each set, got {len(gen)} generated and {len(real)} real")
+    size = min(KID_MAX_SUBSET, min(len(gen), len(real)) // 2)
+    with warnings.catch_warnings():  # "will save all extracted features": small feature arrays here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=KID_SUBSETS, subset_size=size)
+    kid.update(real, real=True)
+    kid.update(gen, real=False)
+    with torch.random.fork_rng(devices=[]):  # its subsets come from the global RNG
+        torch.manual_seed(seed)
+        mean, std = kid.compute()
+    return float(mean), float(std)
+
+
+def _kth_nn_distance(x_ND: Tensor, k: int) -> Tensor:
+    """Each point's distance to its k-th nearest other point in the same set: ``(N,)``."""
+    if len(x_ND) <= k:
+        raise ValueError(f"k-NN radii need more than nearest_k={k} points, got {len(x_ND)}")
+    out = [torch.cdist(x_ND[i : i + CHUNK], x_ND).topk(k + 1, dim=1, largest=False).values[:, k]
+           for i in range(0, len(x_ND), CHUNK)]  # column 0 is the point itself
+    return torch.cat(out)
+
+
+def prdc(gen_feats: Array, real_feats: Array, *, nearest_k: int = 5) -> dict[str, float]:
+    """precision, recall (Kynkäänniemi et al. 2019) and density, coverage (Naeem et al. 2020).
+
+    Each real point's ball reaches its k-th nearest real neighbour (each generated point's, its
+    k-th generated neighbour). precision: share of generated points inside some real ball
+    (fidelity); recall: share of real points inside some generated ball (diversity); density:
+    mean count of real balls holding a generated point, over k (≈1 when the sets match, more
+    when samples crowd dense regions); coverage: share of real balls holding some generated
+    point (robust to outliers in the generated set).
+    """
+    gen, real = _feats(gen_feats), _feats(real_feats)
+    r_real_N = _kth_nn_distance(real, nearest_k)
+    r_gen_M = _kth_nn_distance(gen, nearest_k)
+    in_real_balls_M = torch.zeros(len(gen), dtype=torch.long)  # per generated point: real balls holding it
+    covered_N = torch.zeros(len(real), dtype=torch.bool)
+    recalled_N = torch.zeros(len(real), dtype=torch.bool)
+    for i in range(0, len(gen), CHUNK):
+        d_mN = torch.cdist(gen[i : i + CHUNK], real)  # m: this block of generated points
+        inside_mN = d_mN <= r_real_N[None]
+        in_real_balls_M[i : i + CHUNK] = inside_mN.sum(1)
+        covered_N |= inside_mN.any(0)
+        recalled_N |= (d_mN <= r_gen_M[i : i + CHUNK, None]).any(0)
+    return {
+        "precision": float((in_real_balls_M > 0).double().mean()),
+        "recall": float(recalled_N.double().mean()),
+        "density": float(in_real_balls_M.double().sum() / (nearest_k * len(gen))),
+        "coverage": float(covered_N.double().mean()),
+    }
+
+
+def sample_metrics(gen_feats: Array, real_feats: Array, *, nearest_k: int = 5) -> dict[str, float]:
+    """``fd``, ``kid``, ``kid_std``, ``precision``, ``recall``, ``density``, ``coverage`` of a
+    generated set against a real one, both as features ``(N, D)``."""
+    kid, kid_std = kernel_distance(gen_feats, real_feats)
+    return {
+        "fd": frechet_distance(gen_feats, real_feats),
+        "kid": kid,
+        "kid_std": kid_std,
+        **prdc(gen_feats, real_feats, nearest_k=nearest_k),
+    }
+
+
+def class_accuracy(pred_labels: Array, intended_labels: Array) -> float:
+    """Share of samples that the feature classifier assigns to the class they were generated
+    for (samples with an intended label < 0 are left out). Chance is Σ_c p_pred(c)·p_int(c),
+    1 / num_classes for balanced classes."""
+    pred, want = np.asarray(pred_labels), np.asarray(intended_labels)
+    keep = want >= 0
+    if not keep.any():
+        raise ValueError("class accuracy needs samples with intended labels >= 0")
+    return float((pred[keep] == want[keep]).mean())
+
+
+def _pixels(images_u8_NHWC: Array) -> Tensor:
+    """uint8 images → float32 ``(N, H·W·C)`` in [0, 1]."""
+    return torch.as_tensor(np.asarray(images_u8_NHWC)).flatten(1).float().div(255.0)
+
+
+def _nearest(query: Array, ref: Array, to_vec) -> tuple[Tensor, Tensor]:
+    """Each query row's nearest ``ref`` row (L2): ``(distance (N,), index (N,))``.
+
+    Both sides go in blocks of :data:`CHUNK` rows through ``to_vec`` (uint8 images → pixels,
+    or features), so 10k training images × 1k samples stay a few tens of MB.
+    """
+    dist, idx = [], []
+    for i in range(0, len(query), CHUNK):
+        q = to_vec(query[i : i + CHUNK])
+        best_d = torch.full((len(q),), float("inf"), dtype=q.dtype)
+        best_i = torch.zeros(len(q), dtype=torch.long)
+        for j in range(0, len(ref), CHUNK):
+            d, k = torch.cdist(q, to_vec(ref[j : j + CHUNK]).to(q.dtype)).min(1)
+            better = d < best_d
+            best_d = torch.where(better, d, best_d)
+            best_i = torch.where(better, k + j, best_i)
+        dist.append(best_d)
+        idx.append(best_i)
+    return torch.cat(dist), torch.cat(idx)
+
+
+@dataclass(frozen=True)
+class CopyReference:
+    """The training set to compare samples with, and the copy thresholds calibrated on val."""
+
+    train_feats: Tensor  # (N, D) float64
+    train_u8: np.ndarray  # (N, H, W, C) uint8
+    threshold: float  # feature-space L2 distance
+    threshold_pixels: float  # pixel-space L2 distance, pixels in [0, 1] (whole image, not per pixel)
+
+
+def copy_reference(
+    train_feats: Array, train_u8_NHWC: np.ndarray, val_feats: Array, val_u8_NHWC: np.ndarray
+) -> CopyReference:
+    """Calibrate the copy thresholds: the :data:`COPY_PERCENTILE`-th percentile of the val
+    images' distances to their nearest training image, in feature and in pixel space.
+    Computed once; :func:`memorisation` then scores any number of generated sets."""
+    if len(val_u8_NHWC) == 0 or len(train_u8_NHWC) == 0:
+        raise ValueError("copy thresholds need val and train images")
+    train = _feats(train_feats)
+    d_val, _ = _nearest(_feats(val_feats), train, _feats)
+    d_val_px, _ = _nearest(val_u8_NHWC, train_u8_NHWC, _pixels)
+    q = COPY_PERCENTILE / 100
+    return CopyReference(
+        train_feats=train,
+        train_u8=np.asarray(train_u8_NHWC),
+        threshold=float(torch.quantile(d_val, q)),
+        threshold_pixels=float(torch.quantile(d_val_px.double(), q)),
+    )
+
+
+@dataclass(frozen=True)
+class CopyReport:
+    """Memorisation of one generated set. Scores are threshold / distance (capped at
+    :data:`COPY_SCORE_CAP`): >= 1 means flagged a copy, higher is more copy-like."""
+
+    copy_rate: float  # share of samples flagged in feature space
+    copy_rate_pixels: float  # share flagged in pixel space
+    threshold: float
+    threshold_pixels: float
+    score: np.ndarray  # (M,) float64, feature space
+    nearest: np.ndarray  # (M,) int64: index of the nearest training image, feature space
+    score_pixels: np.ndarray  # (M,) float64
+    nearest_pixels: np.ndarray  # (M,) int64
+
+    def metrics(self) -> dict[str, float]:
+        """The scalar figures, for metrics files and MLflow."""
+        return {
+            "copy_rate": self.copy_rate,
+            "copy_rate_pixels": self.copy_rate_pixels,
+            "copy_threshold": self.threshold,
+            "copy_threshold_pixels": self.threshold_pixels,
+        }
+
+
+def _scores(dist_M: Tensor, threshold: float) -> Tensor:
+    return threshold / dist_M.double().clamp_min(max(threshold / COPY_SCORE_CAP, 1e-12))
+
+
+def memorisation(ref: CopyReference, gen_feats: Array, gen_u8_NHWC: np.ndarray) -> CopyReport:
+    """Each sample's nearest training image (features, and pixels), flagged against ``ref``'s thresholds."""
+    d, i = _nearest(_feats(gen_feats), ref.train_feats, _feats)
+    d_px, i_px = _nearest(gen_u8_NHWC, ref.train_u8, _pixels)
+    score, score_px = _scores(d, ref.threshold), _scores(d_px, ref.threshold_pixels)
+    return CopyReport(
+        copy_rate=float((d <= ref.threshold).double().mean()),
+        copy_rate_pixels=float((d_px <= ref.threshold_pixels).double().mean()),
+        threshold=ref.threshold,
+        threshold_pixels=ref.threshold_pixels,
+        score=score.numpy(),
+        nearest=i.numpy(),
+        score_pixels=score_px.numpy(),
+        nearest_pixels=i_px.numpy(),
+    )
+
+
+def inception_fd(gen_u8_NHWC: np.ndarray, real_u8_NHWC: np.ndarray, weights_path: str | Path) -> float:
+    """The standard FID (Inception-v3 pool features, 2048-d) through torchmetrics.
+
+    Needs the optional ``torch-fidelity`` package and the FID Inception weights file
+    (``pt_inception-2015-12-05``) at ``weights_path`` (params: ``evaluate.inception_weights``),
+    since nothing is downloaded. Grayscale images are repeated to three channels.
+    """
+    path = Path(weights_path)
+    if not path.is_file():
+        raise UserError(f"evaluate.inception_weights: no file at {path}")
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise UserError("Inception FID needs the torch-fidelity package: pip install torch-fidelity")
+    fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(path))
+
+    def to_u8_NCHW(images: np.ndarray) -> Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    for images, real in ((real_u8_NHWC, True), (gen_u8_NHWC, False)):
+        for i in range(0, len(images), 64):
+            fid.update(to_u8_NCHW(images[i : i + 64]), real=real)
+    return float(fid.compute())

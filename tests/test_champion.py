@@ -1,0 +1,131 @@
+"""The champion rule, through the real MLflow registry and the real ``evaluate`` stage code.
+
+- the first candidate on a data set becomes its champion;
+- a better candidate (lower Fréchet distance, the incumbent re-scored in the same run) moves it;
+- a worse candidate leaves it where it was;
+- a candidate trained on other data does not touch this data's champion (it gets its own
+  data's alias).
+
+The generators are tiny: a briefly trained tokenizer with an untrained prior (random codes
+decoded into emoji-coloured images) is the "good" one; the "bad" one has its decoder zeroed,
+so every sample is the same flat grey image.
+"""
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from arvision.champion import CHAMPION, data_alias
+from arvision.config import parse_params
+from arvision.tracking import GENERATOR_MODEL, stage_run
+from stages import evaluate, features, prepare, tokenizer
+from stages.common import Paths, read_json
+
+PARAMS = {
+    "seed": 0,
+    "data": {"source": "emoji", "path": "arvision/data/emoji", "resolution": 16, "val_fraction": 0.25,
+             "max_images": 160, "shard_size": 256},
+    "tokenizer": {"kind": "vq", "width": 8, "channel_mult": [1, 2], "codebook_size": 16, "code_dim": 4,
+                  "steps": 60, "batch_size": 16, "warmup_steps": 5},
+    "features": {"width": 8, "dim": 16, "steps": 30, "batch_size": 32},
+    "prior": {"kind": "gpt", "size": "tiny"},
+    "evaluate": {"num_samples": 40, "samples_per_class": 2, "batch_size": 64, "nearest_k": 3},
+}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _project(root: Path, max_images: int) -> tuple:
+    """Prepared data, a tokenizer and a feature net for ``root``; returns (params, paths)."""
+    from arvision.tracking import NullTracker
+
+    raw = {**PARAMS, "data": {**PARAMS["data"], "path": str(ROOT / "arvision/data/emoji"), "max_images": max_images}}
+    params = parse_params(raw)
+    paths = Paths(root)
+    prepare.run(params, paths, NullTracker())
+    features.run(params, paths, NullTracker())
+    tokenizer.run(params, paths, NullTracker())
+    shutil.copytree(paths.tokenizer, root / "tokenizer-trained")
+    return params, paths
+
+
+def _generator(params, paths: Paths, collapsed: bool) -> None:
+    """The trained tokenizer + an untrained prior in models/; ``collapsed``: the decoder's
+    weights are zero, so every sample is the same flat image."""
+    from arvision.priors import build_prior, save_prior
+    from arvision.tokenizers import load_tokenizer, save_tokenizer
+
+    m = read_json(paths.prepared / "manifest.json")
+    torch.manual_seed(0)
+    tok = load_tokenizer(paths.root / "tokenizer-trained")
+    if collapsed:
+        with torch.no_grad():
+            for p in tok.decoder.parameters():
+                p.zero_()
+    shutil.rmtree(paths.tokenizer, ignore_errors=True)
+    save_tokenizer(tok, paths.tokenizer)
+    prior = build_prior(params.prior, vocab_size=tok.vocab_size, layout=[list(x) for x in tok.layout],
+                        num_classes=max(1, m["num_classes"]))
+    import json
+
+    save_prior(prior, paths.prior, extra={"class_names": m.get("class_names", [])})
+    (paths.prior / "meta.json").write_text(json.dumps({"class_names": m.get("class_names", [])}))
+
+
+def _evaluate(params, paths: Paths) -> dict:
+    with stage_run("evaluate", paths.root) as tracker:
+        return evaluate.run(params, paths, tracker)
+
+
+def _alias(client, alias: str) -> str:
+    return str(client.get_model_version_by_alias(GENERATOR_MODEL, alias).version)
+
+
+@pytest.mark.e2e
+def test_champion_moves_only_when_beaten_on_the_same_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("ARVISION_PARENT_RUN_ID", raising=False)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params, paths = _project(tmp_path / "a", 160)
+    data_a = read_json(paths.prepared / "manifest.json")["content_hash"]
+
+    _generator(params, paths, collapsed=True)
+    first = _evaluate(params, paths)  # no champion yet: the first candidate takes it
+    assert first["is_champion"] == 1 and _alias(client, CHAMPION) == "1" == _alias(client, data_alias(data_a))
+
+    _generator(params, paths, collapsed=False)
+    better = _evaluate(params, paths)  # v1 re-scored in this run; v2 has the lower FD
+    assert better["champion_fd"] > better["fd"]
+    assert better["is_champion"] == 1 and _alias(client, CHAMPION) == "2"
+
+    _generator(params, paths, collapsed=True)
+    worse = _evaluate(params, paths)
+    assert worse["fd"] > worse["champion_fd"]
+    assert worse["is_champion"] == 0 and _alias(client, CHAMPION) == "2"
+    assert _alias(client, "candidate") == "3"
+    assert "champion v2 kept" in (paths.reports / "decision.txt").read_text()
+
+    # other data: competes only on its own data; this data's champion stays
+    params_b, paths_b = _project(tmp_path / "b", 120)
+    data_b = read_json(paths_b.prepared / "manifest.json")["content_hash"]
+    assert data_b != data_a
+    _generator(params_b, paths_b, collapsed=False)
+    other = _evaluate(params_b, paths_b)
+    assert other["is_champion"] == 1 and "champion_fd" not in other  # nothing on its data to beat
+    assert _alias(client, data_alias(data_b)) == "4"
+    assert _alias(client, CHAMPION) == "2" == _alias(client, data_alias(data_a))
+
+    # the report shows the sample metrics beside their floor and the memorisation panel
+    report = (paths.reports / "report.md").read_text()
+    assert "floor" in report and "memorisation.png" in report
+    assert (paths.reports / "memorisation.png").stat().st_size > 0
+
+
+def test_a_copier_never_wins():
+    from arvision.champion import beats
+
+    assert beats(1.0, 2.0) and not beats(2.0, 1.0) and not beats(1.0, 1.0) and beats(5.0, None)
+    assert not beats(0.1, 2.0, candidate_qualifies=False)  # lower FD, but copies its training set
+    assert beats(3.0, 1.0, incumbent_qualifies=False)  # any qualified model beats a copier

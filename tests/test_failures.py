@@ -1,0 +1,383 @@
+"""A run's word can be trusted: failures say why, interrupts stop fast, services fail in seconds.
+
+Pure parts first (atomic outputs, the repo lock, ``arvision sample`` argument and file errors,
+the service preflight, closing orphaned MLflow runs); then one tiny project through the real
+Prefect, DVC, MLflow and Ray: a failing stage, Ctrl-C, SIGTERM and ``kill -9`` during a stage.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: overrides of the project's params.yaml (DVC tracks its keys one by one): steps of 2-4, seconds a stage
+TINY = {
+    "seed": 0,
+    "data": {"source": "emoji", "path": "arvision/data/emoji", "resolution": 16, "channels": 3,
+             "val_fraction": 0.2, "max_images": 60, "shard_size": 32},
+    "tokenizer": {"kind": "vq", "width": 8, "channel_mult": [1, 2], "num_res_blocks": 0, "codebook_size": 16,
+                  "code_dim": 4, "steps": 3, "batch_size": 8, "log_every": 1, "warmup_steps": 1},
+    "tokens": {"batch_size": 32, "shard_size": 32},
+    "prior": {"kind": "gpt", "size": "tiny", "steps": 4, "batch_size": 8, "warmup_steps": 1, "log_every": 2,
+              "checkpoint_every": 2, "eval_every": 0},
+    "ray": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1},
+    "features": {"width": 8, "dim": 8, "steps": 2, "batch_size": 8},
+    "evaluate": {"samples_per_class": 1, "num_samples": 10, "max_val_images": 12, "batch_size": 16},
+}
+
+
+def _project(tmp: Path) -> Path:
+    """A git + DVC repo holding a copy of the code and TINY params (as tests/test_pipeline_e2e.py)."""
+    import shutil
+
+    proj = tmp / "proj"
+    proj.mkdir()
+    for name in ["arvision", "stages", "pipelines"]:
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, proj / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    from arvision.config import parse_params
+
+    full = parse_params(params).model_dump(mode="json")  # every key written out, as DVC tracks them one by one
+    (proj / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    env = _env(tmp)
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=proj, check=True, env=env)
+    return proj
+
+
+def _env(tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "RAY_ADDRESS", "ARVISION_"))}
+    env.update({
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+        "PYTHONUNBUFFERED": "1",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+    })
+    return env
+
+
+# --------------------------------------------------------------------------- atomic outputs
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path, monkeypatch, exchange):
+    import stages.common as common
+
+    if not exchange:
+        monkeypatch.setattr(common, "_exchange", lambda a, b: False)
+    out = tmp_path / "models" / "prior"
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with common.atomic_dir(out) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("stage failed")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    with common.atomic_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert (out / "old.txt").exists()  # the old output stays readable until the swap
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert [p.name for p in out.parent.iterdir()] == ["prior"]  # no temporary or old copy left
+
+
+# --------------------------------------------------------------------------- the repo lock
+
+
+def _arvision(proj: Path, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "arvision.cli", *args], cwd=proj, env=env or _env(proj.parent),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory) -> Path:
+    """A project that never runs a stage: for checks that must stop before any work."""
+    return _project(tmp_path_factory.mktemp("bare"))
+
+
+def test_second_run_is_told_at_once_who_holds_the_repo(bare):
+    from pipelines.lock import RunLock
+
+    lock = RunLock(bare)
+    lock.acquire()
+    try:
+        t0 = time.time()
+        proc = _arvision(bare, "run")
+        assert proc.returncode == 2, proc.stderr
+        assert f"another arvision run (pid {os.getpid()}" in proc.stderr and "Traceback" not in proc.stderr
+        assert time.time() - t0 < 30
+    finally:
+        lock.release()
+    assert not (bare / "mlflow.db").exists() and not (bare / "data" / "prepared").exists()
+
+
+def test_lock_hands_what_a_killed_holder_left_to_the_next(tmp_path):
+    from pipelines.lock import RunLock
+
+    first = RunLock(tmp_path)
+    first.acquire()
+    first.update(parent_run_id="abc")
+    first._fh.close()  # the process died: the kernel drops the flock, the file keeps its record
+    first._fh = None
+    second = RunLock(tmp_path)
+    assert second.acquire()["parent_run_id"] == "abc"
+    second.release()
+    assert RunLock(tmp_path).acquire() == {}  # a clean end leaves nothing behind
+
+
+# --------------------------------------------------------------------------- services
+
+
+@pytest.mark.parametrize("setting,value", [
+    ("MLFLOW_TRACKING_URI", "http://127.0.0.1:9"),
+    ("PREFECT_API_URL", "http://127.0.0.1:9/api"),
+    ("RAY_ADDRESS", "127.0.0.1:9"),
+])
+def test_unreachable_service_fails_fast_naming_the_setting(bare, setting, value):
+    env = {**_env(bare.parent), setting: value}
+    t0 = time.time()
+    proc = _arvision(bare, "run", env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+    assert proc.stderr.startswith(f"error: {setting}={value}") and "Traceback" not in proc.stderr
+    assert time.time() - t0 < 30
+    assert not (bare / "data" / "prepared").exists()  # checked before any stage touched an output
+
+
+# --------------------------------------------------------------------------- arvision sample
+
+
+def _model_dir(root: Path) -> Path:
+    """A models/ directory whose files pass the cheap checks (valid JSON, zip checkpoints)."""
+    for part in ("tokenizer", "prior"):
+        d = root / "models" / part
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+        with zipfile.ZipFile(d / "weights.pt", "w") as z:
+            z.writestr("archive/data.pkl", b"")
+    return root / "models"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--n", "0"], "--n must be at least 1"),
+    (["--n", "-3"], "--n must be at least 1"),
+    (["--temperature", "0"], "--temperature: input should be greater than 0"),
+    (["--top-p", "0"], "--top-p: input should be greater than 0"),
+    (["--top-p", "1.5"], "--top-p: input should be less than or equal to 1"),
+    (["--top-k", "-1"], "--top-k: input should be greater than or equal to 0"),
+    (["--cfg-scale", "-1"], "--cfg-scale: input should be greater than or equal to 0"),
+])
+def test_sample_bad_arguments(tmp_path, capsys, args, expected):
+    from arvision.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["sample", str(_model_dir(tmp_path)), "--out", str(tmp_path / "g.png"), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("truncate prior/weights.pt", "prior/weights.pt is not a complete torch checkpoint"),
+    ("garbage prior/config.json", "prior/config.json is not valid JSON"),
+    ("remove tokenizer/weights.pt", "tokenizer/weights.pt is missing"),
+])
+def test_sample_damaged_model(tmp_path, capsys, damage, expected):
+    from arvision.cli import main
+
+    models = _model_dir(tmp_path)
+    action, name = damage.split(" ")
+    f = models / name
+    if action == "truncate":
+        f.write_bytes(f.read_bytes()[:20])
+    elif action == "garbage":
+        f.write_text("{not json")
+    else:
+        f.unlink()
+    with pytest.raises(SystemExit) as e:
+        main(["sample", str(models), "--out", str(tmp_path / "g.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- orphaned MLflow runs
+
+
+def test_orphaned_runs_of_a_dead_process_are_closed(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from arvision.tracking import CLOSED_REASON_TAG, close_orphaned_runs, process_tags
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("arvision", artifact_location=(tmp_path / "art").as_uri())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    dead_tags = {**process_tags(), "arvision.pid": str(dead.pid)}
+    parent = client.create_run(exp, tags=dead_tags).info.run_id
+    orphan = client.create_run(exp, tags={**dead_tags, "mlflow.parentRunId": parent}).info.run_id
+    alive = client.create_run(exp, tags={**process_tags(), "mlflow.parentRunId": parent}).info.run_id  # this process
+    closed = close_orphaned_runs(uri, parent, "killed")
+    assert sorted(closed) == sorted([parent, orphan])
+    for rid in (parent, orphan):
+        run = client.get_run(rid)
+        assert run.info.status == "KILLED" and run.data.tags[CLOSED_REASON_TAG] == "killed"
+    assert client.get_run(alive).info.status == "RUNNING"
+
+
+# --------------------------------------------------------------------------- through the real pipeline
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory) -> Path:
+    """One tiny project shared by the pipeline cases (they run in file order)."""
+    return _project(tmp_path_factory.mktemp("fail"))
+
+
+def _set(proj: Path, **sections) -> None:
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _mlflow_runs(proj: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("arvision")
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def test_failed_stage_says_why_and_ends_failed(proj, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "bad.parquet"  # the check passes (a Parquet file with rows); prepare cannot read it
+    pq.write_table(pa.table({"image": list(range(80)), "label": [0] * 80}), bad)
+    _set(proj, data={"source": "parquet", "path": str(bad)})
+    proc = _arvision(proj, "run")
+    assert proc.returncode == 1
+    reason = "column 'image' holds int64, not image bytes"
+    assert f"prepare failed: {bad}: {reason}" in proc.stdout, proc.stdout[-3000:]
+    assert "registered" not in proc.stdout and "bits/dim" not in proc.stdout  # nothing of an earlier run
+    record = json.loads((proj / ".arvision" / "last_run.json").read_text())
+    assert record["stages"][0]["failed"] and reason in record["stages"][0]["reason"]
+    parent = [r for r in _mlflow_runs(proj) if r.data.tags.get("arvision.stage") == "pipeline"][0]
+    assert parent.info.status == "FAILED" and parent.data.params["data.source"] == "parquet"
+    _set(proj, data={"source": "emoji", "path": "arvision/data/emoji"})
+
+
+def _interrupt(proj: Path, sig: int, marker: str = "python -m stages.tokenizer", delay: float = 1.0) -> tuple[int, float, str]:
+    """Start ``arvision run``, send ``sig`` ``delay`` s after ``marker`` is printed and the
+    tokenizer stage has opened its MLflow run (SIGINT to the
+    process group, as Ctrl-C at a terminal; others to the main process); returns (rc, seconds
+    from the signal to the exit, output)."""
+    p = subprocess.Popen([sys.executable, "-m", "arvision.cli", "run"], cwd=proj, env=_env(proj.parent),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if marker in line:
+            break
+    deadline = time.time() + 180
+    while time.time() < deadline and not any(  # the stage has opened its MLflow run: it is working
+            r.info.status == "RUNNING" and r.data.tags.get("arvision.stage") == "tokenizer" for r in _mlflow_runs(proj)):
+        time.sleep(0.5)
+    time.sleep(delay)
+    t0 = time.time()
+    if sig == signal.SIGINT:
+        os.killpg(p.pid, sig)
+    elif sig == signal.SIGKILL:
+        os.killpg(p.pid, sig)  # everything at once: the run and its stage
+    else:
+        os.kill(p.pid, sig)
+    rest, _ = p.communicate(timeout=120)
+    return p.returncode, time.time() - t0, "".join(out) + rest
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_stops_fast_and_ends_runs_killed(proj, sig):
+    _set(proj, tokenizer={"steps": 5000})  # a stage that is surely still running when the signal comes
+    rc, seconds, out = _interrupt(proj, sig)
+    assert rc == 130, out[-3000:]
+    assert seconds < 10, out[-3000:]
+    assert "interrupted" in out and out.count("Traceback") == 0, out[-3000:]
+    runs = _mlflow_runs(proj)
+    parent = [r for r in runs if r.data.tags.get("arvision.stage") == "pipeline"][0]
+    stage = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+             and r.data.tags["arvision.stage"] == "tokenizer"][0]
+    assert parent.info.status == "KILLED" and stage.info.status == "KILLED"
+    assert not (proj / "models" / "tokenizer").exists()  # nothing half-written kept
+    # the parent run holds the run's params and the numbers of the stages that ran in it
+    assert parent.data.params["tokenizer.steps"] == "5000"
+    if sig == signal.SIGINT:  # prepare ran in this run (after the failed one)
+        assert parent.data.metrics["prepare.train_images"] > 0
+
+
+def test_kill_9_leaves_runs_that_the_next_run_closes(proj):
+    rc, _, out = _interrupt(proj, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    lost = [r for r in _mlflow_runs(proj) if r.info.status == "RUNNING"]
+    assert {r.data.tags["arvision.stage"] for r in lost} == {"pipeline", "tokenizer"}
+    rc, _, out = _interrupt(proj, signal.SIGINT)
+    assert rc == 130 and "closed 2 MLflow run(s) left RUNNING by a killed arvision run" in out, out[-3000:]
+    for r in lost:
+        run = [x for x in _mlflow_runs(proj) if x.info.run_id == r.info.run_id][0]
+        assert run.info.status == "KILLED" and "was killed" in run.data.tags["arvision.end_reason"]
+
+
+def test_prefect_recorded_how_each_run_ended(proj):
+    """The flow runs above, read back from the Prefect database through a Prefect server."""
+    script = (
+        "import json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    flows = c.read_flow_runs()\n"
+        "    tasks = c.read_task_runs()\n"
+        "    logs = c.read_logs()\n"
+
+        "print(json.dumps({'flows': sorted([f.created.isoformat(), f.state.type.value, f.state.name] for f in flows),\n"
+        "                  'tasks': sorted([t.created.isoformat(), t.name, t.state.type.value, t.state.name] for t in tasks),\n"
+        "                  'logs': [[l.name, l.message] for l in logs]}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=proj, env=_env(proj.parent), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    flows = [f[1:] for f in data["flows"]]
+    # failed stage; Ctrl-C; SIGTERM; kill -9 (left Running: nothing could record it); Ctrl-C
+    assert flows[0] == ["FAILED", "Failed"]
+    assert all(f[0] in ("CANCELLED", "CRASHED") for f in (flows[1], flows[2], flows[4])), flows
+    tasks = [t[1:] for t in data["tasks"]]
+    assert ["prepare", "FAILED", "Failed"] in tasks
+    assert ["prepare", "COMPLETED", "Skipped"] in tasks  # unchanged in the later runs
+    assert ["tokenizer", "CANCELLED", "Cancelled"] in tasks
+    # what the stage printed reached the Prefect run's logs
+    assert any(name == "arvision.stage" and "error: prepare:" in msg for name, msg in data["logs"])
+
+
+def test_serve_flow_needs_a_prefect_server_and_a_cron(bare):
+    proc = _arvision(bare, "serve-flow", "--cron", "every day")
+    assert proc.returncode == 2 and "--cron 'every day': not a cron expression" in proc.stderr
+    proc = _arvision(bare, "serve-flow", "--cron", "0 3 * * *")
+    assert proc.returncode == 2 and "serve-flow needs a Prefect server" in proc.stderr and "Traceback" not in proc.stderr
