@@ -50,30 +50,33 @@ def summary(root: Path, results: list[dict], parent_run_id: str | None, seconds:
         if stage in ran and p.exists():
             m[name] = json.loads(p.read_text())
     ev, tk = m.get("eval", {}), m.get("tokenizer", {})
+    floor = ev.get("floor_fd")
     keys = [
+        ("FD", f"{_fmt(ev['fd'])} (floor {_fmt(floor)})" if "fd" in ev and floor is not None else ev.get("fd")),
+        ("precision", ev.get("precision")),
+        ("recall", ev.get("recall")),
+        ("copies", f"{ev['copy_rate']:.0%}" if "copy_rate" in ev else None),
+        ("class acc", f"{ev['class_accuracy']:.0%}" if "class_accuracy" in ev else None),
         ("val bits/dim", ev.get("val_bpd")),
-        ("val bits/token", ev.get("val_bits_per_token")),
         ("tokenizer PSNR (dB)", ev.get("tokenizer_psnr", tk.get("val_psnr"))),
         ("codebook usage", ev.get("tokenizer_usage", tk.get("val_usage"))),
-        ("sampling images/s", ev.get("sample_images_per_s")),
     ]
     shown = [f"{k} {_fmt(v)}" for k, v in keys if v is not None]
     if shown:
-        lines += ["", "  " + " | ".join(shown)]
+        lines += ["", "  " + " | ".join(shown[:4]), *(["  " + " | ".join(shown[4:])] if shown[4:] else [])]
     elif results and not ran and not any(r.get("failed") for r in results):
         lines += ["", "  nothing changed: the outputs are current (`dvc metrics show` for their numbers)"]
-    if ev.get("registered_version") is not None:
-        lines.append(
-            f"  registered arvision-generator v{ev['registered_version']}"
-            + (" (new champion)" if ev.get("is_champion") else " (candidate; champion kept)")
-        )
+    decision = root / "reports" / "decision.txt"
+    if "evaluate" in ran and decision.exists():
+        lines.append("  " + decision.read_text().strip())
     uri = tracking_uri(root)
     lines += [""]
     if "evaluate" in ran:
-        lines.append(f"  sample grid : {root / 'reports' / 'samples.png'}")
+        lines.append(f"  report      : {root / 'reports' / 'report.md'}  (samples.png, memorisation.png, curves.png)")
     lines += [
         f"  MLflow      : mlflow ui --backend-store-uri {uri}" + (f"   (parent run {parent_run_id})" if parent_run_id else ""),
-        "  DVC         : dvc metrics show ; dvc plots show",
+        "  DVC         : dvc metrics show ; dvc plots show"
+        + ("   (to share: git commit dvc.lock metrics/ ; dvc push)" if ran else ""),
         "  Prefect     : "
         + (f"flow runs at {os.environ['PREFECT_API_URL'].removesuffix('/api')}" if os.environ.get("PREFECT_API_URL")
            else "prefect server start  (then open the flow runs of 'arvision')"),

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline_project import make_project
+from pipeline_project import env as _env
 
 #: overrides of the project's params.yaml (DVC tracks its keys one by one): steps of 2-4, seconds a stage
 TINY = {
@@ -36,43 +36,7 @@ TINY = {
 
 
 def _project(tmp: Path) -> Path:
-    """A git + DVC repo holding a copy of the code and TINY params (as tests/test_pipeline_e2e.py)."""
-    import shutil
-
-    proj = tmp / "proj"
-    proj.mkdir()
-    for name in ["arvision", "stages", "pipelines"]:
-        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
-        if (ROOT / name).exists():
-            shutil.copy(ROOT / name, proj / name)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        if isinstance(values, dict):
-            params[section].update(values)
-        else:
-            params[section] = values
-    from arvision.config import parse_params
-
-    full = parse_params(params).model_dump(mode="json")  # every key written out, as DVC tracks them one by one
-    (proj / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-    env = _env(tmp)
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
-        subprocess.run(cmd, cwd=proj, check=True, env=env)
-    return proj
-
-
-def _env(tmp: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "RAY_ADDRESS", "ARVISION_"))}
-    env.update({
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
-        "PYTHONUNBUFFERED": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-    })
-    return env
+    return make_project(tmp, TINY)
 
 
 # --------------------------------------------------------------------------- atomic outputs

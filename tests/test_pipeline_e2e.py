@@ -5,11 +5,15 @@
    skips every stage;
 3. after changing ``prior.lr`` only prior and evaluate run;
 4. ``arvision sample models:/arvision-generator@champion`` draws images in a fresh process.
+
+Between 1 and 2, a colleague reproduces the run from the repo alone, as the README says: the
+run's ``dvc.lock`` and metrics are committed and ``dvc push``ed to the remote that the committed
+``.dvc/config`` names (``../../arvision-dvcstore``, beside the repo); a ``git clone`` next to it
+gets every output with ``dvc pull``, and its ``arvision run`` skips every stage. Its
+``dvc plots show`` page holds the curves and the sample grid and loads nothing from the network.
 """
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +22,14 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from pipeline_project import arvision as _arvision
+from pipeline_project import env as _env
+from pipeline_project import git as _git
+from pipeline_project import make_project
+from pipeline_project import ran as _ran
+from pipeline_project import run as _run
 
-ROOT = Path(__file__).resolve().parents[1]
-from arvision.dag import STAGES, complete_params  # noqa: E402
+from arvision.dag import STAGES
 
 TINY = {
     "seed": 0,
@@ -37,56 +46,46 @@ TINY = {
 }
 
 
-def _project(tmp: Path) -> Path:
-    proj = tmp / "proj"
-    proj.mkdir()
-    for name in ["arvision", "stages", "pipelines"]:
-        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
-        if (ROOT / name).exists():
-            shutil.copy(ROOT / name, proj / name)
-    (proj / "params.yaml").write_text(yaml.safe_dump(complete_params(TINY), sort_keys=False))
-    env = _env(tmp)
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
-        subprocess.run(cmd, cwd=proj, check=True, env=env)
-    return proj
+def _second_clone_skips_everything(a: Path) -> None:
+    """Commit the run, push its outputs; a clone beside it pulls them and skips every stage."""
+    tmp = a.parent
+    _git(a, "add", "-A")
+    _git(a, "commit", "-q", "-m", "a run")
+    assert "dvc.lock" in _git(a, "ls-files")
+    push = _run(a, sys.executable, "-m", "dvc", "push")
+    assert push.returncode == 0, push.stderr[-3000:]
+    store = tmp / "arvision-dvcstore"  # the committed remote: beside the repo, not inside it
+    assert store.is_dir() and any(store.rglob("*"))
 
+    b = tmp / "b"
+    subprocess.run(["git", "clone", "-q", str(a), str(b)], check=True, env=_env(tmp))
+    assert not (b / "models").exists() and not (b / "data").exists()
+    pull = _run(b, sys.executable, "-m", "dvc", "pull")
+    assert pull.returncode == 0, pull.stderr[-3000:]
+    assert (b / "models" / "prior" / "weights.pt").read_bytes() == (a / "models" / "prior" / "weights.pt").read_bytes()
+    assert (b / "reports" / "samples.png").exists()
+    second = _arvision(b, "run")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _ran(b) == {s: False for s in STAGES}
+    assert _run(b, sys.executable, "-m", "dvc", "status").stdout.strip().endswith("up to date.")
 
-def _env(tmp: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "RAY_ADDRESS", "ARVISION_"))}
-    env.update({
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
-        "PYTHONUNBUFFERED": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-    })
-    return env
-
-
-def _arvision(proj: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "arvision.cli", *args], cwd=proj, env=_env(proj.parent),
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        print(proc.stdout[-6000:], proc.stderr[-6000:])
-    return proc
-
-
-def _ran(proj: Path) -> dict[str, bool]:
-    record = json.loads((proj / ".arvision" / "last_run.json").read_text())
-    return {r["stage"]: r["ran"] for r in record["stages"]}
+    # the plots page: curves and the sample grid, Vega inlined (no script from the network)
+    shown = _run(b, sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp / "plots"))
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    page = (tmp / "plots" / "index.html").read_text()
+    assert "vegaEmbed(" in page and "prior_curve.csv" in page and "samples.png" in page
+    assert "<script src=" not in page and "cdn.jsdelivr" not in page
 
 
 @pytest.mark.e2e
 def test_pipeline_end_to_end(tmp_path):
-    proj = _project(tmp_path)
+    proj = make_project(tmp_path, TINY)
 
     # 1. everything runs
     first = _arvision(proj, "run")
     assert first.returncode == 0, first.stderr[-3000:]
     assert _ran(proj) == {s: True for s in STAGES}
-    assert "sample grid" in first.stdout and "val bits/dim" in first.stdout
+    assert "report.md" in first.stdout and "val bits/dim" in first.stdout and "FD " in first.stdout
     manifest = json.loads((proj / "data/prepared/manifest.json").read_text())
     assert manifest["counts"]["train"] + manifest["counts"]["val"] == 240
     ev = json.loads((proj / "metrics/eval.json").read_text())
@@ -115,6 +114,9 @@ def test_pipeline_end_to_end(tmp_path):
     gen = client.get_model_version_by_alias("arvision-generator", "champion")
     assert str(client.get_model_version_by_alias("arvision-generator", "candidate").version) == str(gen.version)
     assert client.get_model_version_by_alias("arvision-tokenizer", "candidate") is not None
+
+    # 1b. a colleague's clone: dvc pull, then nothing to run
+    _second_clone_skips_everything(proj)
 
     # 2. nothing changed that can change a result: everything skipped
     params = yaml.safe_load((proj / "params.yaml").read_text())
