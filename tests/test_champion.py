@@ -37,11 +37,12 @@ PARAMS = {
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _project(root: Path, max_images: int) -> tuple:
+def _project(root: Path, max_images: int, data: dict | None = None) -> tuple:
     """Prepared data, a tokenizer and a feature net for ``root``; returns (params, paths)."""
     from arvision.tracking import NullTracker
 
-    raw = {**PARAMS, "data": {**PARAMS["data"], "path": str(ROOT / "arvision/data/emoji"), "max_images": max_images}}
+    data = data or {"path": str(ROOT / "arvision/data/emoji")}
+    raw = {**PARAMS, "data": {**PARAMS["data"], **data, "max_images": max_images}}
     params = parse_params(raw)
     paths = Paths(root)
     prepare.run(params, paths, NullTracker())
@@ -129,3 +130,35 @@ def test_a_copier_never_wins():
     assert beats(1.0, 2.0) and not beats(2.0, 1.0) and not beats(1.0, 1.0) and beats(5.0, None)
     assert not beats(0.1, 2.0, candidate_qualifies=False)  # lower FD, but copies its training set
     assert beats(3.0, 1.0, incumbent_qualifies=False)  # any qualified model beats a copier
+
+
+def test_unlabelled_data_is_judged_end_to_end(tmp_path):
+    """A flat folder (no labels): the feature net is contrastive, the samples are scored
+    without class accuracy, and no label -1 reaches the prior."""
+    from PIL import Image
+
+    from arvision.data.parquet_io import load_images
+    from arvision.tracking import NullTracker
+
+    images = _emoji(60)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(flat / f"{i:03d}.png")
+    params, paths = _project(tmp_path / "u", 60, {"source": "folder", "path": str(flat)})
+    assert read_json(paths.features / "config.json")["mode"] == "contrastive"
+    assert (load_images(paths.prepared / "val")[2] == -1).all()
+    _generator(params, paths, collapsed=False)
+    m = evaluate.run(params, paths, NullTracker())
+    assert m["fd"] > 0 and 0 <= m["copy_rate"] <= 1 and "class_accuracy" not in m and m["val_bpd"] > 0
+    assert (paths.reports / "samples.png").exists() and (paths.reports / "report.md").exists()
+
+
+def _emoji(n: int) -> list:
+    """The first ``n`` shipped emoji as uint8 RGB arrays."""
+    import pyarrow.parquet as pq
+
+    from arvision.data.parquet_io import decode_png
+
+    table = pq.read_table(next((ROOT / "arvision/data/emoji").glob("*.parquet"))).slice(0, n)
+    return [decode_png(b)[..., :3] for b in table.column("image").to_pylist()]
