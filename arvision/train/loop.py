@@ -392,7 +392,12 @@ def train_prior(
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=step, desc="prior", unit="step", dynamic_ncols=True)
+            import sys
+
+            # not a terminal (a Ray worker's output, relayed line by line to the driver): a line
+            # every 10 s, not one per refresh
+            interval = 0.1 if sys.stderr.isatty() else 10.0
+            bar = tqdm(total=cfg.steps, initial=step, desc="prior", unit="step", dynamic_ncols=True, mininterval=interval)
         except ImportError:
             pass
 
