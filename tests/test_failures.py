@@ -256,8 +256,11 @@ def _interrupt(proj: Path, sig: int, marker: str = "python -m stages.tokenizer",
     tokenizer stage has opened its MLflow run (SIGINT to the
     process group, as Ctrl-C at a terminal; others to the main process); returns (rc, seconds
     from the signal to the exit, output)."""
+    # Ctrl-C as at a terminal: SIGINT handled by default in the run, even where this test runs
+    # with SIGINT ignored (a background job of a non-interactive shell, e.g. `make test &`)
     p = subprocess.Popen([sys.executable, "-m", "arvision.cli", "run"], cwd=proj, env=_env(proj.parent),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = []
     for line in p.stdout:
         out.append(line)
