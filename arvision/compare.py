@@ -12,7 +12,6 @@ again, on this machine, with ``params.yaml``'s evaluate settings).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -112,11 +111,9 @@ def table_md(rows: list[dict[str, Any]], floor: dict[str, float]) -> str:
 
 def plot(rows: list[dict[str, Any]], floor: dict[str, float], path: Path) -> None:
     """FD against sampling speed and against training cost; the floor as a line."""
-    import matplotlib
+    from arvision.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, (key, label) in zip(axes, [("sample_images_per_s", "sampling speed (images/s, this machine)"),
                                        ("train_seconds", "training cost (tokenizer + prior, s)")]):
@@ -144,8 +141,10 @@ def compare(root: Path, *, versions: list[str] | None = None, do_rescore: bool =
     if not manifest.exists() or not weights.exists():
         raise UserError("nothing to compare yet: run `arvision run` first (needs data/prepared and models/features)")
     data_hash = json.loads(manifest.read_text())["content_hash"]
-    features_hash = hashlib.sha256(weights.read_bytes()).hexdigest()
-    rows = collect(root, data_hash, features_hash, versions)
+    from arvision.features import features_hash
+
+    yardstick = features_hash(weights.parent)
+    rows = collect(root, data_hash, yardstick, versions)
     if not rows:
         raise UserError(f"no registered arvision-generator was trained on this data (content hash {data_hash[:12]})")
     if do_rescore:

@@ -281,6 +281,13 @@ def save_features(net: FeatureNet, out_dir: str | Path, extra: dict[str, Any]) -
     torch.save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, out_dir / WEIGHTS)
 
 
+def features_hash(directory: str | Path) -> str:
+    """sha256 of the saved weights: which feature network (yardstick) a score was made with."""
+    import hashlib
+
+    return hashlib.sha256((Path(directory) / WEIGHTS).read_bytes()).hexdigest()
+
+
 def load_features(directory: str | Path, device: str | torch.device = "cpu") -> FeatureNet:
     """The feature net saved in ``directory``, on ``device``, in eval mode."""
     from arvision.config import FeaturesConfig

@@ -103,8 +103,9 @@ class Yardstick:
         feats = lambda x: embed(self.net, x, batch_size=self.batch_size, device=self.device)  # noqa: E731
         return copy_reference(feats(train_rec), train_rec, feats(val_rec), val_rec)
 
-    def score(self, images_u8: np.ndarray, intended_labels: np.ndarray | None,
-              recon_ref=None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    def score(self, images_u8: np.ndarray, intended_labels: np.ndarray | None, recon_ref=None, *,
+              feats: np.ndarray | None = None, memorisation_check: bool = True,
+              ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Sample metrics of ``images_u8`` (uint8 ``(N, H, W, C)``) against val.
 
         Returns ``(metrics, detail)``: metrics as in :data:`SAMPLE_KEYS`, plus ``class_accuracy``
@@ -112,12 +113,20 @@ class Yardstick:
         per-image ``copy_score`` (>= 1: flagged) and ``nearest_train`` index (for the
         memorisation panel). A sample is a copy when it is flagged against the training images
         or, with ``recon_ref`` (:meth:`reconstruction_reference`), against their reconstructions.
+        ``feats``: the images' features when already computed; ``memorisation_check=False``
+        leaves the copy metrics out (and ``detail`` empty).
         """
         from arvision.features import classify, embed
         from arvision.metrics.samples import class_accuracy, memorisation, sample_metrics
 
-        feats = embed(self.net, images_u8, batch_size=self.batch_size, device=self.device)
+        if feats is None:
+            feats = embed(self.net, images_u8, batch_size=self.batch_size, device=self.device)
         metrics = dict(sample_metrics(feats, self.val_feats, nearest_k=self.nearest_k))
+        if intended_labels is not None and self.labelled and self.is_classifier:
+            pred = classify(self.net, images_u8, batch_size=self.batch_size, device=self.device)
+            metrics["class_accuracy"] = class_accuracy(pred, np.asarray(intended_labels))
+        if not memorisation_check:
+            return {k: float(v) for k, v in metrics.items()}, {}
         reports = [memorisation(self.memo, feats, images_u8)]
         if recon_ref is not None:
             reports.append(memorisation(recon_ref, feats, images_u8))
@@ -128,9 +137,6 @@ class Yardstick:
         metrics["copy_rate"] = float((copy_score >= 1).mean()) if len(copy_score) else 0.0
         metrics["copy_rate_pixels"] = float((score_px_RM.max(0) >= 1).mean()) if len(copy_score) else 0.0
         metrics["copy_threshold"], metrics["copy_threshold_pixels"] = reports[0].threshold, reports[0].threshold_pixels
-        if intended_labels is not None and self.labelled and self.is_classifier:
-            pred = classify(self.net, images_u8, batch_size=self.batch_size, device=self.device)
-            metrics["class_accuracy"] = class_accuracy(pred, np.asarray(intended_labels))
         nearest = np.stack([r.nearest for r in reports])[which_M, np.arange(len(which_M))]
         detail = {"copy_score": copy_score, "nearest_train": nearest}
         return {k: float(v) for k, v in metrics.items()}, detail
@@ -141,8 +147,9 @@ class Yardstick:
         *are* training images."""
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(len(self.train_u8), size=min(n, len(self.train_u8)), replace=False))
-        metrics, _ = self.score(self.train_u8[idx], self.train_labels[idx])
-        return {k: v for k, v in metrics.items() if not k.startswith("copy_")}
+        metrics, _ = self.score(self.train_u8[idx], self.train_labels[idx], feats=self.train_feats[idx],
+                                memorisation_check=False)
+        return metrics
 
 
 @torch.no_grad()
@@ -191,15 +198,18 @@ def generate(gen, labels: np.ndarray, cfg) -> tuple[np.ndarray, float]:
     return images, len(images) / max(1e-9, time.perf_counter() - t0)
 
 
-def judge(gen, yard: Yardstick, cfg) -> tuple[dict[str, float], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def judge(gen, yard: Yardstick, cfg, recon_ref=None) -> tuple[dict[str, float], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Score one generator: ``evaluate.num_samples`` samples against val, plus val likelihood.
 
+    ``recon_ref``: :meth:`Yardstick.reconstruction_reference` of the generator's tokenizer,
+    when the caller has it already (generators sharing a tokenizer share it); else computed.
     Returns ``(metrics, images, labels, detail)``; ``metrics['sample_images_per_s']`` is the
     sampling speed on this machine (not a result: it depends on the load)."""
     labels = sample_labels(yard.val_labels, gen.num_classes, cfg.num_samples, cfg.seed)
     images, speed = generate(gen, labels, cfg)
-    metrics, detail = yard.score(images, labels if gen.num_classes > 1 else None,
-                                 recon_ref=yard.reconstruction_reference(gen.tokenizer))
+    if recon_ref is None:
+        recon_ref = yard.reconstruction_reference(gen.tokenizer)
+    metrics, detail = yard.score(images, labels if gen.num_classes > 1 else None, recon_ref=recon_ref)
     metrics.update(bits_per_dim(gen, yard.val_u8, yard.val_labels, batch_size=cfg.batch_size))
     metrics["sample_images_per_s"] = speed
     return metrics, images, labels, detail

@@ -137,12 +137,13 @@ def setup_mlflow(root: str | Path = ".", create: bool = True) -> str | None:
         return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: ``{"prior": {"lr": 1}}`` → ``{"prior.lr": 1}``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -161,7 +162,7 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = _flatten(params)
+        flat = flatten(params)
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
@@ -203,6 +204,7 @@ def close_orphaned_runs(uri: str, parent_run_id: str, reason: str) -> list[str]:
     gone (same host, pid not alive) as KILLED, tagged with ``reason``; returns their ids."""
     import socket
 
+    import psutil
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -216,22 +218,12 @@ def close_orphaned_runs(uri: str, parent_run_id: str, reason: str) -> list[str]:
         if run.info.status != "RUNNING" or tags.get("arvision.host") != socket.gethostname():
             continue
         pid = int(tags.get("arvision.pid", "0") or 0)
-        if pid and _alive(pid):
+        if pid and psutil.pid_exists(pid):
             continue
         client.set_tag(run.info.run_id, CLOSED_REASON_TAG, reason)
         client.set_terminated(run.info.run_id, "KILLED")
         closed.append(run.info.run_id)
     return closed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def git_commit(root: str | Path = ".") -> str:

@@ -40,6 +40,16 @@ def image_grid(
     return canvas
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: no display is needed or opened)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_grid(path: str | Path, rows: Sequence[np.ndarray], **kwargs) -> Path:
     """:func:`image_grid` written as PNG (parent directories created)."""
     path = Path(path)

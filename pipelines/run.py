@@ -31,6 +31,7 @@ from prefect import flow, task
 from prefect.states import Cancelled, Completed, Failed
 
 from arvision.dag import STAGES
+from arvision.tracking import tracking_uri
 from pipelines.lock import RunLock, _parse
 
 
@@ -45,16 +46,6 @@ class _NoEmptyTraceback(logging.Filter):
 
 
 logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class ParentRun:
@@ -73,7 +64,7 @@ class ParentRun:
             from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
 
-            from arvision.tracking import PARENT_RUN_ENV, git_commit, process_tags, setup_mlflow, tracking_uri
+            from arvision.tracking import PARENT_RUN_ENV, flatten, git_commit, process_tags, setup_mlflow
 
             self.experiment_id = setup_mlflow(self.root)  # creates the store once, before any stage writes to it
             client = MlflowClient(tracking_uri(self.root))
@@ -86,7 +77,7 @@ class ParentRun:
             if self.lock is not None and self.lock.held:
                 self.lock.update(parent_run_id=self.run_id, tracking_uri=tracking_uri(self.root))
             raw = yaml.safe_load((self.root / "params.yaml").read_text()) or {}
-            params = [Param(k, str(v)[:6000]) for k, v in _flat(raw).items()]
+            params = [Param(k, str(v)[:6000]) for k, v in flatten(raw).items()]
             for i in range(0, len(params), 100):
                 client.log_batch(self.run_id, params=params[i : i + 100])
         return self.run_id
@@ -99,7 +90,7 @@ class ParentRun:
         from mlflow.tracking import MlflowClient
 
         from arvision.dag import METRICS_FILE
-        from arvision.tracking import CLOSED_REASON_TAG, tracking_uri
+        from arvision.tracking import CLOSED_REASON_TAG
 
         client = MlflowClient(tracking_uri(self.root))
         ts = int(time.time() * 1000)
@@ -147,18 +138,12 @@ class PipelineRun:
             from arvision.tracking import close_orphaned_runs
 
             closed = close_orphaned_runs(
-                previous.get("tracking_uri") or _tracking_uri(self.root), previous["parent_run_id"],
+                previous.get("tracking_uri") or tracking_uri(self.root), previous["parent_run_id"],
                 f"its arvision run (pid {previous.get('pid')}) was killed; closed by the next arvision run",
             )
             if closed:
                 print(f"closed {len(closed)} MLflow run(s) left RUNNING by a killed arvision run (pid {previous.get('pid')})",
                       flush=True)
-
-
-def _tracking_uri(root: Path) -> str:
-    from arvision.tracking import tracking_uri
-
-    return tracking_uri(root)
 
 
 _RUN: PipelineRun | None = None
@@ -260,7 +245,7 @@ def _publish_report(run: PipelineRun) -> None:
     report = run.root / "reports" / "report.md"
     if not report.exists():
         return
-    uri = _tracking_uri(run.root)
+    uri = tracking_uri(run.root)
     link = ""
     if run.parent.run_id:
         path = f"#/experiments/{run.parent.experiment_id}/runs/{run.parent.run_id}"

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from arvision.config import Params, load_params
+from arvision.dag import METRICS_FILE, PARAM_SECTIONS
 from arvision.errors import UserError
 from arvision.tracking import Tracker, stage_run
 
@@ -224,7 +225,7 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
         with stage_run(stage, root, tags=tags) as tracker:
             section = {"seed": params.seed}
             section.update(params.model_dump(mode="json"))
-            tracker.log_params({k: v for k, v in section.items() if k in _PARAM_SECTIONS[stage]})
+            tracker.log_params({k: v for k, v in section.items() if k in PARAM_SECTIONS[stage]})
             metrics = run(params, paths, tracker)
             metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             metrics["stage_seconds"] = round(time.time() - t0, 2)
@@ -243,5 +244,3 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
         error_file.write_text(f"{type(err).__name__}: {lines[-1] if lines else ''}\n")
         raise
 
-
-from arvision.dag import METRICS_FILE, PARAM_SECTIONS as _PARAM_SECTIONS  # noqa: E402

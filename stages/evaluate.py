@@ -17,7 +17,6 @@ beats the incumbent re-scored here, on the same data (:mod:`arvision.champion`).
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from arvision.config import Params
+from arvision.features import features_hash
 from arvision.generator import Generator
 from arvision.judge import SAMPLE_KEYS, Yardstick, judge, primary_value
 from arvision.tracking import Tracker
@@ -65,11 +65,6 @@ def report_files(reports: Path) -> Iterator[Path]:
 MEMORISATION_WARN = 0.15
 
 
-def file_hash(path: Path) -> str:
-    """sha256 of one file (the feature network's weights: which yardstick a score used)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def class_rows(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int) -> list[np.ndarray]:
     """Up to ``per_class`` samples of each class, one row a class (one row when unlabelled)."""
     if num_classes <= 1:
@@ -80,11 +75,9 @@ def class_rows(images: np.ndarray, labels: np.ndarray, num_classes: int, per_cla
 def curves_png(paths: Paths, out: Path) -> bool:
     """One figure of the training curves the upstream stages wrote (prior train/val loss,
     tokenizer PSNR, feature net loss). Returns whether anything was drawn."""
-    import matplotlib
+    from arvision.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("prior_curve.csv", "loss", "prior train loss (nats/token)"),
               ("prior_val_curve.csv", "val_loss", "prior val loss (nats/token)"),
               ("tokenizer_curve.csv", "psnr", "tokenizer PSNR (dB)"),
@@ -192,15 +185,16 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     if cfg.compile_sampling:
         gen.compile_sampling()
 
-    metrics, images, labels, detail = judge(gen, yard, cfg)
+    recon_ref = yard.reconstruction_reference(gen.tokenizer)  # shared with the last weights' score
+    metrics, images, labels, detail = judge(gen, yard, cfg, recon_ref)
     speed = {"sample_images_per_s": metrics.pop("sample_images_per_s")}
     tok = evaluate_tokenizer(gen.tokenizer, yard.val_u8, batch_size=cfg.batch_size, device=device)
     metrics.update({f"tokenizer_{k}": v for k, v in tok.items() if k in ("psnr", "ssim", "usage", "perplexity")})
     floor = yard.floor(cfg.num_samples, cfg.seed)
     metrics.update({f"floor_{k}": v for k, v in floor.items()})
-    feats_metrics = paths.metrics / "features.json"
-    if feats_metrics.exists() and "val_accuracy" in read_json(feats_metrics):
-        metrics["features_val_accuracy"] = float(read_json(feats_metrics)["val_accuracy"])
+    feats_metrics = read_json(paths.metrics / "features.json") if (paths.metrics / "features.json").exists() else {}
+    if "val_accuracy" in feats_metrics:
+        metrics["features_val_accuracy"] = float(feats_metrics["val_accuracy"])
     if cfg.inception_weights:
         from arvision.metrics.samples import inception_fd
 
@@ -209,13 +203,14 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
 
     last = None
     if cfg.score_last and (paths.prior / "last" / "weights.pt").exists():
-        last, *_ = judge(Generator.load(paths.tokenizer, paths.prior / "last", device=str(device)), yard, cfg)
+        last_gen = Generator.load(paths.tokenizer, paths.prior / "last", device=str(device))
+        last, *_ = judge(last_gen, yard, cfg, recon_ref)
         last.pop("sample_images_per_s", None)
         metrics.update({f"last_{k}": v for k, v in last.items()})
 
     value = primary_value(metrics, cfg.primary)
     champ, decision = None, "No registry (no MLflow run): nothing registered."
-    features_hash = file_hash(paths.features / "weights.pt")
+    yardstick = features_hash(paths.features)
     with report_files(paths.reports) as out:
         names = gen.class_names or [str(c) for c in range(gen.num_classes)]
         rows = class_rows(images, labels, gen.num_classes, cfg.samples_per_class)
@@ -240,7 +235,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
                 if champ is not None:
                     champ_value = primary_value(champ, cfg.primary)
                     metrics.update({f"champion_{k}": v for k, v in champ.items() if k != "sample_images_per_s"})
-            tags = {ch.DATA_TAG: data_hash, "features.hash": features_hash, "evaluate.primary": cfg.primary,
+            tags = {ch.DATA_TAG: data_hash, "features.hash": yardstick, "evaluate.primary": cfg.primary,
                     **lineage(paths, gen)}
             own = {k: v for k, v in metrics.items() if not k.startswith(("champion_", "last_"))}
             reg = register_generator(tracker.run_id, paths.tokenizer, paths.prior, tags, metrics={**own, **speed})
