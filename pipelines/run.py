@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -230,10 +231,15 @@ def run_stage(stage: str, root: str, force: bool = False):
 
 
 def _exit_code(err: BaseException) -> int | None:
+    """The stage command's exit status: a ``returncode`` in the chain, or DVC's
+    "failed to run: CMD, exited with N" (its error keeps the status only in the message)."""
     e: BaseException | None = err
     while e is not None:
         if getattr(e, "returncode", None) is not None:
             return int(e.returncode)
+        m = re.search(r"exited with (-?\d+)\s*$", str(e))
+        if m:
+            return int(m.group(1))
         e = e.__cause__ or e.__context__
     return None
 
@@ -355,7 +361,12 @@ def _on_sigterm(server_pid: int | None):
             except psutil.Error:
                 server_kids = set()
             kids = [p for p in kids if p.pid not in server_kids]
-        for p in kids:
+        # DVC runs a stage as `$SHELL -c CMD`; a shell that did not exec its command (dash,
+        # when SHELL is unset) dies of SIGTERM at once, and DVC would return before the stage
+        # has ended its MLflow run and removed its partial output. The shell is left to end
+        # when its command does.
+        targets = [p for p in kids if not _is_waiting_shell(p)] or kids
+        for p in targets:
             try:
                 p.send_signal(signal.SIGTERM)
             except psutil.Error:
@@ -364,3 +375,16 @@ def _on_sigterm(server_pid: int | None):
             raise KeyboardInterrupt
 
     return handler
+
+
+_SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "fish"}
+
+
+def _is_waiting_shell(proc) -> bool:
+    """A shell process with children of its own (it waits for the command it runs)."""
+    import psutil
+
+    try:
+        return proc.name() in _SHELLS and bool(proc.children())
+    except psutil.Error:
+        return False

@@ -27,6 +27,9 @@ def env(tmp: Path) -> dict:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PATH": str(Path(sys.executable).parent) + os.pathsep + out.get("PATH", ""),
         "PYTHONUNBUFFERED": "1",
+        # DVC runs stages through $SHELL, else /bin/sh: the plain shell (dash on Debian, which
+        # does not exec the command), as on a CI machine where SHELL is unset
+        "SHELL": "/bin/sh",
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
     })
     return out
