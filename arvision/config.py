@@ -48,15 +48,16 @@ def _type_name(cls: type[BaseModel], field: str) -> str:
 class DataConfig(_Section):
     """Where images come from and how they are normalised (stage ``prepare``)."""
 
-    source: Literal["emoji", "folder", "mnist", "parquet"] = "emoji"
-    path: Optional[str] = None  # folder / mnist dir / parquet file; unused for emoji
+    source: Literal["emoji", "folder", "mnist", "parquet", "webdataset"] = "emoji"
+    path: Optional[str] = None  # folder / mnist dir / parquet file / .tar shard(s); unused for emoji
     resolution: int = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 3
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_images: Optional[int] = Field(None, ge=2)  # cap, for quick experiments
     shard_size: int = Field(2048, ge=16)  # rows per Parquet shard
     image_column: str = "image"  # parquet source only
-    label_column: Optional[str] = "label"  # parquet source only; None = unlabelled
+    label_column: Optional[str] = "label"  # parquet: a column; webdataset: a member extension or .json field; None = unlabelled
+    label_from: Literal["key", "shard"] = "key"  # webdataset: label_column per sample (key) or the shard's stem (shard)
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
@@ -290,6 +291,8 @@ def _check_data_path(data: DataConfig, root: Path) -> None:
         raise ParamsError(f"data.path: '{data.path}' is a file; data.source '{data.source}' reads a folder")
     if data.source == "parquet" and where.is_file() and where.suffix != ".parquet":
         raise ParamsError(f"data.path: '{data.path}' is not a .parquet file (data.source 'parquet': a .parquet file or a folder of them)")
+    if data.source == "webdataset" and where.is_file() and where.suffix != ".tar":
+        raise ParamsError(f"data.path: '{data.path}' is not a .tar file (data.source 'webdataset': a .tar shard or a folder of them)")
     if data.source == "emoji" and where.is_dir() and not (where / "emoji.parquet").is_file():
         raise ParamsError(f"data.path: '{data.path}' holds no emoji.parquet (data.source 'emoji')")
 

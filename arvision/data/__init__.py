@@ -1,6 +1,6 @@
 """The data layer: image sources, the ``prepare`` step and Parquet I/O.
 
-- :mod:`arvision.data.sources`: ``SOURCES`` (emoji, folder, mnist, parquet) → records
+- :mod:`arvision.data.sources`: ``SOURCES`` (emoji, folder, mnist, parquet, webdataset) → records
   ``(origin, data, label)`` and class names.
 - :mod:`arvision.data.prepare`: ``prepare_dataset(cfg, seed, out_dir)`` → shards + manifest.
 - :mod:`arvision.data.parquet_io`: ``PREPARED_SCHEMA``, ``write_shards``, ``read_split``,

@@ -152,7 +152,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, out_dir: Union[str, Path], progr
     Raises UserError for a missing path or column, or a source with no usable image.
     """
     out_dir = Path(out_dir)
-    source = open_source(cfg.source, cfg.path, cfg.image_column, cfg.label_column)
+    source = open_source(cfg.source, cfg.path, cfg.image_column, cfg.label_column, label_from=cfg.label_from)
 
     rows: dict[str, tuple[bytes, int]] = {}  # id → (png, label); the first occurrence wins
     skipped: list[str] = []

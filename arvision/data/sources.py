@@ -4,14 +4,19 @@
 ``(H, W, C)``; ``origin`` names the record in messages (a path, or ``file#row``); ``label`` is
 the class index, -1 when unlabelled. Every source reads in a sorted, deterministic order.
 
-``SOURCES[name](path, image_column=..., label_column=...)`` builds a :class:`Source`; a missing
-path, file or column is a :class:`~arvision.errors.UserError` that names it.
+``SOURCES[name](path, image_column=..., label_column=..., label_from=...)`` builds a
+:class:`Source`; a missing path, file, column or label is a :class:`~arvision.errors.UserError`
+that names it. What cannot be read (an undecodable image, a symlink loop, a dangling link) is
+yielded with empty data, so ``prepare`` skips, counts and names it like any bad image.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
+import stat
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -29,6 +34,10 @@ EMOJI_FILE = "emoji.parquet"
 #: Schema-metadata key of a Parquet file's class names (a JSON list, index = label).
 CLASS_NAMES_KEY = b"arvision.class_names"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+#: Schema-metadata key the Hugging Face ``datasets`` library writes (features, with ClassLabel names).
+HF_METADATA_KEY = b"huggingface"
+#: ``label_from`` values: a label per sample (``label_column``), or one class per webdataset shard.
+LABEL_FROM = ("key", "shard")
 
 Record = tuple[str, Union[bytes, np.ndarray], int]
 
@@ -40,6 +49,11 @@ class Source:
     class_names: list[str]
     count: int
     records: Callable[[], Iterator[Record]]
+
+
+def _int_names(top: Optional[int]) -> list[str]:
+    """Class names ``"0"`` … ``str(top)`` for integer labels whose largest is ``top``."""
+    return [str(i) for i in range((top + 1) if top is not None and top >= 0 else 0)]
 
 
 def _require(path: Optional[str], what: str) -> Path:
@@ -68,6 +82,16 @@ def _image_bytes(col: pa.ChunkedArray) -> list:
     if pa.types.is_struct(col.type):
         col = pa.chunked_array([c.field("bytes") for c in col.chunks], col.type.field("bytes").type)
     return col.to_pylist()
+
+
+def _hf_class_names(md: dict, column: str) -> Optional[list[str]]:
+    """The ClassLabel names of ``column`` in a Hugging Face ``datasets`` Parquet file, if any."""
+    try:
+        feature = json.loads(md[HF_METADATA_KEY])["info"]["features"][column]
+    except (KeyError, TypeError, ValueError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+    return [str(n) for n in names] if isinstance(names, list) else None
 
 
 def _parquet_source(path: Path, image_column: str, label_column: Optional[str]) -> Source:
@@ -103,7 +127,7 @@ def _parquet_source(path: Path, image_column: str, label_column: Optional[str]) 
             md = schema.metadata or {}
             top = pc.max(values).as_py()
             names = json.loads(md[CLASS_NAMES_KEY]) if CLASS_NAMES_KEY in md else \
-                [str(i) for i in range((top + 1) if top is not None and top >= 0 else 0)]
+                _hf_class_names(md, label_column) or _int_names(top)
         elif pa.types.is_string(ltype) or pa.types.is_large_string(ltype):
             names = sorted(set(values.to_pylist()) - {None})
             to_index = {n: i for i, n in enumerate(names)}
@@ -145,45 +169,80 @@ def emoji_class_names() -> list[str]:
 
 
 def parquet_source(path: Optional[str], image_column: str = "image", label_column: Optional[str] = "label", **_) -> Source:
-    """A Parquet file, or a folder of them (sorted, recursive), with an image-bytes column and an
-    optional label column (integers, with class names from the ``arvision.class_names`` schema
-    metadata if present; or strings, indexed in sorted order)."""
+    """A Parquet file, or a folder of them (sorted, recursive), with an image-bytes column (or the
+    Hugging Face ``{bytes, path}`` struct) and an optional label column (integers, with class
+    names from the ``arvision.class_names`` schema metadata or a Hugging Face ClassLabel if
+    present, else ``str(i)``; or strings, indexed in sorted order)."""
     return _parquet_source(_require(path, "parquet"), image_column, label_column)
 
 
 # --------------------------------------------------------------------------- folder
 
 
-def _images_under(d: Path) -> list[Path]:
-    return sorted(
-        f for f in d.rglob("*")
-        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(s.startswith(".") for s in f.relative_to(d).parts)
-    )
+def _scan(d: Path, ancestors: tuple[Path, ...], bad: list[tuple[Path, str]]) -> tuple[list[Path], list[Path]]:
+    """``d``'s sub-folders and image files (sorted, hidden names skipped). Folder links are
+    followed, except one back to a folder in ``ancestors`` (a loop); a link that loops or points
+    nowhere goes to ``bad`` with the reason, and so does any entry that cannot be looked at."""
+    dirs, files = [], []
+    for e in sorted(d.iterdir()):
+        if e.name.startswith("."):
+            continue
+        try:
+            mode = e.stat().st_mode  # follows links
+        except OSError as err:
+            why = "symlink loop" if err.errno == errno.ELOOP else \
+                "dangling symlink" if e.is_symlink() else (err.strerror or "unreadable")
+            bad.append((e, why))
+            continue
+        if stat.S_ISDIR(mode):
+            if e.resolve() in ancestors:
+                bad.append((e, "symlink loop"))
+            else:
+                dirs.append(e)
+        elif stat.S_ISREG(mode) and e.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(e)
+    return dirs, files
+
+
+def _images_under(d: Path, ancestors: tuple[Path, ...], bad: list[tuple[Path, str]]) -> list[Path]:
+    """Image files under ``d``, recursively, in sorted path order (see :func:`_scan`)."""
+    ancestors = ancestors + (d.resolve(),)
+    dirs, files = _scan(d, ancestors, bad)
+    return sorted(files + [f for sub in dirs for f in _images_under(sub, ancestors, bad)])
+
+
+def _read(f: Path) -> bytes:
+    """A file's bytes; empty if it cannot be read (``prepare`` then skips and names it)."""
+    try:
+        return f.read_bytes()
+    except OSError:
+        return b""
 
 
 def folder_source(path: Optional[str], **_) -> Source:
     """An image folder. With sub-folders holding images: one class per sub-folder (label = index
     in sorted name order; images found recursively inside it; images directly at the top are then
-    unlabelled, -1). Without: every image, recursively, unlabelled (-1)."""
+    unlabelled, -1). Without: every image unlabelled (-1). Extensions are case-insensitive, so an
+    ImageNet-style ``train/n01440764/*.JPEG`` tree reads as is. Folder links are followed; a
+    symlink loop or a dangling link is not: it is yielded with empty data, so ``prepare`` skips
+    and names it."""
     root = _require(path, "folder")
     if not root.is_dir():
         raise UserError(f"data.path '{root}' is not a folder (data.source 'folder')")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    classes = [(d, files) for d in subdirs if (files := _images_under(d))]
-    if classes:
-        names = [d.name for d, _ in classes]
-        top = sorted(f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        items = [(f, -1) for f in top] + [(f, i) for i, (_, files) in enumerate(classes) for f in files]
-    else:
-        names = []
-        items = [(f, -1) for f in _images_under(root)]
+    bad: list[tuple[Path, str]] = []
+    top = (root.resolve(),)
+    subdirs, top_files = _scan(root, top, bad)
+    classes = [(d, files) for d in subdirs if (files := _images_under(d, top, bad))]
+    names = [d.name for d, _ in classes]
+    items = [(f, -1) for f in top_files] + [(f, i) for i, (_, files) in enumerate(classes) for f in files]
 
     def records() -> Iterator[Record]:
         for f, lab in items:
-            yield str(f), f.read_bytes(), lab
+            yield str(f), _read(f), lab
+        for f, why in bad:
+            yield f"{f} ({why})", b"", -1
 
-    return Source(names, len(items), records)
+    return Source(names, len(items) + len(bad), records)
 
 
 # --------------------------------------------------------------------------- mnist
@@ -244,16 +303,168 @@ def mnist_source(path: Optional[str], **_) -> Source:
     return Source([str(d) for d in range(10)], sum(len(p[1]) for p in parts), records)
 
 
+# --------------------------------------------------------------------------- webdataset
+
+
+#: Member extensions read as the image of a webdataset sample (the first one a sample has).
+WDS_IMAGE_EXTENSIONS = frozenset(e[1:] for e in IMAGE_EXTENSIONS)
+
+Sample = tuple[str, dict[str, Optional[bytes]]]  # (key, {extension: bytes, or None when not read})
+
+
+def _tar_files(p: Path) -> list[Path]:
+    files = sorted(f for f in p.rglob("*") if f.suffix.lower() == ".tar" and f.is_file()
+                   and not any(s.startswith(".") for s in f.relative_to(p).parts)) if p.is_dir() else [p]
+    if not files:
+        raise UserError(f"data.path '{p}' holds no .tar files (data.source 'webdataset')")
+    return files
+
+
+def _split_member(name: str) -> Optional[tuple[str, str]]:
+    """A member name → (key, extension): the key runs to the first dot of the base name (with the
+    directory prefix), the extension (lower-cased) is the rest. None for hidden or dot-less names."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not stem or not dot or not ext:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _tar_samples(f: Path, want: Callable[[str], bool], stream: bool) -> Iterator[Sample]:
+    """One tar's samples in order: its members grouped by key (consecutive, as webdataset writes
+    them). Only the members whose extension ``want`` accepts are read, one sample at a time.
+    ``stream``: read front to back (``r|*``); else random access, which skips unread members."""
+    try:
+        with tarfile.open(f, "r|*" if stream else "r:*") as tf:
+            key, parts = None, {}
+            for m in tf:
+                split = _split_member(m.name) if m.isfile() else None
+                if split is None:
+                    continue
+                if split[0] != key:
+                    if key is not None:
+                        yield key, parts
+                    key, parts = split[0], {}
+                if split[1] not in parts:
+                    parts[split[1]] = tf.extractfile(m).read() if want(split[1]) else None
+            if key is not None:
+                yield key, parts
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise UserError(f"{f}: not a readable tar file ({err}) (data.source 'webdataset')") from None
+
+
+def _image_ext(parts: dict) -> Optional[str]:
+    return next((e for e in parts if e in WDS_IMAGE_EXTENSIONS), None)
+
+
+def _text_label(raw: bytes) -> Union[int, str, None]:
+    """A text label member: an integer if it reads as one, else the stripped string; None if empty."""
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        return int(text)
+    except ValueError:
+        return text or None
+
+
+def _sample_label(f: Path, key: str, parts: dict, name: str) -> Union[int, str, None]:
+    """Sample ``key``'s label: member ``KEY.<name>`` (an integer, else a string), or field
+    ``name`` of ``KEY.json``; None (unlabelled) for an empty member or a JSON null. UserError,
+    naming file and key, if neither exists."""
+    if parts.get(name) is not None:
+        return _text_label(parts[name])
+    if parts.get("json") is not None:
+        try:
+            meta = json.loads(parts["json"])
+        except ValueError as err:
+            raise UserError(f"{f}#{key}: {key}.json is not valid JSON ({err})") from None
+        if isinstance(meta, dict) and name in meta:
+            value = meta[name]
+            if value is None or (isinstance(value, (int, str)) and not isinstance(value, bool)):
+                return value
+            raise UserError(f"{f}#{key}: field '{name}' of {key}.json is {value!r}; need an integer or a string")
+    raise UserError(
+        f"{f}#{key}: no label '{name}' (no member {key}.{name}, no field '{name}' in {key}.json);"
+        " set data.label_column to the member extension or JSON field, or to null for unlabelled data"
+    )
+
+
+def _wds_labels(files: list[Path], name: str) -> tuple[int, list[str], Optional[dict]]:
+    """A first pass: (sample count, class names, string label → index or None for integer labels)."""
+    count, values, first = 0, set(), {}  # first: int / str → the first sample with such a label
+    want = lambda ext: ext in (name, "json")  # noqa: E731
+    for f in files:
+        for key, parts in _tar_samples(f, want, stream=False):
+            count += 1
+            if _image_ext(parts) is None:
+                continue  # no image: prepare names it, its label does not matter
+            value = _sample_label(f, key, parts, name)
+            if value is not None:
+                values.add(value)
+                first.setdefault(type(value), f"{f}#{key}")
+    if len(first) > 1:
+        raise UserError(f"webdataset labels '{name}' mix integers ({first[int]}) and strings ({first[str]})")
+    if str in first:
+        names = sorted(values)
+        return count, names, {n: i for i, n in enumerate(names)}
+    return count, _int_names(max(values, default=None)), None
+
+
+def webdataset_source(path: Optional[str], label_column: Optional[str] = "label", label_from: str = "key", **_) -> Source:
+    """A webdataset ``.tar`` shard, or a folder of them (sorted, recursive), as img2dataset writes
+    them: members grouped by key, each sample with an image member (``KEY.jpg``, ``.png``,
+    ``.webp``, ...) and optional ``KEY.cls``, ``KEY.txt``, ``KEY.json``. Labels, with
+    ``label_from="key"``: member ``KEY.<label_column>`` (e.g. ``cls``: an integer; other text: a
+    string), else field ``label_column`` of ``KEY.json``; unlabelled (-1) when ``label_column`` is
+    None. With ``label_from="shard"``: one class per shard stem (label = index in sorted order).
+    Integer labels are their own index (class names ``str(i)``); strings are indexed in sorted
+    order. A sample without an image is yielded with empty data (``prepare`` skips and names it).
+    Origins: ``{tar}#{key}``; tar files are streamed, one sample in memory at a time."""
+    if label_from not in LABEL_FROM:
+        raise UserError(f"data.label_from '{label_from}': allowed {', '.join(LABEL_FROM)}")
+    files = _tar_files(_require(path, "webdataset"))
+    to_index: Optional[dict] = None
+    by_shard = label_from == "shard"
+    name = None if by_shard else label_column
+    if name:
+        count, names, to_index = _wds_labels(files, name)
+    else:
+        names = sorted({f.stem for f in files}) if by_shard else []
+        count = sum(1 for f in files for _ in _tar_samples(f, lambda ext: False, stream=False))
+    shard_index = {n: i for i, n in enumerate(names)} if by_shard else {}
+
+    def label(f: Path, key: str, parts: dict) -> int:
+        if by_shard:
+            return shard_index[f.stem]
+        value = _sample_label(f, key, parts, name) if name else None
+        return -1 if value is None else (to_index[value] if to_index is not None else value)
+
+    def want(ext: str) -> bool:
+        return ext in WDS_IMAGE_EXTENSIONS or (name is not None and ext in (name, "json"))
+
+    def records() -> Iterator[Record]:
+        for f in files:
+            for key, parts in _tar_samples(f, want, stream=True):
+                img = _image_ext(parts)
+                if img is None:
+                    yield f"{f}#{key} (no image member)", b"", -1
+                else:
+                    yield f"{f}#{key}", parts[img], label(f, key, parts)
+
+    return Source(names, count, records)
+
+
 SOURCES: dict[str, Callable[..., Source]] = {
     "emoji": emoji_source,
     "folder": folder_source,
     "mnist": mnist_source,
     "parquet": parquet_source,
+    "webdataset": webdataset_source,
 }
 
 
-def open_source(name: str, path: Optional[str], image_column: str = "image", label_column: Optional[str] = "label") -> Source:
+def open_source(name: str, path: Optional[str], image_column: str = "image", label_column: Optional[str] = "label",
+                label_from: str = "key") -> Source:
     """``SOURCES[name]`` with a UserError for an unknown name."""
     if name not in SOURCES:
         raise UserError(f"unknown data.source '{name}'; allowed: {', '.join(SOURCES)}")
-    return SOURCES[name](path, image_column=image_column, label_column=label_column)
+    return SOURCES[name](path, image_column=image_column, label_column=label_column, label_from=label_from)
