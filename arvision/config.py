@@ -158,6 +158,7 @@ class RayConfig(_Section):
     cpus_per_worker: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=-1)  # a lost worker restarts from the last checkpoint this often (-1: always)
     dashboard: bool = False  # start the Ray dashboard with a local instance
+    env: dict[str, str] = Field(default_factory=dict)  # set in every worker (e.g. NCCL settings a cluster needs)
 
 
 class FeaturesConfig(_Section):

@@ -24,7 +24,7 @@ PARAM_SECTIONS: dict[str, set[str]] = {
 #: re-runs nothing (logging cadence, where Ray runs, how many times a lost worker restarts)
 UNTRACKED_KEYS: set[str] = {
     "prior.log_every", "prior.checkpoint_every",
-    "ray.address", "ray.cpus_per_worker", "ray.max_failures", "ray.dashboard",
+    "ray.address", "ray.cpus_per_worker", "ray.max_failures", "ray.dashboard", "ray.env",
 }
 
 #: metrics/<name>.json per stage (evaluate writes metrics/eval.json)

@@ -29,11 +29,12 @@ from arvision.tracking import GENERATOR_MODEL, TOKENIZER_MODEL
 #: the modules of ``arvision`` the pyfuncs import at load and predict time (this one, the
 #: models, the generator, PNG encoding); copied into each model as its code
 _CODE = [
-    "__init__.py", "errors.py", "images.py", "tracking.py", "registry.py", "generator.py", "viz.py", "sizes.py", "priors", "tokenizers",
+    "__init__.py", "errors.py", "images.py", "tracking.py", "registry.py", "generator.py", "viz.py", "sizes.py", "config.py",
+    "priors", "tokenizers",
 ]
 #: the distributions that code imports, pinned to the installed versions (MLflow adds its own
 #: pin and cloudpickle's)
-_REQUIREMENTS = ["torch", "einops", "numpy", "pillow", "pandas"]
+_REQUIREMENTS = ["torch", "einops", "numpy", "pillow", "pandas", "pydantic", "pyyaml"]
 #: the most labels one request may ask for (one image each, sampled in one batch)
 MAX_LABELS = 256
 

@@ -13,7 +13,7 @@ peak memory per GPU (max over ranks of ``max_memory_allocated``), and out-of-mem
     PYTHONPATH=. python3 bench/multi_gpu.py --sizes L --strategies ddp,fsdp --batches 32,64,96,128 --gpus 8   # memory probe
 
 GPU counts above the machine's are skipped. NVLink multicast stays off in the workers
-(``arvision.train.ray.MULTICAST_OFF``, passed through Ray's runtime env).
+(``MULTICAST_OFF`` below, passed to every worker as ``ray.env``).
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace as NS
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 def run_config(size: str, strategy: str, n: int, batch: int, args, storage: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
@@ -98,7 +99,10 @@ def main() -> None:
 
     from arvision.train.ray import init_ray
 
-    init_ray(None, max(gpus), args.cpus_per_worker, ROOT)
+    from arvision.config import RayConfig
+
+    # NVLink multicast off in every worker (the H200 machines here: KINDS.md)
+    init_ray(RayConfig(num_workers=max(gpus), cpus_per_worker=args.cpus_per_worker, env=MULTICAST_OFF), ROOT)
     storage = tempfile.mkdtemp(prefix="arvision-scaling-")
     rows: list[dict] = []
     t_start = time.perf_counter()

@@ -1,98 +1,148 @@
-"""Prior benchmark: training and sampling speed of the AR priors, beside public references.
+"""Prior benchmark: training and sampling speed of the AR priors, as named items.
 
-GPU (one call does the whole measurement; random weights, random codes):
-  1. gpt B (vocab 16384, 256 tokens + class token, bf16 autocast): training tokens/s, step
-     time, peak memory at batch 128 by compile mode (``regional``: each block + the fused loss;
-     ``blocks``: each block only; ``whole``), SDPA backend order (default / cuDNN first); MFU
-     against the bf16 matmul rate measured in the same run (8192³), counting 6·N·tokens
-     (N: parameters that multiply, i.e. all but the embedding tables) + causal attention.
-  2. gpt B sampling: 64 images × 256 tokens, guidance 2.0 (128 rows), bf16 weights, decode step
-     compiled and replayed as a CUDA graph (default or max-autotune kernels).
-  3. var d16, scales 1..16 (680 tokens), vocab 4096, Cvae 32: training images/s at batch 128;
-     sampling images/s at batch 64, guidance 1.5, top-k 900, top-p 0.96, eager and as one CUDA
-     graph, transformer only (a random stand-in for the tokenizer's next_scale_input).
-  4. profiles (top CUDA kernels of a few compiled training steps) under $OUT.
-Items run in order of importance; none starts after ``--budget-s`` seconds.
-CPU (``--device cpu``, run on the 2-core dev machine): the tiny sizes.
+Random weights and random codes, the real training loop (``arvision.train.loop.train_prior``)
+and the priors' own samplers. Each item is a function of the registry ``ITEMS`` (device, group,
+the figure it reports and, where one exists, a public reference figure with its source):
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/prior.py --device cuda --out $OUT
-    PYTHONPATH=. .venv/bin/python bench/prior.py --device cpu --gpu-results <fetched prior_bench.md> --append
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/prior.py --device cuda --out $OUT   # the GPU items
+    PYTHONPATH=. .venv/bin/python bench/prior.py --device cpu --cpu-steps 4          # the tiny CPU items
+    PYTHONPATH=. python3 bench/prior.py --list                                       # items and groups
+    PYTHONPATH=. python3 bench/prior.py --only gpt_train,var_sample_compile_cudagraph
 
-Each item runs under try/except and prints as it goes; a failure loses only that item.
-Imports torch, einops and the standard library only (no pydantic / yaml / ray).
+Items run in registry order (most important first), none starts after ``--budget-s`` seconds,
+and a failing item records its error without stopping the others. The raw results go to
+``prior_bench.json`` in ``--out`` (default ``bench/results/<date>-prior-<device>/``), rewritten
+after every item. ``bench/report.py`` (or ``--report`` here) regenerates the Prior section of
+``bench/RESULTS.md`` from every ``bench/results/*/prior_bench.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace as NS
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+from arvision.config import PriorConfig  # noqa: E402
 from arvision.priors import build_prior  # noqa: E402
 from arvision.priors.var import StandInScaleTokenizer  # noqa: E402
 from arvision.train.loop import train_prior  # noqa: E402
 
+SCHEMA = 1
+GROUPS = ("matmul", "check", "gpt_train", "gpt_sample", "var_train", "var_sample", "profile")
+COMPILE_MODES = ("regional",)  # arvision.train.loop.compile_model (prior.compile: true)
 VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-REF = {  # public reference figures on an H200 (LlamaGen GPT-B, VAR-d16)
-    "gpt_train_b128": 576e3, "gpt_train_b64": 445e3, "gpt_sample_compiled": 211.0, "gpt_sample_eager": 20.0,
-    "var_train_eager_b128": 206.0, "var_train_compiled_b128": 363.0, "var_sample": 208.0,
-}
-GOAL = {"gpt_train": 750e3, "gpt_mfu": 0.55, "gpt_sample": 420.0, "var_train": 470.0, "var_sample": 415.0}
+DATASHEET_BF16 = 989e12  # H100/H200 dense bf16 datasheet rate, the second MFU denominator
 
-RESULTS: dict[str, dict] = {}
+
+class Ref(NamedTuple):
+    """A public reference figure and where it comes from."""
+
+    value: float
+    source: str
+
+
+_KEPT = ("measured on one H200 with the public reference code; the figure has been kept in bench/prior.py "
+         "since a8337f4, the reference run itself is not recorded in this repository")
+REF_GPT_TRAIN_B128 = Ref(576e3, f"LlamaGen GPT-B (github.com/FoundationVision/LlamaGen) training, batch 128: {_KEPT}")
+REF_GPT_TRAIN_B64 = Ref(445e3, f"LlamaGen GPT-B training, batch 64: {_KEPT}")
+REF_GPT_SAMPLE_COMPILED = Ref(211.0, f"LlamaGen GPT-B sampling with torch.compile, 64 images, cfg 2.0: {_KEPT}")
+REF_GPT_SAMPLE_EAGER = Ref(20.0, f"LlamaGen GPT-B sampling, eager, 64 images, cfg 2.0: {_KEPT}")
+REF_VAR_TRAIN_COMPILED = Ref(363.0, f"VAR-d16 (github.com/FoundationVision/VAR) training, compiled, batch 128: {_KEPT}")
+REF_VAR_SAMPLE = Ref(208.0, f"VAR-d16 sampling, 64 images, cfg 1.5, top-k 900, top-p 0.96: {_KEPT}")
+# the issue's goals (no public source)
+GOAL_GPT_TRAIN, GOAL_GPT_SAMPLE, GOAL_VAR_TRAIN, GOAL_VAR_SAMPLE = 750e3, 420.0, 470.0, 415.0
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    fn: Callable[["Ctx"], dict]
+    device: str  # "cuda" | "cpu"
+    group: str  # one of GROUPS
+    what: str  # the row label in the report
+    metric: str | None = None  # the result key the report shows as "measured"
+    unit: str = ""
+    ref: Ref | None = None
+    goal: float | None = None
+    needs: tuple[str, ...] = ()  # items run first whenever this one runs
+
+    def meta(self) -> dict:
+        return {"group": self.group, "device": self.device, "what": self.what, "metric": self.metric, "unit": self.unit,
+                "reference": None if self.ref is None else self.ref._asdict(), "goal": self.goal}
+
+
+@dataclass
+class Ctx:
+    """What an item gets: the device, the command's arguments, the output folder, and the
+    records of the items run so far (``matmul_bf16``'s rate is the MFU denominator)."""
+
+    device: torch.device
+    args: argparse.Namespace
+    out: Path
+    records: dict[str, dict]
+
+    def peak_flops(self) -> float | None:
+        tflops = (self.records.get("matmul_bf16", {}).get("result") or {}).get("bf16_tflops")
+        return None if tflops is None else tflops * 1e12
+
+
+ITEMS: dict[str, Item] = {}
+
+
+def item(device: str, group: str, what: str, metric: str | None = None, unit: str = "", ref: Ref | None = None,
+         goal: float | None = None, needs: tuple[str, ...] = ()):
+    """Register the decorated function ``fn(ctx) -> dict`` as the item ``fn.__name__``."""
+
+    def deco(fn):
+        assert device in ("cuda", "cpu") and group in GROUPS and fn.__name__ not in ITEMS, fn.__name__
+        ITEMS[fn.__name__] = Item(fn.__name__, fn, device, group, what, metric, unit, ref, goal, tuple(needs))
+        return fn
+
+    return deco
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def item(name: str):
-    """Run one measurement; record its result or its error, never stop the others."""
-
-    def deco(fn):
-        def run(*a, **kw):
-            t0 = time.perf_counter()
-            log(f"--- {name}")
-            try:
-                res = fn(*a, **kw)
-                res["wall_s"] = round(time.perf_counter() - t0, 1)
-                RESULTS[name] = res
-                log(f"    {json.dumps(res)}")
-            except Exception as e:  # noqa: BLE001
-                RESULTS[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                traceback.print_exc()
-            finally:
-                if os.environ.get("OUT"):  # partial results survive a timeout
-                    Path(os.environ["OUT"], "partial.json").write_text(json.dumps(RESULTS, indent=1, default=str))
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                torch._dynamo.reset()
-
-        return run
-
-    return deco
+# --------------------------------------------------------------------------- measurement
 
 
-def train_cfg(steps: int, log_every: int, compile_: bool) -> NS:
-    return NS(steps=steps, lr=3e-4, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.05, betas=[0.9, 0.95], grad_clip=1.0,
-              ema_decay=0.999, grad_accum=1, log_every=log_every, checkpoint_every=10**9, compile=compile_)
+def prior_config(kind: str, size: str, *, compile_mode: str | bool = False, **overrides: Any) -> PriorConfig:
+    """The stage's ``PriorConfig`` with the bench's training settings (``overrides`` on top).
+
+    ``compile_mode``: False (eager), or ``"regional"`` / True (``prior.compile: true``).
+    """
+    settings = dict(dropout=0.0, class_dropout=0.1, lr=3e-4, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.05,
+                    betas=[0.9, 0.95], grad_clip=1.0, ema_decay=0.999, grad_accum=1, checkpoint_every=10**9,
+                    eval_every=0, keep="last")
+    settings.update(overrides)
+    mode = compile_mode or False
+    if mode is not False and mode is not True and mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: allowed {', '.join(COMPILE_MODES)} or False")
+    return PriorConfig(kind=kind, size=size, compile=mode is not False, **settings)
 
 
-def measure_training(model, batch: int, seq: int, vocab: int, device, compile_: bool, steps: int, windows: int, num_classes=1000):
+def measure_training(model, batch: int, seq: int, vocab: int, device, compile_mode: str | bool, steps: int, windows: int,
+                     num_classes: int = 1000) -> dict:
     """Train with the real loop on random on-device codes; tokens/s of the last windows."""
     g = torch.Generator(device=device).manual_seed(0)
     pool = [(torch.randint(0, vocab, (batch, seq), device=device, generator=g),
@@ -104,17 +154,19 @@ def measure_training(model, batch: int, seq: int, vocab: int, device, compile_: 
             yield pool[i % len(pool)]
             i += 1
 
+    cfg = prior_config(model.config["kind"], model.config["size"], compile_mode=compile_mode, steps=steps,
+                       batch_size=batch, log_every=max(1, steps // windows))
     logs = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    log_every = max(1, steps // windows)
     t0 = time.perf_counter()
-    train_prior(model, batches(), train_cfg(steps, log_every, compile_), device=device, progress=False,
+    train_prior(model, batches(), cfg, device=device, progress=False,
                 on_log=lambda s, m: (logs.append(m), log(f"      step {s}: {m['tokens_per_s']:.0f} tok/s loss {m['loss']:.3f}")))
     total = time.perf_counter() - t0
     tps = sorted(m["tokens_per_s"] for m in logs[1:]) or [logs[-1]["tokens_per_s"]]
     med = tps[len(tps) // 2]  # the first window holds warm-up / compilation
-    out = {"tokens_per_s": med, "step_ms": 1e3 * batch * seq / med, "total_s": round(total, 1)}
+    out = {"tokens_per_s": med, "step_ms": 1e3 * batch * seq / med, "total_s": round(total, 1),
+           "compile": compile_mode or "eager", "batch": batch, "steps": steps}
     if device.type == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return out
@@ -159,17 +211,16 @@ def var_flops_per_image(model) -> float:
     return 6 * n_tok * L + 6 * n_img + attn
 
 
-def gpt_b(device, vocab=16384):
+def gpt_model(device, size="B", vocab=16384, side=16, num_classes=1000):
     torch.manual_seed(0)
-    cfg = NS(kind="gpt", size="B", dropout=0.0, class_dropout=0.1)
-    return build_prior(cfg, vocab_size=vocab, layout=[(16, 16)], num_classes=1000).to(device)
+    return build_prior(prior_config("gpt", size), vocab_size=vocab, layout=[(side, side)], num_classes=num_classes).to(device)
 
 
-def var_d16(device, size="d16", vocab=4096, scales=VAR_SCALES):
+def var_model(device, size="d16", vocab=4096, scales=VAR_SCALES, num_classes=1000):
     torch.manual_seed(0)
     tok = StandInScaleTokenizer(vocab, 32, list(scales)).to(device)
-    cfg = NS(kind="var", size=size, dropout=0.0, class_dropout=0.1)
-    return build_prior(cfg, vocab_size=vocab, layout=[(s, s) for s in scales], num_classes=1000, tokenizer=tok).to(device)
+    return build_prior(prior_config("var", size), vocab_size=vocab, layout=[(s, s) for s in scales],
+                       num_classes=num_classes, tokenizer=tok).to(device)
 
 
 def time_sampling(model, labels, reps: int, **kw) -> tuple[float, float]:
@@ -201,13 +252,8 @@ def agreement_with_eager(model, labels, **kw) -> dict:
     return {"codes_equal_eager": bool(torch.equal(g, e)), "codes_agree_frac": (g == e).float().mean().item()}
 
 
-# --------------------------------------------------------------------------- GPU items
-
-
 def sdpa_priority(first: str):
     """A context that puts one SDPA backend first (``"default"``: leave torch's order)."""
-    import contextlib
-
     if first == "default":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -248,13 +294,13 @@ def profile_decode(model, device, path: Path, steps: int = 8) -> str:
     return table
 
 
-def profile_steps(model, batch, seq, vocab, device, compile_, path: Path, steps: int = 3) -> str:
+def profile_steps(model, batch, seq, vocab, device, compile_mode, path: Path, steps: int = 3) -> str:
     """The CUDA kernels of a few training steps (already compiled), top 25 by device time."""
     from torch.profiler import ProfilerActivity, profile
 
-    measure_training(model, batch, seq, vocab, device, compile_, steps=2, windows=1)  # warm
+    measure_training(model, batch, seq, vocab, device, compile_mode, steps=2, windows=1)  # warm
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        measure_training(model, batch, seq, vocab, device, compile_, steps=steps, windows=1)
+        measure_training(model, batch, seq, vocab, device, compile_mode, steps=steps, windows=1)
     ka = prof.key_averages()
     for key in ("self_device_time_total", "self_cuda_time_total"):
         try:
@@ -266,313 +312,360 @@ def profile_steps(model, batch, seq, vocab, device, compile_, path: Path, steps:
     return table
 
 
-def run_gpu(args) -> None:
-    device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    only = set(args.only.split(",")) if args.only else None
+def _mfu(ctx: Ctx, flops_per_s: float, datasheet: bool = False) -> dict:
+    peak = ctx.peak_flops()
+    out = {"mfu": None if peak is None else flops_per_s / peak}
+    if datasheet:
+        out["mfu_vs_989"] = flops_per_s / DATASHEET_BF16
+    return out
+
+
+def _gpt_train(ctx: Ctx, compile_mode: str | bool, batch: int, sdpa: str = "default", coordinate_tuning: bool = False) -> dict:
+    import torch._inductor.config as ic
+
+    model = gpt_model(ctx.device)
+    before = ic.coordinate_descent_tuning
+    ic.coordinate_descent_tuning = coordinate_tuning  # Inductor tunes its pointwise/reduction launch configs
+    try:
+        with sdpa_priority(sdpa):
+            res = measure_training(model, batch, 256, 16384, ctx.device, compile_mode, steps=ctx.args.gpt_steps, windows=4)
+    finally:
+        ic.coordinate_descent_tuning = before
+    res.update(_mfu(ctx, res["tokens_per_s"] * gpt_flops_per_token(model, 256), datasheet=True))
+    return res
+
+
+def _var_train(ctx: Ctx, compile_mode: str | bool, batch: int, sdpa: str = "default", attention: str | None = None) -> dict:
+    model = var_model(ctx.device)
+    if attention is not None:
+        model.set_attention(attention)
+    with sdpa_priority(sdpa):
+        res = measure_training(model, batch, model.seq_len, 4096, ctx.device, compile_mode, steps=ctx.args.var_steps, windows=3)
+    res["images_per_s"] = res["tokens_per_s"] / model.seq_len
+    res["attention"] = model.attn_impl
+    res.update(_mfu(ctx, res["images_per_s"] * var_flops_per_image(model)))
+    return res
+
+
+def _gpt_sample(ctx: Ctx, mode: str) -> dict:
+    """gpt-B, bf16 weights: 64 images × 256 tokens, guidance 2.0 (128 rows)."""
+    model = gpt_model(ctx.device).to(torch.bfloat16).eval()
+    model.compile_sampling(mode)
+    labels = torch.arange(64, device=ctx.device) % 1000
+    first, best = time_sampling(model, labels, reps=3 if mode != "eager" else 1, cfg_scale=2.0)
+    res = {"mode": mode, "images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
+    if mode != "eager":
+        res.update(agreement_with_eager(model, labels, cfg_scale=2.0))
+    return res
+
+
+def _var_sample(ctx: Ctx, mode: str) -> dict:
+    """var-d16, bf16: 64 images, guidance 1.5, top-k 900, top-p 0.96; the stand-in tokenizer in fp32."""
+    model = var_model(ctx.device).to(torch.bfloat16).eval()
+    model.tokenizer.float()
+    model.compile_sampling(mode)
+    labels = torch.arange(64, device=ctx.device) % 1000
+    kw = dict(cfg_scale=1.5, top_k=900, top_p=0.96)
+    first, best = time_sampling(model, labels, reps=3, **kw)
+    res = {"mode": mode, "images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
+    if mode != "eager":
+        res.update(agreement_with_eager(model, labels, **kw))
+    return res
+
+
+# --------------------------------------------------------------------------- CUDA items (in order of importance)
+
+MM = ("matmul_bf16",)  # the MFU denominator: runs before any training item
+
+
+@item("cuda", "matmul", "bf16 matmul 8192³ (the MFU denominator)", "bf16_tflops", "TFLOP/s")
+def matmul_bf16(ctx: Ctx) -> dict:
+    return {"bf16_tflops": matmul_flops(ctx.device) / 1e12}
+
+
+@item("cuda", "check", "compiled (fused) cross-entropy against the eager one, gpt-B shapes")
+def check_fused_ce(ctx: Ctx) -> dict:
+    from arvision.priors.blocks import cross_entropy, fused_cross_entropy
+
+    device = ctx.device
+    model = gpt_model(device).eval()
+    codes = torch.randint(0, 16384, (32, 256), device=device)
+    labels = torch.randint(0, 1000, (32,), device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(codes, labels)
+    a = logits.detach().requires_grad_()
+    b = logits.detach().requires_grad_()
+    la, lb = cross_entropy(a, codes, 16384), fused_cross_entropy(b, codes, 16384)
+    la.backward()
+    lb.backward()
+    gerr = ((a.grad.float() - b.grad.float()).norm() / a.grad.float().norm()).item()
+    return {"eager": la.item(), "fused": lb.item(), "grad_rel_err": gerr}
+
+
+@item("cuda", "var_train", "var-d16 train b128, compile `regional`", "images_per_s", "img/s", REF_VAR_TRAIN_COMPILED,
+      GOAL_VAR_TRAIN, MM)
+def var_train_regional_b128(ctx: Ctx) -> dict:
+    return _var_train(ctx, "regional", 128)
+
+
+@item("cuda", "var_sample", "var-d16 sample 64 img, `compile+cudagraph`", "images_per_s", "img/s", REF_VAR_SAMPLE,
+      GOAL_VAR_SAMPLE)
+def var_sample_compile_cudagraph(ctx: Ctx) -> dict:
+    return _var_sample(ctx, "compile+cudagraph")
+
+
+@item("cuda", "gpt_sample", "gpt-B sample 64 img, cfg 2.0, `compile+graph` (the whole sequence as one CUDA graph)",
+      "images_per_s", "img/s", REF_GPT_SAMPLE_COMPILED, GOAL_GPT_SAMPLE)
+def gpt_sample_compile_graph(ctx: Ctx) -> dict:
+    return _gpt_sample(ctx, "compile+graph")
+
+
+@item("cuda", "var_train", "var-d16 train b128, `regional`, flash SDPA backend first", "images_per_s", "img/s",
+      REF_VAR_TRAIN_COMPILED, GOAL_VAR_TRAIN, MM)
+def var_train_regional_flash_first_b128(ctx: Ctx) -> dict:
+    return _var_train(ctx, "regional", 128, sdpa="flash")
+
+
+@item("cuda", "profile", "top CUDA kernels of 8 compiled gpt-B decode steps (128 rows)")
+def profile_gpt_decode(ctx: Ctx) -> dict:
+    log(profile_decode(gpt_model(ctx.device).to(torch.bfloat16).eval(), ctx.device, ctx.out / "profile_gpt_decode.txt"))
+    return {"file": "profile_gpt_decode.txt"}
+
+
+@item("cuda", "var_train", "var-d16 train b64, `regional`", "images_per_s", "img/s", None, None, MM)
+def var_train_regional_b64(ctx: Ctx) -> dict:
+    return _var_train(ctx, "regional", 64)
+
+
+@item("cuda", "gpt_train", "gpt-B train b128, compile `regional`", "tokens_per_s", "tok/s", REF_GPT_TRAIN_B128,
+      GOAL_GPT_TRAIN, MM)
+def gpt_train_regional_b128(ctx: Ctx) -> dict:
+    return _gpt_train(ctx, "regional", 128)
+
+
+@item("cuda", "gpt_train", "gpt-B train b128, `regional` + Inductor coordinate-descent tuning", "tokens_per_s", "tok/s",
+      REF_GPT_TRAIN_B128, GOAL_GPT_TRAIN, MM)
+def gpt_train_regional_coordtune_b128(ctx: Ctx) -> dict:
+    return _gpt_train(ctx, "regional", 128, coordinate_tuning=True)
+
+
+@item("cuda", "gpt_train", "gpt-B train b64, compile `regional`", "tokens_per_s", "tok/s", REF_GPT_TRAIN_B64, None, MM)
+def gpt_train_regional_b64(ctx: Ctx) -> dict:
+    return _gpt_train(ctx, "regional", 64)
+
+
+@item("cuda", "var_train", "var-d16 train b128, `regional`, one SDPA call with the dense mask (control)", "images_per_s",
+      "img/s", REF_VAR_TRAIN_COMPILED, GOAL_VAR_TRAIN, MM)
+def var_train_regional_dense_mask_b128(ctx: Ctx) -> dict:
+    return _var_train(ctx, "regional", 128, attention="sdpa")
+
+
+@item("cuda", "profile", "top CUDA kernels of 2 compiled (`regional`) var-d16 training steps, b128")
+def profile_var_regional_b128(ctx: Ctx) -> dict:
+    model = var_model(ctx.device)
+    log(profile_steps(model, 128, model.seq_len, 4096, ctx.device, "regional", ctx.out / "profile_var.txt", steps=2))
+    return {"file": "profile_var.txt"}
+
+
+@item("cuda", "gpt_sample", "gpt-B sample 64 img, cfg 2.0, eager", "images_per_s", "img/s", REF_GPT_SAMPLE_EAGER)
+def gpt_sample_eager(ctx: Ctx) -> dict:
+    return _gpt_sample(ctx, "eager")
+
+
+@item("cuda", "var_sample", "var-d16 sample 64 img, eager", "images_per_s", "img/s", REF_VAR_SAMPLE, GOAL_VAR_SAMPLE)
+def var_sample_eager(ctx: Ctx) -> dict:
+    return _var_sample(ctx, "eager")
+
+
+# --------------------------------------------------------------------------- CPU items (the tiny sizes)
+
+CPU_VAR_SCALES = (1, 2, 3, 4, 6, 8)
+
+
+@item("cpu", "gpt_train", "gpt tiny train, vocab 512, 8×8 codes, batch 64, eager", "tokens_per_s", "tok/s")
+def cpu_gpt_tiny_train(ctx: Ctx) -> dict:
+    model = gpt_model(ctx.device, "tiny", vocab=512, side=8, num_classes=10)
+    res = measure_training(model, 64, 64, 512, ctx.device, False, steps=ctx.args.cpu_steps, windows=4, num_classes=10)
+    res["params"] = sum(p.numel() for p in model.parameters())
+    return res
+
+
+@item("cpu", "gpt_sample", "gpt tiny sample 64 img, cfg 2.0, eager", "images_per_s", "img/s")
+def cpu_gpt_tiny_sample(ctx: Ctx) -> dict:
+    model = gpt_model(ctx.device, "tiny", vocab=512, side=8, num_classes=10).eval()
+    first, best = time_sampling(model, torch.arange(64) % 10, reps=2, cfg_scale=2.0)
+    return {"mode": "eager", "images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
+
+
+@item("cpu", "var_train", "var tiny train, vocab 512, scales 1-8 (130 tokens), batch 64, eager", "images_per_s", "img/s")
+def cpu_var_tiny_train(ctx: Ctx) -> dict:
+    model = var_model(ctx.device, "tiny", vocab=512, scales=CPU_VAR_SCALES, num_classes=10)
+    res = measure_training(model, 64, model.seq_len, 512, ctx.device, False, steps=ctx.args.cpu_steps, windows=4,
+                           num_classes=10)
+    res["images_per_s"] = res["tokens_per_s"] / model.seq_len
+    res["attention"] = model.attn_impl
+    res["params"] = sum(p.numel() for p in model.parameters())
+    return res
+
+
+@item("cpu", "var_sample", "var tiny sample 64 img, cfg 2.0, eager", "images_per_s", "img/s")
+def cpu_var_tiny_sample(ctx: Ctx) -> dict:
+    model = var_model(ctx.device, "tiny", vocab=512, scales=CPU_VAR_SCALES, num_classes=10).eval()
+    first, best = time_sampling(model, torch.arange(64) % 10, reps=2, cfg_scale=2.0)
+    return {"mode": "eager", "images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def select(device: str, only: str) -> list[str]:
+    """The items of ``device`` named (or whose group is named) in the comma list ``only`` (all
+    when empty), with what they need, in registry order."""
+    wanted = {w.strip() for w in only.split(",") if w.strip()}
+    unknown = wanted - set(ITEMS) - set(GROUPS)
+    if unknown:
+        raise SystemExit(f"--only: unknown {', '.join(sorted(unknown))} (items: --list; groups: {', '.join(GROUPS)})")
+    chosen = {n for n, it in ITEMS.items() if it.device == device and (not wanted or n in wanted or it.group in wanted)}
+    chosen |= {need for n in chosen for need in ITEMS[n].needs}
+    return [n for n in ITEMS if n in chosen]
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """(HEAD, whether the working tree differs from it); without git: $ARVISION_COMMIT, None."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        return head, bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("ARVISION_COMMIT") or None, None
+
+
+def device_name(args) -> str:
+    if args.device == "cuda":
+        return torch.cuda.get_device_name()
+    load = os.getloadavg()[0]  # the dev machine is shared: a load above the core count slows every figure
+    return (f"CPU {platform.processor() or platform.machine()}, {args.threads} threads, "
+            f"load average {load:.1f} at start")
+
+
+def default_out(device: str, when: dt.datetime) -> Path:
+    base = ROOT / "bench" / "results" / f"{when:%Y-%m-%d}-prior-{device}"
+    out, n = base, 1
+    while (out / "prior_bench.json").exists():  # never overwrite an earlier run of the same day
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def utc(when: dt.datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_json(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def run(args) -> Path:
+    """Run the selected items; returns the path of the JSON written."""
+    names = select(args.device, args.only)
+    start = dt.datetime.now(dt.timezone.utc)
+    out = Path(args.out) if args.out else default_out(args.device, start)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "prior_bench.json"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(args.threads)
+    commit, dirty = git_commit()
+    record = {
+        "kind": "prior_bench", "schema": SCHEMA, "history": False, "commit": commit, "dirty": dirty,
+        "command": shlex.join([sys.executable, *sys.argv]), "device": device_name(args), "torch": torch.__version__,
+        "python": platform.python_version(), "settings": vars(args), "started_utc": utc(start), "finished_utc": None,
+        "complete": False, "items": {},
+    }
+    log(f"{len(names)} items on {record['device']} → {path}")
+    ctx = Ctx(device, args, out, record["items"])
     t_start = time.perf_counter()
-    out_dir = Path(args.out) if args.out else None
-
-    def want(tag):
-        if time.perf_counter() - t_start > args.budget_s:
-            log(f"--- {tag}: skipped (past --budget-s {args.budget_s})")
-            return False
-        return only is None or tag.split(":")[0] in only or tag.split(":")[-1] in only
-
-    @item("matmul")
-    def _mm():
-        return {"bf16_tflops": matmul_flops(device) / 1e12}
-
-    _mm()
-    peak = RESULTS.get("matmul", {}).get("bf16_tflops", 790.0) * 1e12
-
-    def gpt_train(compile_, batch=128, sdpa="default", tuning=False):
-        name = f"gpt_train_{compile_ or 'eager'}{'_' + sdpa if sdpa != 'default' else ''}{'_cdt' if tuning else ''}_b{batch}"
-        if not want("gpt_train:" + name):
-            return
-
-        @item(name)
-        def _t():
-            import torch._inductor.config as ic
-
-            model = gpt_b(device)
-            ic.coordinate_descent_tuning = tuning  # Inductor tunes its pointwise/reduction launch configs
-            with sdpa_priority(sdpa):
-                res = measure_training(model, batch, 256, 16384, device, compile_, steps=args.gpt_steps, windows=4)
-            fpt = gpt_flops_per_token(model, 256)
-            res["mfu"] = res["tokens_per_s"] * fpt / peak
-            res["mfu_vs_989"] = res["tokens_per_s"] * fpt / 989e12
-            return res
-
-        _t()
-
-    def var_train(compile_, batch=128, sdpa="default", attn="split"):
-        name = f"var_train_{compile_ or 'eager'}_{attn}{'_' + sdpa if sdpa != 'default' else ''}_b{batch}"
-        if not want("var_train:" + name):
-            return
-
-        @item(name)
-        def _v():
-            model = var_d16(device)
-            model.set_attention(attn)
-            with sdpa_priority(sdpa):
-                res = measure_training(model, batch, model.seq_len, 4096, device, compile_, steps=args.var_steps, windows=3)
-            res["images_per_s"] = res["tokens_per_s"] / model.seq_len
-            res["mfu"] = res["images_per_s"] * var_flops_per_image(model) / peak
-            return res
-
-        _v()
-
-    def gpt_sample(mode):
-        if not want("gpt_sample:" + mode):
-            return
-
-        @item(f"gpt_sample_{mode}")
-        def _s():
-            model = gpt_b(device).to(torch.bfloat16).eval()
-            model.compile_sampling(mode)
-            labels = torch.arange(64, device=device) % 1000
-            first, best = time_sampling(model, labels, reps=3 if mode != "eager" else 1, cfg_scale=2.0)
-            res = {"images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
-            if mode != "eager":
-                res.update(agreement_with_eager(model, labels, cfg_scale=2.0))
-            return res
-
-        _s()
-
-    if want("check"):
-
-        @item("check_fused_ce")
-        def _ce():  # the compiled loss equals the eager one on gpt-B's real shapes
-            model = gpt_b(device).eval()
-            codes = torch.randint(0, 16384, (32, 256), device=device)
-            labels = torch.randint(0, 1000, (32,), device=device)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(codes, labels)
-            from arvision.priors.blocks import cross_entropy, fused_cross_entropy
-
-            a = logits.detach().requires_grad_()
-            b = logits.detach().requires_grad_()
-            la, lb = cross_entropy(a, codes, 16384), fused_cross_entropy(b, codes, 16384)
-            la.backward()
-            lb.backward()
-            gerr = ((a.grad.float() - b.grad.float()).norm() / a.grad.float().norm()).item()
-            return {"eager": la.item(), "fused": lb.item(), "grad_rel_err": gerr}
-
-        _ce()
-
-    var_train("regional")
-    if want("var_sample"):
-        for mode in ("cudagraph", "compile+cudagraph"):
-
-            @item(f"var_sample_{mode}")
-            def _vs(mode=mode):
-                model = var_d16(device).to(torch.bfloat16).eval()
-                model.tokenizer.float()
-                model.compile_sampling(mode)
-                labels = torch.arange(64, device=device) % 1000
-                kw = dict(cfg_scale=1.5, top_k=900, top_p=0.96)
-                first, best = time_sampling(model, labels, reps=3, **kw)
-                res = {"images_per_s": 64 / best, "s_per_batch": best, "first_call_s": first}
-                res.update(agreement_with_eager(model, labels, **kw))
-                return res
-
-            _vs()
-    gpt_sample("compile+cudagraph")
-    gpt_sample("compile+graph")
-    var_train("regional", sdpa="flash")
-    if want("profile") and out_dir is not None:
-
-        @item("profile_gpt_decode")
-        def _pd():
-            table = profile_decode(gpt_b(device).to(torch.bfloat16).eval(), device, out_dir / "profile_gpt_decode.txt")
-            log(table)
-            return {"file": "profile_gpt_decode.txt"}
-
-        _pd()
-    var_train("regional", batch=64)
-    gpt_train("regional")
-    gpt_train("regional", tuning=True)
-    gpt_train("regional", batch=64)
-    var_train("regional", attn="sdpa")  # control: one SDPA call with the dense mask (run 2's setting)
-    gpt_train("whole")
-    if want("profile") and out_dir is not None:
-
-        @item("profile_var_regional_b128")
-        def _pv():
-            model = var_d16(device)
-            table = profile_steps(model, 128, model.seq_len, 4096, device, "regional", out_dir / "profile_var.txt", steps=2)
-            log(table)
-            return {"file": "profile_var.txt"}
-
-        _pv()
+    try:
+        for name in names:
+            it = ITEMS[name]
+            rec = record["items"][name] = it.meta()
+            if time.perf_counter() - t_start > args.budget_s:
+                rec.update(status="skipped", error=f"not started: past --budget-s {args.budget_s:g}")
+                log(f"--- {name}: skipped (past --budget-s {args.budget_s:g})")
+                continue
+            run_item(it, ctx, rec)
+            write_json(path, record)  # partial results survive a timeout
+        record["complete"] = True
+    except KeyboardInterrupt:  # `timeout -s INT`: keep what was measured
+        log("interrupted: writing the items measured so far")
+        record["interrupted"] = True
+        for rec in record["items"].values():
+            rec.setdefault("status", "error")
+            rec.setdefault("error", "interrupted")
+    record["finished_utc"] = utc(dt.datetime.now(dt.timezone.utc))
+    write_json(path, record)
+    log(f"wrote {path}")
+    return path
 
 
-# --------------------------------------------------------------------------- CPU items
+def run_item(it: Item, ctx: Ctx, rec: dict) -> None:
+    """Run one item into ``rec``; an error is recorded, never raised."""
+    t0 = time.perf_counter()
+    log(f"--- {it.name}")
+    try:
+        rec["result"] = it.fn(ctx)
+        rec["status"] = "ok"
+        log(f"    {json.dumps(rec['result'], default=str)}")
+    except Exception as e:  # noqa: BLE001
+        rec["status"] = "error"
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+        traceback.print_exc()
+    finally:
+        rec["wall_s"] = round(time.perf_counter() - t0, 1)
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
 
 
-def run_cpu(args) -> None:
-    device = torch.device("cpu")
-    torch.set_num_threads(args.threads)
-
-    @item("cpu_gpt_tiny_train")
-    def _gt():
-        torch.manual_seed(0)
-        model = build_prior(NS(kind="gpt", size="tiny", dropout=0.0, class_dropout=0.1), vocab_size=512, layout=[(8, 8)], num_classes=10)
-        res = measure_training(model, 64, 64, 512, device, False, steps=args.cpu_steps, windows=4, num_classes=10)
-        res["params"] = sum(p.numel() for p in model.parameters())
-        return res
-
-    @item("cpu_gpt_tiny_sample")
-    def _gs():
-        torch.manual_seed(0)
-        model = build_prior(NS(kind="gpt", size="tiny", dropout=0.0, class_dropout=0.1), vocab_size=512, layout=[(8, 8)], num_classes=10).eval()
-        first, best = time_sampling(model, torch.arange(64) % 10, reps=2, cfg_scale=2.0)
-        return {"images_per_s": 64 / best, "s_per_batch": best}
-
-    scales = (1, 2, 3, 4, 6, 8)
-
-    @item("cpu_var_tiny_train")
-    def _vt():
-        model = var_d16(device, size="tiny", vocab=512, scales=scales)
-        res = measure_training(model, 64, model.seq_len, 512, device, False, steps=args.cpu_steps, windows=4, num_classes=10)
-        res["images_per_s"] = res["tokens_per_s"] / model.seq_len
-        res["params"] = sum(p.numel() for p in model.parameters())
-        return res
-
-    @item("cpu_var_tiny_sample")
-    def _vs():
-        model = var_d16(device, size="tiny", vocab=512, scales=scales).eval()
-        first, best = time_sampling(model, torch.arange(64) % 10, reps=2, cfg_scale=2.0)
-        return {"images_per_s": 64 / best, "s_per_batch": best}
-
-    for f in (_gt, _gs, _vt, _vs):
-        f()
+def list_items() -> None:
+    for device in ("cuda", "cpu"):
+        print(f"{device}:")
+        for it in ITEMS.values():
+            if it.device == device:
+                ref = f"  [ref {it.ref.value:,.0f} {it.unit}]" if it.ref else ""
+                print(f"  {it.name:38s} {it.group:11s} {it.what}{ref}")
+    print(f"groups: {', '.join(GROUPS)}")
 
 
-# --------------------------------------------------------------------------- report
-
-
-def fmt(x, unit="", scale=1.0, digits=0):
-    return "—" if x is None else f"{x / scale:,.{digits}f}{unit}"
-
-
-def ratio(x, ref):
-    return "—" if x is None or not ref else f"{x / ref:.2f}×"
-
-
-def get(name, key):
-    return RESULTS.get(name, {}).get(key)
-
-
-RUN1 = {"gpt_train": 554_224, "gpt_sample": 256.9, "var_train": 349.9, "var_sample": 258.9}  # bench/RESULTS.md, run 1
-
-
-def gpu_table() -> str:
-    rows = ["| item | measured | reference | ratio | vs run 1 | goal | notes |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    mm = get("matmul", "bf16_tflops")
-    rows.append(f"| bf16 matmul 8192³ | {fmt(mm, ' TFLOP/s')} | — | — | — | — | MFU denominator |")
-    for n, r in RESULTS.items():
-        err = r.get("error")
-        if n.startswith("gpt_train_"):
-            ref = REF["gpt_train_b128"] if n.endswith("b128") else REF["gpt_train_b64"]
-            note = err or (f"step {fmt(r.get('step_ms'), ' ms', digits=1)}, peak {fmt(r.get('peak_mem_gib'), ' GiB', digits=1)}, "
-                           f"MFU {fmt((r.get('mfu') or 0) * 100, '%', digits=1)} (vs 989: {fmt((r.get('mfu_vs_989') or 0) * 100, '%', digits=1)})")
-            rows.append(f"| gpt-B train {n[len('gpt_train_'):]} (tok/s) | {fmt(r.get('tokens_per_s'))} | {fmt(ref)} | "
-                        f"{ratio(r.get('tokens_per_s'), ref)} | {ratio(r.get('tokens_per_s'), RUN1['gpt_train'])} | {fmt(GOAL['gpt_train'])} | {note} |")
-        elif n.startswith("gpt_sample_"):
-            mode = n[len("gpt_sample_"):]
-            ref = REF["gpt_sample_eager"] if mode == "eager" else REF["gpt_sample_compiled"]
-            note = err or f"first call {fmt(r.get('first_call_s'), ' s', digits=1)}"
-            rows.append(f"| gpt-B sample 64 img, cfg 2.0, {mode} (img/s) | {fmt(r.get('images_per_s'), digits=1)} | {fmt(ref)} | "
-                        f"{ratio(r.get('images_per_s'), ref)} | {ratio(r.get('images_per_s'), RUN1['gpt_sample'])} | {fmt(GOAL['gpt_sample'])} | {note} |")
-        elif n.startswith("var_train_"):
-            ref = REF["var_train_compiled_b128"] if "eager" not in n else REF["var_train_eager_b128"]
-            note = err or (f"step {fmt(r.get('step_ms'), ' ms', digits=1)}, peak {fmt(r.get('peak_mem_gib'), ' GiB', digits=1)}, "
-                           f"MFU {fmt((r.get('mfu') or 0) * 100, '%', digits=1)}")
-            rows.append(f"| var-d16 train {n[len('var_train_'):]} (img/s) | {fmt(r.get('images_per_s'), digits=1)} | "
-                        f"{fmt(ref)} (b128) | {ratio(r.get('images_per_s'), ref)} | {ratio(r.get('images_per_s'), RUN1['var_train'])} | "
-                        f"{fmt(GOAL['var_train'])} | {note} |")
-        elif n.startswith("var_sample_"):
-            note = err or (f"cfg 1.5 (VAR's), top-k 900, top-p 0.96; first call {fmt(r.get('first_call_s'), ' s', digits=1)}"
-                           + (f"; codes equal eager: {r['codes_equal_eager']}" if "codes_equal_eager" in r else ""))
-            rows.append(f"| var-d16 sample 64 img, {n[len('var_sample_'):]} (img/s) | {fmt(r.get('images_per_s'), digits=1)} | "
-                        f"{fmt(REF['var_sample'])} | {ratio(r.get('images_per_s'), REF['var_sample'])} | "
-                        f"{ratio(r.get('images_per_s'), RUN1['var_sample'])} | {fmt(GOAL['var_sample'])} | {note} |")
-        elif n.startswith(("check_", "profile_")):
-            rows.append(f"| {n} | {err or json.dumps({k: v for k, v in r.items() if k != 'wall_s'})} | | | | | |")
-    return "\n".join(rows)
-
-
-def cpu_table() -> str:
-    rows = ["| item (CPU) | params | measured |", "| --- | --- | --- |"]
-    r = RESULTS.get("cpu_gpt_tiny_train", {})
-    rows.append(f"| gpt tiny train, vocab 512, 8×8, batch 64 | {fmt(r.get('params'))} | {fmt(r.get('tokens_per_s'))} tok/s ({fmt(r.get('step_ms'), ' ms/step', digits=0)}) |")
-    r = RESULTS.get("cpu_gpt_tiny_sample", {})
-    rows.append(f"| gpt tiny sample 64 img, cfg 2.0 | | {fmt(r.get('images_per_s'), digits=1)} img/s |")
-    r = RESULTS.get("cpu_var_tiny_train", {})
-    rows.append(f"| var tiny train, vocab 512, scales 1-8 (130 tok), batch 64 | {fmt(r.get('params'))} | {fmt(r.get('images_per_s'), digits=1)} img/s ({fmt(r.get('tokens_per_s'))} tok/s) |")
-    r = RESULTS.get("cpu_var_tiny_sample", {})
-    rows.append(f"| var tiny sample 64 img, cfg 2.0 | | {fmt(r.get('images_per_s'), digits=1)} img/s |")
-    return "\n".join(rows)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--only", default="", help="comma list of kinds (gpt_train, gpt_sample, var_train, var_sample, check, profile) or item names")
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", default="", help="comma list of item names or groups (default: every item of --device)")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="start no item after this many seconds")
+    ap.add_argument("--out", default=os.environ.get("OUT"),
+                    help="folder for prior_bench.json and profiles (default $OUT, else bench/results/<date>-prior-<device>)")
+    ap.add_argument("--list", action="store_true", help="list the items and exit")
+    ap.add_argument("--report", action="store_true", help="regenerate bench/RESULTS.md from bench/results/ and exit")
     ap.add_argument("--gpt-steps", type=int, default=40)
     ap.add_argument("--var-steps", type=int, default=24)
-    ap.add_argument("--budget-s", type=float, default=330.0, help="start no GPU item after this many seconds")
     ap.add_argument("--cpu-steps", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gpu-results", default=None, help="a prior_bench.json fetched from a GPU run, to report beside CPU figures")
-    ap.add_argument("--append", action="store_true", help="append the tables to bench/RESULTS.md under '## Prior'")
-    args = ap.parse_args()
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu)")
+    args = ap.parse_args(argv)
+    if args.list:
+        return list_items()
+    if args.report:
+        from bench import report
 
-    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    if args.device == "cuda":
-        devname = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-        try:
-            run_gpu(args)
-        except KeyboardInterrupt:  # `timeout -s INT`: keep what was measured, write the tables
-            log("interrupted: reporting the items measured so far")
-    else:
-        load = os.getloadavg()[0]  # the dev machine is shared: a load above the core count slows every figure
-        devname = (f"CPU {platform.processor() or platform.machine()}, {args.threads} threads, "
-                   f"load average {load:.1f} at start (torch {torch.__version__})")
-        run_cpu(args)
-    if args.gpu_results:
-        gpu = json.loads(Path(args.gpu_results).read_text())
-        RESULTS.update(gpu["results"])
-    md = [f"### {when}: {devname}", ""]
-    if any(k.startswith(("gpt_", "var_", "matmul")) for k in RESULTS):
-        if args.gpu_results:
-            md += [f"GPU: {gpu['device']} ({gpu['when']}); settings: {gpu['settings']}", ""]
-        md += [gpu_table(), ""]
-    if any(k.startswith("cpu_") for k in RESULTS):
-        md += [cpu_table(), ""]
-    text = "\n".join(md)
-    log("\n" + text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "prior_bench.md").write_text(text)
-        (out / "prior_bench.json").write_text(json.dumps(
-            {"when": when, "device": devname, "settings": vars(args), "results": RESULTS}, indent=2, default=str))
-    if args.append:
-        res = ROOT / "bench" / "RESULTS.md"
-        existing = res.read_text() if res.exists() else "# Benchmarks\n"
-        if "## Prior" not in existing:
-            existing = existing.rstrip() + "\n\n## Prior\n"
-            res.write_text(existing + "\n" + text + "\n")
-        else:  # insert at the end of the Prior section (before the next '## ' heading)
-            head, tail = existing.split("## Prior", 1)
-            nxt = tail.find("\n## ")
-            body, rest = (tail, "") if nxt < 0 else (tail[:nxt], tail[nxt:])
-            res.write_text(head + "## Prior" + body.rstrip() + "\n\n" + text + "\n" + rest)
+        raise SystemExit(report.main([]))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    run(args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ that do not pickle)."""
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace as NS
 
 import torch
 
@@ -19,12 +18,16 @@ def worker(config: dict) -> None:
     from arvision.priors import build_prior
     from arvision.train.loop import train_prior
     from arvision.train.ray import prepare_parallel
+    from bench.prior import prior_config
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    cfg = NS(kind="gpt", size=config["size"], dropout=0.0, class_dropout=0.1)
+    steps, b = config["steps"], config["batch"]
+    # the stage's PriorConfig with bench/prior.py's training settings; compile: regional | False
+    cfg = prior_config("gpt", config["size"], compile_mode=config["compile"], steps=steps, batch_size=b,
+                       log_every=max(1, steps // 4), strategy=config["strategy"])
     model = build_prior(cfg, vocab_size=16384, layout=[(16, 16)], num_classes=1000)
     n_params = sum(p.numel() for p in model.parameters())
     out = {"params": n_params, "world": world, "oom": False}
@@ -32,7 +35,6 @@ def worker(config: dict) -> None:
         model = prepare_parallel(model, config["strategy"])
         device = ray.train.torch.get_device()
         g = torch.Generator(device=device).manual_seed(rank)
-        b = config["batch"]
         pool = [(torch.randint(0, 16384, (b, 256), device=device, generator=g),
                  torch.randint(0, 1000, (b,), device=device, generator=g)) for _ in range(4)]
 
@@ -42,11 +44,6 @@ def worker(config: dict) -> None:
                 yield pool[i % 4]
                 i += 1
 
-        steps = config["steps"]
-        tcfg = NS(steps=steps, lr=3e-4, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.05, betas=[0.9, 0.95],
-                  grad_clip=1.0, ema_decay=0.999, grad_accum=1, log_every=max(1, steps // 4),
-                  checkpoint_every=10**9, compile=config["compile"])
-
         def on_checkpoint(step: int, st: dict) -> None:  # the stage's checkpoint path, once at the end
             n = sum(v.numel() for v in st["model"].values())
             out.update(checkpoint_params=n, checkpoint_ema=st["ema"] is not None, checkpoint_ok=n == n_params)
@@ -54,7 +51,7 @@ def worker(config: dict) -> None:
         logs: list[dict] = []
         torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        train_prior(model, batches(), tcfg, device=device, progress=False, is_main=rank == 0,
+        train_prior(model, batches(), cfg, device=device, progress=False, is_main=rank == 0,
                     on_log=lambda s, m: logs.append(m), on_checkpoint=on_checkpoint)
         tps = sorted(m["tokens_per_s"] for m in logs[1:]) or [logs[-1]["tokens_per_s"]]
         out.update(tokens_per_s=tps[len(tps) // 2], total_s=round(time.perf_counter() - t0, 1), loss=logs[-1]["loss"])

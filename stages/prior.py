@@ -64,13 +64,11 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     meta = token_meta(paths)
     manifest = read_json(paths.prepared / "manifest.json")
     num_classes = max(1, int(manifest["num_classes"]))
-    prior_cfg = params.prior.model_dump(mode="json")
-    ray_cfg = params.ray.model_dump(mode="json")
-    name = run_name({"prior": prior_cfg, "seed": params.seed, "workers": ray_cfg["num_workers"], "meta": meta,
+    name = run_name({"prior": params.prior.model_dump(mode="json"), "seed": params.seed, "workers": params.ray.num_workers, "meta": meta,
                      "tokens": files_hash(paths.tokens)})
     storage = paths.cache / "ray"
     state = fit_prior(
-        prior_cfg=prior_cfg, ray_cfg=ray_cfg, seed=params.seed, token_dir=paths.tokens, tokenizer_dir=paths.tokenizer,
+        prior_cfg=params.prior, ray_cfg=params.ray, seed=params.seed, token_dir=paths.tokens, tokenizer_dir=paths.tokenizer,
         vocab_size=meta["vocab_size"], layout=meta["layout"], num_classes=num_classes, storage=storage, name=name,
         mlflow_run_id=tracker.run_id, mlflow_uri=tracking_uri(paths.root) if tracker.run_id else None, root=paths.root,
     )

@@ -3,11 +3,11 @@ mask), seeded sampling is reproducible, guidance at scale 1 equals conditional s
 top-k / top-p filtering, the size registry's parameter counts, and save / load."""
 
 import math
-from types import SimpleNamespace as NS
 
 import pytest
 import torch
 
+from arvision.config import PriorConfig
 from arvision.priors import REFERENCE, SIZES, build_prior, load_prior, param_count, save_prior
 from arvision.priors.sampling import filter_logits, guide, pick, sample_gpt, sample_var, var_guidance_scale
 
@@ -16,7 +16,7 @@ CLASSES = 5
 
 def _gpt(layout, vocab=64, seed=0, class_dropout=0.1):
     torch.manual_seed(seed)
-    cfg = NS(kind="gpt", size="tiny", dropout=0.0, class_dropout=class_dropout)
+    cfg = PriorConfig(kind="gpt", size="tiny", dropout=0.0, class_dropout=class_dropout)
     return build_prior(cfg, vocab_size=vocab, layout=layout, num_classes=CLASSES).eval()
 
 
@@ -157,7 +157,7 @@ def test_gpt_b_is_111m():
 
 def test_unknown_size_is_an_error():
     with pytest.raises(ValueError, match="allowed"):
-        build_prior(NS(kind="gpt", size="huge"), vocab_size=16, layout=[(2, 2)], num_classes=2)
+        build_prior(PriorConfig(kind="gpt", size="huge"), vocab_size=16, layout=[(2, 2)], num_classes=2)
 
 
 # --------------------------------------------------------------------------- var
@@ -188,7 +188,7 @@ def _scale_tokenizer(vocab=48, embed_dim=8):
 def _var(vocab=48, seed=0, tok=None):
     tok = tok or _scale_tokenizer(vocab)
     torch.manual_seed(seed)
-    cfg = NS(kind="var", size="tiny", dropout=0.0, class_dropout=0.1)
+    cfg = PriorConfig(kind="var", size="tiny", dropout=0.0, class_dropout=0.1)
     model = build_prior(cfg, vocab_size=vocab, layout=[(s, s) for s in SCALES], num_classes=CLASSES, tokenizer=tok)
     with torch.no_grad():  # open the adaLN-zero gates, so every block shapes the output
         for blk in model.blocks:
@@ -285,7 +285,7 @@ def test_var_trains_with_the_loop():
 
     tok = _scale_tokenizer()
     torch.manual_seed(0)
-    model = build_prior(NS(kind="var", size="tiny", dropout=0.0, class_dropout=0.1), vocab_size=48,
+    model = build_prior(PriorConfig(kind="var", size="tiny", dropout=0.0, class_dropout=0.1), vocab_size=48,
                         layout=[(s, s) for s in SCALES], num_classes=CLASSES, tokenizer=tok)
 
     def batches():
@@ -295,8 +295,8 @@ def test_var_trains_with_the_loop():
             yield (labels[:, None] * 9 + torch.randint(0, 3, (16, 30), generator=g)) % 48, labels
 
     logs = {}
-    cfg = NS(steps=40, lr=3e-3, warmup_steps=5, min_lr_ratio=0.1, weight_decay=0.0, betas=[0.9, 0.95], grad_clip=1.0,
-             ema_decay=0.0, grad_accum=1, log_every=10, checkpoint_every=100, compile=False)
+    cfg = PriorConfig(steps=40, lr=3e-3, warmup_steps=5, min_lr_ratio=0.1, weight_decay=0.0, betas=[0.9, 0.95], grad_clip=1.0,
+                      ema_decay=0.0, grad_accum=1, log_every=10, checkpoint_every=100, compile=False)
     train_prior(model, batches(), cfg, device=torch.device("cpu"), progress=False, on_log=lambda s, m: logs.__setitem__(s, m["loss"]))
     assert logs[40] < logs[10] - 0.5
 

@@ -89,7 +89,7 @@ def test_model_is_self_contained(model_dir):
     reqs = (local / "requirements.txt").read_text().split()
     from importlib.metadata import version as installed
 
-    for dist in ("torch", "einops", "numpy", "pillow", "pandas"):
+    for dist in ("torch", "einops", "numpy", "pillow", "pandas", "pydantic", "pyyaml"):
         assert f"{dist}=={installed(dist).split('+')[0]}" in reqs
     assert not any(r.startswith("arvision") for r in reqs)
     assert json.loads((local / "serving_input_example.json").read_text())["dataframe_split"]["columns"] == ["label"]

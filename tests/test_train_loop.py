@@ -2,11 +2,10 @@
 EMA is what gets saved, the LR schedule is warm-up then cosine, and validation keeps the best
 weights, stops early and resumes with its bookkeeping."""
 
-from types import SimpleNamespace as NS
-
 import pytest
 import torch
 
+from arvision.config import PriorConfig
 from arvision.priors import build_prior
 from arvision.train.loop import checkpoint_state, ema_model, final_weights, kept_weights, lr_at, make_optimizer, train_prior
 
@@ -18,12 +17,12 @@ def _cfg(**kw):
     base = dict(steps=6, lr=3e-3, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.05, betas=[0.9, 0.95],
                 grad_clip=1.0, ema_decay=0.9, grad_accum=1, log_every=1, checkpoint_every=3, compile=False)
     base.update(kw)
-    return NS(**base)
+    return PriorConfig(**base)
 
 
 def _model(seed=0, class_dropout=0.0):
     torch.manual_seed(seed)
-    cfg = NS(kind="gpt", size="tiny", dropout=0.0, class_dropout=class_dropout)
+    cfg = PriorConfig(kind="gpt", size="tiny", dropout=0.0, class_dropout=class_dropout)
     return build_prior(cfg, vocab_size=VOCAB, layout=[(SIDE, SIDE)], num_classes=CLASSES)
 
 
@@ -134,14 +133,12 @@ def test_training_lowers_the_loss():
     assert set(logs[30]) >= {"loss", "lr", "grad_norm", "tokens_per_s"}
 
 
-def test_compile_modes():
+def test_compile_is_regional():
     from arvision.train.loop import compile_model
 
     model = _model()
-    assert compile_model(model, "blocks") is model and not model.fused_loss
-    assert compile_model(model, True) is model and model.fused_loss  # regional: blocks + fused loss (CUDA only)
-    with pytest.raises(ValueError, match="compile mode"):
-        compile_model(_model(), "everything")
+    assert compile_model(model) is model and model.fused_loss  # each block compiled in place + fused loss (CUDA only)
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None for layer in model.layers)
 
 
 # ---------------------------------------------------------------- validation while training
@@ -162,7 +159,7 @@ def test_val_loss_is_token_weighted_mean_in_eval_mode():
 
     model = _model(class_dropout=0.5).eval()
     batches = _val_batches(sizes=(8, 3))
-    expected = sum(model.loss(c, y).item() * c.numel() for c, y in batches) / sum(c.numel() for c, _ in batches)
+    expected = sum(model(c, y, return_loss=True).item() * c.numel() for c, y in batches) / sum(c.numel() for c, _ in batches)
     assert val_loss(model, batches, CPU) == pytest.approx(expected, rel=1e-6)
     assert val_loss(model, batches, CPU) == val_loss(model, batches, CPU)  # no class dropout in eval mode
 

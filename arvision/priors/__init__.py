@@ -2,8 +2,9 @@
 
 - :data:`SIZES` is the size registry, per kind; each entry's ``params`` is the parameter count
   (in millions) at the kind's reference setting in :data:`REFERENCE` (checked by the tests).
-- :func:`build_prior` builds one from a config (a ``PriorConfig`` or any object with its
-  attributes: ``kind``, ``size``, ``dropout``, ``class_dropout``).
+- :func:`build_prior` builds one from the ``prior`` section (:class:`arvision.config.PriorConfig`)
+  and the codes it models; the model itself takes a frozen architecture record
+  (:class:`~arvision.priors.gpt.GPTArch`, :class:`~arvision.priors.var.VARArch`).
 - :func:`save_prior` / :func:`load_prior`: ``config.json`` (everything needed to rebuild,
   independent of later registry changes) + ``weights.pt`` (a plain state dict).
 
@@ -11,9 +12,6 @@ A saved ``var`` prior stores what it needs of the tokenizer to be *built* (``emb
 ``scales``), but its forward pass, loss and sampling call the tokenizer (teacher-forcing input,
 next-scale input): pass it at load, ``load_prior(dir, tokenizer=tok)``, or set
 ``prior.tokenizer = tok`` later.
-
-Imports torch and the standard library only (no pydantic / yaml), so it runs on the device
-machine and inside Ray workers alike.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from arvision.config import PriorConfig
 from arvision.priors.blocks import Prior, count_params
 from arvision.sizes import REFERENCE, SIZES
 
@@ -43,45 +42,42 @@ def _from_config(config: dict[str, Any], tokenizer: Any = None) -> Prior:
     c = dict(config)
     kind = c.pop("kind")
     c.pop("size", None)
-    c["layout"] = [tuple(x) for x in c["layout"]]
+    c["layout"] = tuple(tuple(x) for x in c["layout"])
     if kind == "gpt":
-        from arvision.priors.gpt import GPT
+        from arvision.priors.gpt import GPT, GPTArch
 
-        return GPT(**c)
+        return GPT(GPTArch(**c))
     if kind == "var":
-        from arvision.priors.var import VAR
+        from arvision.priors.var import VAR, VARArch
 
-        return VAR(**c, tokenizer=tokenizer)
+        return VAR(VARArch(**c), tokenizer=tokenizer)
     raise ValueError(f"unknown prior kind '{kind}'")
 
 
-def build_prior(cfg: Any, *, vocab_size: int, layout: list, num_classes: int, tokenizer: Any = None) -> Prior:
+def build_prior(cfg: PriorConfig, *, vocab_size: int, layout: list, num_classes: int, tokenizer: Any = None) -> Prior:
     """A fresh prior of ``cfg.kind`` / ``cfg.size`` for codes of ``vocab_size`` laid out as ``layout``.
 
     ``var`` needs the tokenizer (``embed_dim``, ``scales`` and its two input methods).
     """
-    kind, size = cfg.kind, cfg.size
     config: dict[str, Any] = dict(
-        kind=kind, size=size, vocab_size=int(vocab_size), layout=[list(x) for x in layout], num_classes=int(num_classes),
-        dropout=float(getattr(cfg, "dropout", 0.0)), class_dropout=float(getattr(cfg, "class_dropout", 0.1)),
-        **_arch(kind, size),
+        kind=cfg.kind, vocab_size=int(vocab_size), layout=[list(x) for x in layout], num_classes=int(num_classes),
+        dropout=cfg.dropout, class_dropout=cfg.class_dropout, **_arch(cfg.kind, cfg.size),
     )
-    if kind == "var":
+    if cfg.kind == "var":
         if tokenizer is None:
             raise ValueError("prior.kind 'var' needs the msvq tokenizer (tokenizer=...)")
         config["embed_dim"] = int(tokenizer.embed_dim)
     model = _from_config(config, tokenizer)
-    model.config["size"] = size
+    model.config["size"] = cfg.size
     return model
 
 
 def param_count(kind: str, size: str, **overrides: Any) -> int:
     """Parameters of ``kind``/``size`` at the reference setting (or ``overrides``), built on the
     meta device (nothing is allocated)."""
-    ref = {**REFERENCE[kind], **overrides}
-    config = dict(kind=kind, **{k: v for k, v in ref.items()}, **_arch(kind, size))
-    if kind == "var":
-        config["embed_dim"] = ref["embed_dim"]
+    cfg = PriorConfig(kind=kind, size=size)
+    config = dict(kind=kind, **{**REFERENCE[kind], **overrides}, dropout=cfg.dropout, class_dropout=cfg.class_dropout,
+                  **_arch(kind, size))
     with torch.device("meta"):
         model = _from_config(config, tokenizer=None)
     return count_params(model)

@@ -5,7 +5,7 @@ Letter legend (shape suffixes): B - batch, R - rows (batch, doubled under classi
 guidance), L - sequence, T - new tokens in one call, S - cache length, H - heads, D - head dim,
 C - model width, V - vocabulary.
 
-Imports torch and einops only (the device machine has no pydantic / yaml).
+Imports torch only.
 """
 
 from __future__ import annotations
@@ -58,10 +58,6 @@ class Prior(nn.Module):
     def _cross_entropy(self, logits_BLV: Tensor, targets_BL: Tensor) -> Tensor:
         fn = fused_cross_entropy if self.fused_loss and logits_BLV.is_cuda else cross_entropy
         return fn(logits_BLV, targets_BL, self.vocab_size)
-
-    def loss(self, codes_BL: Tensor, labels_B: Tensor) -> Tensor:
-        """Mean cross-entropy, nats per token (class dropout applies in training mode)."""
-        return self(codes_BL, labels_B, return_loss=True)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay: norms, biases, embeddings (by default: every

@@ -17,6 +17,7 @@ Letter legend: B - batch, R - rows, L - sequence, T - new tokens, C - width, V -
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -28,23 +29,35 @@ from arvision.priors.blocks import (
 )
 
 
+@dataclass(frozen=True)
+class GPTArch:
+    """Everything a :class:`GPT` is built from (what ``config.json`` stores): the size's
+    architecture (``arvision.sizes.SIZES``), the codes it models and ``prior.*`` settings."""
+
+    vocab_size: int
+    layout: tuple[tuple[int, ...], ...]  # one (h, w) or (h, w, depth) grid
+    num_classes: int
+    n_layer: int
+    dim: int
+    n_head: int
+    dropout: float
+    class_dropout: float
+
+
 class GPT(Prior):
     kind = "gpt"
 
-    def __init__(
-        self, *, vocab_size: int, layout: list[tuple[int, ...]], num_classes: int,
-        n_layer: int, dim: int, n_head: int, dropout: float = 0.0, class_dropout: float = 0.1,
-    ) -> None:
+    def __init__(self, arch: GPTArch) -> None:
         super().__init__()
+        layout = arch.layout
         if len(layout) != 1 or len(layout[0]) not in (2, 3):
             raise ValueError(f"gpt needs one (h, w) or (h, w, depth) grid, got layout {layout}")
         h, w = int(layout[0][0]), int(layout[0][1])
         depth = int(layout[0][2]) if len(layout[0]) == 3 else 1
-        self.config: dict[str, Any] = dict(
-            kind="gpt", vocab_size=vocab_size, layout=[list(layout[0])], num_classes=num_classes,
-            n_layer=n_layer, dim=dim, n_head=n_head, dropout=dropout, class_dropout=class_dropout,
-        )
-        self.vocab_size, self.num_classes, self.class_dropout = vocab_size, num_classes, class_dropout
+        self.config: dict[str, Any] = {"kind": self.kind, **asdict(arch), "layout": [list(x) for x in layout]}
+        vocab_size, num_classes, dim, n_head, n_layer, dropout = (
+            arch.vocab_size, arch.num_classes, arch.dim, arch.n_head, arch.n_layer, arch.dropout)
+        self.vocab_size, self.num_classes, self.class_dropout = vocab_size, num_classes, arch.class_dropout
         self.seq_len = h * w * depth
         self.n_head, self.head_dim = n_head, dim // n_head
 
@@ -67,7 +80,6 @@ class GPT(Prior):
         for layer in self.layers:  # residual branches start small (GPT-2)
             layer.attention.wo.weight.data.mul_(residual_scale(n_layer))
             layer.feed_forward.w2.weight.data.mul_(residual_scale(n_layer))
-        self.decode_fn = None  # set by compile_sampling()
         self.sample_fn = None  # set by compile_sampling("compile+graph")
 
     def _apply(self, fn, recurse: bool = True):
@@ -149,33 +161,16 @@ class GPT(Prior):
             h_R1C = h_R1C + self.depth_embedding(self.depth_L[input_pos_1])
         return self._cached(h_R1C, input_pos_1, kv_len)[:, -1]
 
-    def compile_sampling(self, mode: str = "compile+cudagraph") -> None:
-        """Speed up the decode step (guidance and sampling included) on CUDA:
-
-        - ``"cudagraph"``: eager kernels, replayed as one CUDA graph per token;
-        - ``"compile+cudagraph"``: ``torch.compile``d (fused) kernels in a CUDA graph of our own;
-        - ``"autotune+cudagraph"``: the same, compiled with ``max-autotune-no-cudagraphs`` (Triton
-          matmuls tuned for the decode shapes: 2B rows; a compile of minutes);
-        - ``"compile+graph"``: the whole sequence (prefill and every step) as one CUDA graph of
-          compiled steps, each reading exactly its filled cache without a mask;
-        - ``"reduce-overhead"`` (or any torch.compile mode): torch.compile's own CUDA graphs;
-        - ``"eager"``: undo.
-        """
-        fn = sampling.gpt_decode_and_sample
-        self.sample_fn = None
+    def compile_sampling(self, mode: str = "compile+graph") -> None:
+        """Speed up sampling on CUDA: ``"compile+graph"`` captures the whole sequence (prefill
+        and every decode step, each ``torch.compile``d and reading exactly its filled cache
+        without a mask) as one CUDA graph, replayed per batch; ``"eager"`` undoes it."""
         if mode == "eager":
-            self.decode_fn = None
+            self.sample_fn = None
         elif mode == "compile+graph":
-            self.decode_fn = None
-            self.sample_fn = sampling.GPTGraphSampler(torch.compile(fn, fullgraph=True))
-        elif mode == "cudagraph":
-            self.decode_fn = sampling.CUDAGraphStep(fn)
-        elif mode == "compile+cudagraph":
-            self.decode_fn = sampling.CUDAGraphStep(torch.compile(fn, fullgraph=True))
-        elif mode == "autotune+cudagraph":
-            self.decode_fn = sampling.CUDAGraphStep(torch.compile(fn, fullgraph=True, mode="max-autotune-no-cudagraphs"))
+            self.sample_fn = sampling.GPTGraphSampler(torch.compile(sampling.gpt_decode_and_sample, fullgraph=True))
         else:
-            self.decode_fn = torch.compile(fn, mode=mode, fullgraph=True)
+            raise ValueError(f"gpt sampling mode '{mode}': allowed compile+graph, eager")
 
     @torch.no_grad()
     def sample(

@@ -5,8 +5,8 @@ Randomness comes only from the caller's ``torch.Generator``: each step draws sta
 exponential noise ``E`` with it and picks ``argmax(logit - log E)`` (the exponential race, i.e.
 Gumbel-max), which samples exactly from ``softmax(logit)`` with no host sync and no
 ``torch.multinomial``. The noise is drawn outside the decode step, so the step itself is a pure
-static-shape function of its tensor inputs and can be compiled with
-``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on GPU.
+static-shape function of its tensor inputs; on CUDA the whole loop is compiled and captured
+as one CUDA graph (``GPT.compile_sampling`` / ``VAR.compile_sampling``).
 
 Letter legend: B - images, R - rows (2B under guidance: conditional rows then unconditional),
 V - vocabulary, l - tokens of one scale.
@@ -80,50 +80,13 @@ def gpt_decode_and_sample(
     """One decode step: feed the last token at ``input_pos``, guide, filter, pick the next token.
 
     Static shapes throughout (the KV cache is preallocated; ``kv_len``, the part of it read, is
-    a plain int that changes once per bucket): compile with ``mode="reduce-overhead"`` to
-    replay it as a CUDA graph.
+    a plain int): the eager loop reads whole buckets of the cache, masked; inside the captured
+    whole-run graph (:class:`GPTGraphSampler`) each step reads exactly its filled part.
     """
     B = tok_B.shape[0]
     tok_R1 = (torch.cat([tok_B, tok_B]) if guided else tok_B)[:, None]
     logits_RV = model.decode_step(tok_R1, input_pos_1, kv_len)
     return pick(guide(logits_RV, B, cfg_scale), noise_BV, temperature, top_k, top_p)
-
-
-class CUDAGraphStep:
-    """A decode step captured as CUDA graphs and replayed per token (static inputs are copied
-    in). ``fn`` may be eager or ``torch.compile``d (without its own CUDA graphs). One graph per
-    setting of the trailing arguments (one per KV bucket in a sampling run), all sharing one
-    memory pool and the same static inputs; everything is re-captured when the shapes or the
-    caches change. CUDA only."""
-
-    def __init__(self, fn: Callable[..., Tensor] = gpt_decode_and_sample) -> None:
-        self.fn, self.key, self.graphs = fn, None, {}
-
-    def __call__(self, model: Any, tok_B: Tensor, input_pos_1: Tensor, noise_BV: Tensor, *settings: Any) -> Tensor:
-        key = (id(model), tuple(tok_B.shape), tuple(noise_BV.shape),
-               tuple(layer.attention.kv_cache.k_cache.data_ptr() for layer in model.layers))
-        if key != self.key:
-            self.graphs = {}  # free the old graphs before new captures
-            self.static = [tok_B.clone(), input_pos_1.clone(), noise_BV.clone()]
-            self.pool = torch.cuda.graph_pool_handle()
-            self.key = key
-        self.static[0].copy_(tok_B)
-        self.static[1].copy_(input_pos_1)
-        self.static[2].copy_(noise_BV)
-        if settings not in self.graphs:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: the same step, so its cache writes are harmless
-                for _ in range(2):
-                    self.fn(model, *self.static, *settings)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.fn(model, *self.static, *settings)
-            self.graphs[settings] = (graph, out)
-        graph, out = self.graphs[settings]
-        graph.replay()
-        return out
 
 
 @torch.no_grad()
@@ -151,8 +114,6 @@ def sample_gpt(
         codes_BL = graph(model, cond_R, noise_LBV, settings)
         model.train(was_training)
         return codes_BL
-    step: Callable[..., Tensor] = getattr(model, "decode_fn", None) or gpt_decode_and_sample
-
     codes_BL = torch.empty(B, L, dtype=torch.long, device=device)
     logits_RV = model.prefill(cond_R)[:, -1]  # the class token predicts x_0
     tok_B = pick(guide(logits_RV, B, cfg_scale), exp_noise((B, V), generator, device), temperature, top_k, top_p)
@@ -160,9 +121,8 @@ def sample_gpt(
     input_pos_1 = torch.ones(1, dtype=torch.long, device=device)
     for i in range(1, L):
         noise_BV = exp_noise((B, V), generator, device)
-        # clone: under CUDA graphs the step's output buffer is overwritten by the next replay
-        tok_B = step(model, tok_B, input_pos_1, noise_BV, cfg_scale, temperature, top_k, top_p, guided,
-                     model.decode_kv_len(i)).clone()
+        tok_B = gpt_decode_and_sample(model, tok_B, input_pos_1, noise_BV, cfg_scale, temperature, top_k, top_p, guided,
+                                      model.decode_kv_len(i))
         codes_BL[:, i] = tok_B
         input_pos_1 += 1  # in place on the device: no host→device copy per step
     model.train(was_training)
@@ -252,7 +212,7 @@ def sample_var(
     """Codes ``(B, L)``, one whole scale per step; each scale attends to the cached keys of the
     coarser ones. The tokenizer turns each scale's codes into the next scale's input.
 
-    With ``model.sample_fn`` set (``VAR.compile_sampling("cudagraph")``) the whole loop runs as
+    With ``model.sample_fn`` set (``VAR.compile_sampling``) the whole loop runs as
     one CUDA graph replay; the noise is drawn the same way, so the codes are the same.
     """
     was_training = model.training

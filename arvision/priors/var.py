@@ -21,6 +21,7 @@ scale, C - width, D - head dim, E - tokenizer embed dim (Cvae), V - vocabulary, 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -70,25 +71,10 @@ class VARAttention(nn.Module):
                 )
                 for qs, qe, m in mask
             ], dim=2)
-        elif mask is not None and not isinstance(mask, Tensor):  # a flex_attention BlockMask
-            y = _flex_attention()(q_BHlD, k_BHlD, v_BHlD, block_mask=mask, scale=1.0)
         else:
             p = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q_BHlD, k_BHlD, v_BHlD, attn_mask=mask, dropout_p=p, scale=1.0)
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, l, C)))
-
-
-_FLEX = None
-
-
-def _flex_attention():
-    """``flex_attention`` compiled once (it only runs fast compiled)."""
-    global _FLEX
-    if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    return _FLEX
 
 
 class AdaLNBlock(nn.Module):
@@ -113,31 +99,44 @@ class AdaLNBlock(nn.Module):
         return x_BlC + self.ffn(self.ln(x_BlC) * (scale2 + 1) + shift2) * gamma2
 
 
+@dataclass(frozen=True)
+class VARArch:
+    """Everything a :class:`VAR` is built from (what ``config.json`` stores): the size's
+    architecture (``arvision.sizes.SIZES``), the scales and codes it models, the tokenizer's
+    latent width (``embed_dim``) and ``prior.*`` settings."""
+
+    vocab_size: int
+    layout: tuple[tuple[int, ...], ...]  # square scales (s, s), coarse to fine
+    num_classes: int
+    embed_dim: int
+    depth: int
+    width: int
+    heads: int
+    dropout: float
+    class_dropout: float
+    mlp_ratio: float = 4.0  # VAR's; not a size setting
+
+
 class VAR(Prior):
     kind = "var"
 
-    def __init__(
-        self, *, vocab_size: int, layout: list[tuple[int, ...]], num_classes: int, embed_dim: int,
-        depth: int, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, class_dropout: float = 0.1,
-        tokenizer: Any = None,
-    ) -> None:
+    def __init__(self, arch: VARArch, tokenizer: Any = None) -> None:
         super().__init__()
+        layout = arch.layout
         if any(len(x) != 2 or x[0] != x[1] for x in layout):
             raise ValueError(f"var needs square scales [(s, s), …], got layout {layout}")
         self.scales = [int(x[0]) for x in layout]
-        self.config: dict[str, Any] = dict(
-            kind="var", vocab_size=vocab_size, layout=[[s, s] for s in self.scales], num_classes=num_classes,
-            embed_dim=embed_dim, depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout,
-            class_dropout=class_dropout,
-        )
-        self.vocab_size, self.num_classes, self.class_dropout = vocab_size, num_classes, class_dropout
+        self.config: dict[str, Any] = {"kind": self.kind, **asdict(arch), "layout": [[s, s] for s in self.scales]}
+        vocab_size, num_classes, embed_dim, depth, width, heads, mlp_ratio, dropout = (
+            arch.vocab_size, arch.num_classes, arch.embed_dim, arch.depth, arch.width, arch.heads, arch.mlp_ratio, arch.dropout)
+        self.vocab_size, self.num_classes, self.class_dropout = vocab_size, num_classes, arch.class_dropout
         self.width, self.heads = width, heads
         self.offsets = [0]
         for s in self.scales:
             self.offsets.append(self.offsets[-1] + s * s)
         self.seq_len, self.first_l = self.offsets[-1], self.scales[0] ** 2
         self.tokenizer = tokenizer
-        self.attn_impl = "split"  # or "sdpa" (one call, dense mask), "flex" (CUDA): see set_attention()
+        self.attn_impl = "split"  # or "sdpa" (one call, dense mask): see set_attention()
         self.sample_fn = None  # set by compile_sampling()
         self.sample_blocks: list[Any] | None = None  # compiled blocks for sampling (compile_sampling)
 
@@ -157,7 +156,6 @@ class VAR(Prior):
         self.register_buffer("lvl_L", lvl_L, persistent=False)
         # block-causal: query at level a may attend keys at levels ≤ a
         self.register_buffer("mask_11LL", (lvl_L[:, None] >= lvl_L[None, :])[None, None], persistent=False)
-        self._block_mask = None
         self._init_weights(init_std, depth)
 
     # ------------------------------------------------------------------ set-up
@@ -219,13 +217,11 @@ class VAR(Prior):
           own end; the small scales before them share one masked call. No dense (L, L) mask
           reaches the kernels, so the flash/cuDNN kernels run unmasked, and only the ~60% of
           query-key pairs the pattern allows are computed (VAR's 10 scales);
-        - ``"sdpa"``: one SDPA call with the dense boolean ``(L, L)`` mask (as VAR ships);
-        - ``"flex"``: ``flex_attention`` with a block mask (CUDA).
+        - ``"sdpa"``: one SDPA call with the dense boolean ``(L, L)`` mask (as VAR ships).
         """
-        if impl not in ("split", "sdpa", "flex"):
-            raise ValueError(f"var attention '{impl}': allowed split, sdpa, flex")
+        if impl not in ("split", "sdpa"):
+            raise ValueError(f"var attention '{impl}': allowed split, sdpa")
         self.attn_impl = impl
-        self._block_mask = None
 
     def split_plan(self) -> list[tuple[int, int, Tensor | None]]:
         """``[(q_start, q_end, mask | None)]``: query rows ``[q_start, q_end)`` attend to keys
@@ -238,21 +234,8 @@ class VAR(Prior):
         plan += [(self.offsets[k], self.offsets[k + 1], None) for k in range(k_big, len(self.scales))]
         return plan
 
-    def _train_mask(self, device: torch.device) -> Any:
-        if self.attn_impl == "split":
-            return self.split_plan()
-        if self.attn_impl == "sdpa":
-            return self.mask_11LL
-        if self._block_mask is None or self._block_mask.kv_indices.device != device:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            lvl_L = self.lvl_L.to(device)
-
-            def block_causal(b, h, q, kv):
-                return lvl_L[q] >= lvl_L[kv]
-
-            self._block_mask = create_block_mask(block_causal, None, None, self.seq_len, self.seq_len, device=device)
-        return self._block_mask
+    def _train_mask(self) -> list[tuple[int, int, Tensor | None]] | Tensor:
+        return self.split_plan() if self.attn_impl == "split" else self.mask_11LL
 
     def no_weight_decay(self) -> set[str]:
         names = super().no_weight_decay()
@@ -278,7 +261,7 @@ class VAR(Prior):
         sos_BlC = cond_BC[:, None].expand(B, self.first_l, self.width) + self.pos_start
         x_BLC = torch.cat([sos_BlC, self.word_embed(in_BlE.to(self.word_embed.weight.dtype))], dim=1) + self._level_pos()
         x_BLC = self.drop(x_BLC)
-        mask = self._train_mask(codes_BL.device)
+        mask = self._train_mask()
         for blk in self.blocks:
             x_BLC = blk(x_BLC, blk.modulation(cond_BC), mask)
         logits_BLV = self._head(x_BLC, cond_BC)

@@ -4,15 +4,22 @@ It knows nothing of Ray, MLflow or files: batches come in through an iterator, m
 checkpoints leave through callbacks (``on_log``, ``on_eval``, ``on_checkpoint``), and the
 validation loss comes from a callable (``evaluate``, e.g. :func:`val_loss` over held-out batches).
 
+``cfg`` is the ``prior`` section (:class:`arvision.config.PriorConfig`).
+
 - AdamW (fused on CUDA); no weight decay on norms, biases and embeddings
-  (``model.no_weight_decay()``); linear warm-up, then cosine down to ``min_lr_ratio · lr``.
+  (``model.no_weight_decay()``); linear warm-up, then cosine down to ``min_lr_ratio · lr``
+  (:func:`arvision.train.common.warmup_cosine`, a torch ``LambdaLR``).
 - ``grad_accum`` micro-batches per optimizer step, each loss scaled by 1/k, gradient sync only
   on the last micro-batch (``no_sync``), so k micro-batches of b equal one batch of k·b.
 - Gradient clipping; an EMA of the weights (``ema_decay``, 0 = off, with the usual warm-up
   ``min(decay, (1 + step) / (10 + step))``): the EMA weights are what gets saved and sampled
-  (:func:`final_weights`, :func:`ema_model`).
-- bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; optional ``torch.compile``
-  (``cfg.compile``: ``True`` / ``"regional"``, ``"blocks"`` or ``"whole"``, see :func:`compile_model`).
+  (:func:`final_weights`, :func:`ema_model`). The shadow weights follow ``model.parameters()``,
+  FSDP shards included; ``torch.optim.swa_utils.AveragedModel`` would deep-copy the wrapped
+  model instead.
+- bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; ``cfg.compile``: regional
+  ``torch.compile`` (:func:`compile_model`).
+- Full state dicts (weights, optimizer) through ``torch.distributed.checkpoint.state_dict``:
+  the same code for a plain, DDP, FSDP or compiled model.
 - Validation every ``eval_every`` steps and at the end (0 = off): ``evaluate`` scores the
   weights that get saved (the EMA when on) in eval mode; the loop keeps the val curve, the best
   val loss and its step, and with ``keep: best`` a copy of the best weights
@@ -29,12 +36,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
+
+from arvision.config import PriorConfig
+from arvision.train.common import autocast, lr_factor, warmup_cosine
 
 __all__ = [
     "train_prior", "compile_model", "checkpoint_state", "final_weights", "kept_weights", "ema_model", "val_loss", "lr_at",
@@ -53,33 +65,30 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def compile_model(model: nn.Module, mode: str | bool = "regional") -> nn.Module:
-    """Compile ``model`` for training; returns what to call (the model itself, or a wrapper).
-
-    - ``"regional"`` (``True``): each transformer block (``layers`` / ``blocks``) is compiled in
-      place, so one compiled graph serves every identical block (compiles in seconds, not
-      minutes, and state-dict keys stay plain); and the loss uses the compiled cross-entropy
-      (``Prior.fused_loss``), which fuses the upcast, log-softmax and gather over the
-      ``(B·L, V)`` logits. Models without blocks are compiled whole.
-    - ``"blocks"``: the blocks only (the loss stays eager).
-    - ``"whole"``: ``torch.compile`` of the whole model, loss included (longer compile).
-    """
-    mode = "regional" if mode is True else mode
-    if mode not in ("regional", "blocks", "whole"):
-        raise ValueError(f"compile mode '{mode}': allowed regional, blocks, whole")
+def compile_model(model: nn.Module) -> nn.Module:
+    """Compile ``model`` for training, regionally: each transformer block (``layers`` /
+    ``blocks``) is compiled in place, so one compiled graph serves every identical block
+    (compiles in seconds, not minutes, and state-dict keys stay plain), and the loss uses the
+    compiled cross-entropy (``Prior.fused_loss``), which fuses the upcast, log-softmax and
+    gather over the ``(B·L, V)`` logits. Models without blocks are compiled whole. Returns
+    what to call."""
     raw = unwrap(model)
     blocks = getattr(raw, "layers", None) or getattr(raw, "blocks", None)
-    if mode == "whole" or not isinstance(blocks, nn.ModuleList):
+    if not isinstance(blocks, nn.ModuleList):
         return torch.compile(model)
     for blk in blocks:  # under FSDP each block is wrapped: compile what it wraps, keep its hooks eager
         (blk.module if _is_fsdp(blk) else blk).compile()
-    if mode == "regional" and hasattr(raw, "fused_loss"):
+    if hasattr(raw, "fused_loss"):
         raw.fused_loss = True
     return model
 
 
 def _is_fsdp(model: nn.Module) -> bool:
-    return type(model).__name__ == "FullyShardedDataParallel"
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
 
 
 def fsdp_wrap(model: nn.Module) -> nn.Module:
@@ -96,34 +105,25 @@ def fsdp_wrap(model: nn.Module) -> nn.Module:
                 limit_all_gathers=True)
 
 
-def _opt(cfg: Any, name: str, default: Any) -> Any:
-    return getattr(cfg, name, default)
-
-
-def lr_at(step: int, cfg: Any) -> float:
+def lr_at(step: int, cfg: PriorConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine."""
-    lr, warmup, total = cfg.lr, _opt(cfg, "warmup_steps", 0), cfg.steps
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = _opt(cfg, "min_lr_ratio", 0.1)
-    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return cfg.lr * lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
 
 
-def make_optimizer(model: nn.Module, cfg: Any, *, fused: bool) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: PriorConfig, *, fused: bool) -> torch.optim.AdamW:
     """AdamW with two groups: decayed matrices, and undecayed norms / biases / embeddings."""
     raw = unwrap(model)
     names = {id(p): n for n, p in raw.named_parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     exempt = raw.no_weight_decay() if hasattr(raw, "no_weight_decay") else {n for n, p in raw.named_parameters() if p.ndim < 2}
-    wd = _opt(cfg, "weight_decay", 0.0)
+    wd = cfg.weight_decay
     if all(id(p) in names for p in params):
         decay = [p for p in params if names[id(p)] not in exempt]
         no_decay = [p for p in params if names[id(p)] in exempt]
         groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
     else:  # FSDP flat parameters: names are gone, one group
         groups = [{"params": params, "weight_decay": wd}]
-    betas = tuple(_opt(cfg, "betas", (0.9, 0.95)))
+    betas = tuple(cfg.betas)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused or None)
 
 
@@ -154,27 +154,28 @@ class EMA:
                     p.copy_(b)
 
 
-def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The raw model's state dict on CPU (gathered under FSDP; every rank must call it)."""
-    if _is_fsdp(model):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+# every rank gets the full dicts (DCP's cpu_offload would leave all but rank 0 empty); moved to CPU here
+_FULL = StateDictOptions(full_state_dict=True)
 
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
-            sd = model.state_dict()
-        return {k.replace("_orig_mod.", ""): v.clone() for k, v in sd.items()}
-    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+def _to_cpu(tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.detach().cpu().clone()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return copy.deepcopy(tree)
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The raw model's full state dict on CPU (plain keys: no DDP / compile prefixes). Under
+    FSDP every rank must call it (the shards are gathered)."""
+    return _to_cpu(get_model_state_dict(model, options=_FULL))
 
 
 def _load_full_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    if _is_fsdp(model):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
-            model.load_state_dict(sd)
-    else:
-        unwrap(model).load_state_dict(sd)
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -224,12 +225,7 @@ def checkpoint_state(
     when off), ``optimizer``, ``step``, ``rng``, ``micro_batches`` consumed, and the validation
     bookkeeping (keys of :func:`_new_validation`; empty curve when validation is off)."""
     ema_sd = None if ema is None else _ema_state_dict(model, ema)
-    if _is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        opt_sd = FSDP.optim_state_dict(model, optimizer)
-    else:
-        opt_sd = copy.deepcopy(optimizer.state_dict())
+    opt_sd = _to_cpu(get_optimizer_state_dict(model, optimizer, options=_FULL))
     return {
         "model": _full_state_dict(model), "ema": ema_sd, "optimizer": opt_sd, "step": step,
         "rng": _rng_state(device), "micro_batches": micro_batches, **_copy_validation(validation or _new_validation()),
@@ -261,12 +257,7 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None
         _load_full_state_dict(model, state["ema"])
         ema.shadow = [p.detach().float().clone() for p in ema.params]
     _load_full_state_dict(model, state["model"])
-    if _is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state["optimizer"]))
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     _set_rng_state(state["rng"], device)
 
 
@@ -274,11 +265,6 @@ def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp32 master weights), nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -290,7 +276,7 @@ def val_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]], device: tor
     tokens = 0
     for codes_BL, labels_B in batches:
         codes_BL, labels_B = codes_BL.to(device, non_blocking=True), labels_B.to(device, non_blocking=True)
-        with _autocast(device):
+        with autocast(device):
             loss = model(codes_BL, labels_B, return_loss=True)
         total += loss.double() * codes_BL.numel()
         tokens += codes_BL.numel()
@@ -312,7 +298,7 @@ def _agree(value: float, device: torch.device) -> float:
 def train_prior(
     model: nn.Module,
     batches: Iterator[tuple[Tensor, Tensor]],
-    cfg: Any,
+    cfg: PriorConfig,
     *,
     device: torch.device,
     state: dict | None = None,
@@ -345,15 +331,14 @@ def train_prior(
     if model is raw:
         model.to(device)
     model.train()
-    accum = _opt(cfg, "grad_accum", 1)
-    log_every, ckpt_every = _opt(cfg, "log_every", 50), _opt(cfg, "checkpoint_every", 500)
-    clip = _opt(cfg, "grad_clip", 1.0)
-    eval_every = _opt(cfg, "eval_every", 0) if evaluate is not None else 0
-    keep_best = _opt(cfg, "keep", "last") == "best"
-    patience = _opt(cfg, "early_stop_patience", 0)
+    accum, clip, patience = cfg.grad_accum, cfg.grad_clip, cfg.early_stop_patience
+    log_every, ckpt_every = cfg.log_every, cfg.checkpoint_every
+    eval_every = cfg.eval_every if evaluate is not None else 0
+    keep_best = cfg.keep == "best"
     optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
-    decay = _opt(cfg, "ema_decay", 0.0)
-    ema = EMA(model, decay) if decay > 0 else None
+    for group in optimizer.param_groups:  # the schedule's base: also in checkpoints, so they load alike
+        group["initial_lr"] = cfg.lr
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     step = 0
     val = _new_validation()
     if state is not None:
@@ -361,8 +346,9 @@ def train_prior(
         step = int(state["step"])
         val = _copy_validation({**val, **{k: state[k] for k in val if k in state}})
     micro_batches = int(state.get("micro_batches", step * accum)) if state else 0
-    compile_mode = _opt(cfg, "compile", False)
-    fwd = compile_model(model, compile_mode) if compile_mode else model
+    scheduler = warmup_cosine(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                              min_lr_ratio=cfg.min_lr_ratio, last_step=step - 1)
+    fwd = compile_model(model) if cfg.compile else model
     eval_model = model if _is_fsdp(model) else raw  # FSDP must gather shards; DDP's raw model needs no collective
     can_skip_sync = hasattr(model, "no_sync") and model is not raw
     world = _world_size()
@@ -406,16 +392,14 @@ def train_prior(
     window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
     grad_norm = torch.zeros((), device=device)
     while step < cfg.steps and not val["stopped_early"]:
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = optimizer.param_groups[0]["lr"]
         for micro in range(accum):
             codes_BL, labels_B = next(batches)
             codes_BL = codes_BL.to(device, non_blocking=True)
             labels_B = labels_B.to(device, non_blocking=True)
             sync = model.no_sync() if can_skip_sync and micro < accum - 1 else contextlib.nullcontext()
             with sync:
-                with _autocast(device):
+                with autocast(device):
                     loss = fwd(codes_BL, labels_B, return_loss=True)
                 (loss / accum).backward()
             window_loss += loss.detach() / accum
@@ -427,6 +411,7 @@ def train_prior(
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(step)

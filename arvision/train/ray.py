@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-# NVLink multicast stays off everywhere (see the device notes): also in Ray's workers.
-MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+from arvision.config import PriorConfig, RayConfig
+from arvision.train.common import endless_indices
+
 STATE_FILE = "state.pt"
 log = logging.getLogger("arvision")
 
@@ -48,9 +49,10 @@ def quiet_worker_logs() -> None:
     warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed", module=r"ray\.")
 
 
-def init_ray(address: str | None, num_workers: int, cpus_per_worker: int, root: Path, dashboard: bool = False) -> None:
-    """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local instance sized for the job
-    (with the Ray dashboard when ``dashboard``, i.e. ``ray.dashboard: true``).
+def init_ray(ray_cfg: RayConfig, root: Path) -> None:
+    """Join ``ray.address`` / ``$RAY_ADDRESS`` if given, else start a local instance sized for
+    the job (with the Ray dashboard when ``ray.dashboard``). ``ray.env`` goes to every worker's
+    environment (e.g. NCCL settings a deployment needs).
 
     Logs stay readable: repeated lines are deduplicated across workers, worker progress bars
     redraw at most every 15 s (a non-terminal gets one line per redraw), and the known
@@ -59,8 +61,7 @@ def init_ray(address: str | None, num_workers: int, cpus_per_worker: int, root: 
     """
     import ray
 
-    for k, v in MULTICAST_OFF.items():
-        os.environ.setdefault(k, v)
+    address, num_workers, cpus_per_worker = ray_cfg.address, ray_cfg.num_workers, ray_cfg.cpus_per_worker
     quiet = {
         "RAY_DEDUP_LOGS": "1",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a cloud-preemption poller: noise on one machine
@@ -68,7 +69,7 @@ def init_ray(address: str | None, num_workers: int, cpus_per_worker: int, root: 
     }
     for k, v in quiet.items():
         os.environ.setdefault(k, v)
-    env_vars = dict(MULTICAST_OFF)
+    env_vars = dict(ray_cfg.env)
     env_vars["TQDM_MININTERVAL"] = os.environ["TQDM_MININTERVAL"]
     env_vars["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     for key in ("MLFLOW_TRACKING_URI",):
@@ -80,7 +81,7 @@ def init_ray(address: str | None, num_workers: int, cpus_per_worker: int, root: 
         log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
     )
     if address is None:
-        kwargs["include_dashboard"] = dashboard
+        kwargs["include_dashboard"] = ray_cfg.dashboard
         # Logical CPUs: the workers' plus room for Ray Data's read tasks and Train's actors,
         # whatever the core count (too few and the data read waits forever for a free CPU).
         kwargs["num_cpus"] = max(os.cpu_count() or 1, num_workers * cpus_per_worker + 2)
@@ -88,7 +89,7 @@ def init_ray(address: str | None, num_workers: int, cpus_per_worker: int, root: 
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, kwargs["num_cpus"])))
     if not ray.is_initialized():
         ctx = ray.init(address=address, **kwargs)
-        if dashboard and address is None:
+        if ray_cfg.dashboard and address is None:
             print(f"Ray dashboard: http://{ctx.dashboard_url}", flush=True)
 
 
@@ -121,16 +122,8 @@ def _batches(shard, batch_size: int, seed: int, skip: int = 0):
     codes_t, labels_t = _read_shard(shard)
     if len(codes_t) < batch_size:
         raise RuntimeError(f"the token shard holds {len(codes_t)} rows, fewer than one batch ({batch_size}); lower prior.batch_size")
-    epoch = 0
-    while True:
-        order = torch.randperm(len(codes_t), generator=torch.Generator().manual_seed(seed + epoch))
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            if skip > 0:
-                skip -= 1
-                continue
-            idx = order[i : i + batch_size]
-            yield codes_t[idx], labels_t[idx]
-        epoch += 1
+    for idx in endless_indices(len(codes_t), batch_size, seed, skip=skip):
+        yield codes_t[idx], labels_t[idx]
 
 
 def _val_batches(split_dir: str, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -175,7 +168,6 @@ def _train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
     import ray.train.torch
-    from types import SimpleNamespace
 
     from arvision.priors import build_prior
     from arvision.train.loop import train_prior, val_loss
@@ -183,7 +175,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(config["cpus_per_worker"])
-    cfg = SimpleNamespace(**config["prior"])
+    cfg: PriorConfig = config["prior"]
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     tokenizer = None
     if cfg.kind == "var":
@@ -244,8 +236,8 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 def fit_prior(
     *,
-    prior_cfg: dict[str, Any],
-    ray_cfg: dict[str, Any],
+    prior_cfg: PriorConfig,
+    ray_cfg: RayConfig,
     seed: int,
     token_dir: Path,
     tokenizer_dir: Path,
@@ -260,36 +252,36 @@ def fit_prior(
 ) -> dict[str, Any]:
     """Train under Ray Train; return the final training state (weights, EMA, train curve and the
     validation bookkeeping of :func:`arvision.train.loop.checkpoint_state`). Validation runs when
-    ``prior_cfg["eval_every"]`` > 0 and ``token_dir/val`` holds rows."""
+    ``prior_cfg.eval_every`` > 0 and ``token_dir/val`` holds rows."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    init_ray(ray_cfg.get("address"), ray_cfg["num_workers"], ray_cfg["cpus_per_worker"], root, ray_cfg.get("dashboard", False))
+    init_ray(ray_cfg, root)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # deterministic order → reproducible on CPU
     train_ds = ray.data.read_parquet(str(token_dir / "train"), columns=["codes", "label"])
-    validate = prior_cfg.get("eval_every", 0) > 0 and split_rows(token_dir / "val") > 0
-    if not validate and prior_cfg.get("eval_every", 0) > 0:
+    validate = prior_cfg.eval_every > 0 and split_rows(token_dir / "val") > 0
+    if not validate and prior_cfg.eval_every > 0:
         log.info("prior: no validation: %s is missing or empty (no val curve)", token_dir / "val")
-    resources = {"CPU": ray_cfg["cpus_per_worker"]}
-    if ray_cfg["use_gpu"]:
+    resources = {"CPU": ray_cfg.cpus_per_worker}
+    if ray_cfg.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
             "prior": prior_cfg, "seed": seed, "vocab_size": vocab_size, "layout": layout,
             "num_classes": num_classes, "tokenizer_dir": str(tokenizer_dir.resolve()),
-            "cpus_per_worker": ray_cfg["cpus_per_worker"], "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri,
+            "cpus_per_worker": ray_cfg.cpus_per_worker, "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri,
             "val_dir": str((token_dir / "val").resolve()) if validate else None,
         },
-        scaling_config=ScalingConfig(num_workers=ray_cfg["num_workers"], use_gpu=ray_cfg["use_gpu"], resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=str(storage.resolve()), checkpoint_config=CheckpointConfig(num_to_keep=2),
             # a lost worker restarts the group from the last checkpoint, ray.max_failures times (-1: always)
-            failure_config=FailureConfig(max_failures=ray_cfg.get("max_failures", 0)),
+            failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
         ),
         datasets={"train": train_ds},
     )
