@@ -531,7 +531,10 @@ def select(device: str, only: str) -> list[str]:
 
 
 def git_commit() -> tuple[str | None, bool | None]:
-    """(HEAD, whether the working tree differs from it); without git: $ARVISION_COMMIT, None."""
+    """(HEAD, whether the working tree differs from it). ``$ARVISION_COMMIT`` wins where set: a
+    copied tree (the GPU machine's) may carry a stale ``.git``."""
+    if os.environ.get("ARVISION_COMMIT"):
+        return os.environ["ARVISION_COMMIT"], None
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True).stdout

@@ -200,12 +200,13 @@ def from_legacy(old: dict) -> dict:
             rec.update(status="ok", result=res)
         items[name] = rec
     return {
-        "kind": "prior_bench", "legacy": True, "history": False, "commit": None, "dirty": None, "command": None,
+        "kind": "prior_bench", "legacy": True, "history": False, "commit": old.get("commit"), "dirty": None,
+        "command": old.get("command"),
         "device": device.split(" (torch ", 1)[0], "torch": torch_v, "settings": old.get("settings"),
         "started_utc": when_.replace(" ", "T") + ":00Z" if when_ else None, "complete": True, "items": items,
-        "note": ("Written by `bench/prior.py` before the item registry: its commit, command line, item descriptions "
-                 "and references were not recorded (the table that version printed is in `prior_bench.md` beside the "
-                 "JSON)."),
+        "note": old.get("note") or (
+            "Written by `bench/prior.py` before the item registry: its commit, command line, item descriptions "
+            "and references were not recorded (the table that version printed is in `prior_bench.md` beside the JSON)."),
     }
 
 

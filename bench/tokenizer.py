@@ -72,6 +72,7 @@ def bench_train(res: int, compile_: bool, iters: int) -> tuple[float, float, flo
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _, _ = tok.training_loss(x)
+            tok.update_quantizer()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
