@@ -25,6 +25,12 @@ run: $(STAMP)
 test: $(STAMP)
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
+# The CPU items of the prior benchmark (bench/results/<date>-prior-cpu/), then bench/RESULTS.md
+# regenerated from every result folder. GPU runs: see bench/prior.py's docstring.
+bench: $(STAMP)
+	@PYTHONPATH=. $(BIN)/python bench/prior.py --device cpu
+	@$(BIN)/python bench/report.py
+
 # The curves and the sample grid on one page, dvc_plots/index.html, which opens offline:
 # .dvc/config names a page template with Vega inlined (scripts/offline_plots_template.py).
 plots: $(STAMP)

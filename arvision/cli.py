@@ -2,7 +2,7 @@
 
     arvision run                 the whole pipeline (Prefect flow; DVC skips what is unchanged)
     arvision sample SOURCE ...   images from a registered model or the stage outputs
-    arvision check               validate params.yaml and say what would run
+    arvision check               validate params.yaml and the data it names (no stage runs)
     arvision serve-flow --cron C the pipeline on a schedule (a served Prefect deployment)
 
 A mistake of the user's (bad params, unknown model, missing data) prints one clear message
@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from arvision.config import SamplingConfig
 from arvision.errors import UserError
 
 
@@ -122,12 +123,10 @@ def _check_sampling_args(args) -> None:
     """``--n`` at least 1; the sampling knobs in the ranges params.yaml's ``evaluate`` allows."""
     from pydantic import ValidationError
 
-    from arvision.config import EvaluateConfig
-
     if args.n < 1:
         raise UserError(f"--n must be at least 1 image per label (got {args.n})")
     try:
-        EvaluateConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        SamplingConfig(**{name: getattr(args, name) for name in SamplingConfig.model_fields})
     except ValidationError as err:
         e = err.errors()[0]
         raise UserError(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg'].lower()} (got {e['input']})") from None
@@ -236,11 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=8, help="images per label")
     s.add_argument("--out", default="", help="write a grid PNG, one row per label")
     s.add_argument("--images-dir", default="", help="also write each image as a PNG here")
-    s.add_argument("--cfg-scale", type=float, default=2.0)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
+    for name, field in SamplingConfig.model_fields.items():  # evaluate's defaults; the same bounds
+        s.add_argument(f"--{name.replace('_', '-')}", type=field.annotation, default=field.default)
     s.add_argument("--compile", action="store_true", help="GPU: compile the sampler into CUDA graphs (first batch ~20-30 s slower, then several times faster)")
     s.add_argument("--scale", type=int, default=2, help="pixel enlargement of the grid")
     s.set_defaults(func=cmd_sample)

@@ -88,16 +88,13 @@ class TokenizerConfig(_Section):
     fsq_levels: list[int] = Field(default_factory=lambda: [8, 5, 5, 5])
     scales: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
     palette_size: int = Field(16, ge=2, le=4096)
-    # optional adversarial loss
-    adversarial: bool = False
-    disc_start: int = Field(2000, ge=0)
-    disc_weight: float = Field(0.1, ge=0.0)
     # training
     steps: int = Field(1000, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # the cosine ends at this share of lr
     grad_clip: float = Field(1.0, ge=0.0)
     log_every: int = Field(50, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -176,7 +173,18 @@ class FeaturesConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class EvaluateConfig(_Section):
+class SamplingConfig(_Section):
+    """How images are drawn from a prior: the one set of defaults and bounds for ``evaluate``,
+    ``arvision sample`` and the served model's request params."""
+
+    cfg_scale: float = Field(2.0, ge=0.0)  # classifier-free guidance (1: off)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)  # 0: off
+    top_p: float = Field(1.0, gt=0.0, le=1.0)  # 1: off
+    seed: int = 0
+
+
+class EvaluateConfig(SamplingConfig):
     """Evaluation and sampling (stage ``evaluate``)."""
 
     samples_per_class: int = Field(8, ge=1)  # for the sample grid
@@ -186,12 +194,7 @@ class EvaluateConfig(_Section):
     nearest_k: int = Field(5, ge=1)  # k of the k-NN manifolds (precision, recall, density, coverage)
     max_copy_rate: float = Field(0.5, ge=0.0, le=1.0)  # a model copying more of its samples can't be champion
     score_last: bool = False  # with prior.keep best: also score the last weights
-    cfg_scale: float = Field(2.0, ge=0.0)
-    temperature: float = Field(1.0, gt=0.0)
-    top_k: int = Field(0, ge=0)  # 0: off
-    top_p: float = Field(1.0, gt=0.0, le=1.0)  # 1: off
     batch_size: int = Field(256, ge=1)
-    seed: int = 0
     max_val_images: Optional[int] = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile_sampling: bool = False  # CUDA: compiled sampler in CUDA graphs (pays off for large priors)

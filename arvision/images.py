@@ -1,4 +1,4 @@
-"""The one uint8 ↔ tensor convention for images crossing a model boundary (DESIGN.md):
+"""The one uint8 ↔ tensor convention for images crossing a model boundary (docs/architecture.md, "Images and tensors"):
 uint8 ``(B, H, W, C)`` arrays outside, float ``(B, C, H, W)`` tensors in [-1, 1] inside."""
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from arvision.config import SamplingConfig
 from arvision.errors import UserError
 from arvision.tracking import GENERATOR_MODEL, TOKENIZER_MODEL
 
@@ -109,20 +110,7 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
         from arvision.viz import png_bytes
 
         labels = self._labels(model_input)
-        p = dict(params or {})
-        settings = {
-            "cfg_scale": float(p.get("cfg_scale", 2.0)), "temperature": float(p.get("temperature", 1.0)),
-            "top_k": int(p.get("top_k", 0)), "top_p": float(p.get("top_p", 1.0)), "seed": int(p.get("seed", 0)),
-        }
-        # the same bounds as params.yaml's evaluate section
-        if settings["cfg_scale"] < 0:
-            raise _invalid(f"cfg_scale must be >= 0, got {settings['cfg_scale']}")
-        if settings["temperature"] <= 0:
-            raise _invalid(f"temperature must be > 0, got {settings['temperature']}")
-        if settings["top_k"] < 0:
-            raise _invalid(f"top_k must be >= 0 (0: off), got {settings['top_k']}")
-        if not 0 < settings["top_p"] <= 1:
-            raise _invalid(f"top_p must be in (0, 1] (1: off), got {settings['top_p']}")
+        settings = _sampling_settings(params)
         imgs = self.generator.generate(labels, **settings)
         return pd.DataFrame({"image": [png_bytes(im) for im in imgs]})
 
@@ -143,14 +131,28 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
         return labels
 
 
+def _sampling_settings(params: dict[str, Any] | None) -> dict[str, Any]:
+    """A request's sampling params on top of :class:`~arvision.config.SamplingConfig`'s
+    defaults, within its bounds (``evaluate``'s); a value out of them is the caller's error."""
+    from pydantic import ValidationError
+
+    try:
+        return SamplingConfig(**{k: v for k, v in (params or {}).items() if k in SamplingConfig.model_fields}).model_dump()
+    except ValidationError as err:
+        e = err.errors()[0]
+        ops = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+        rule = f"must be {ops[e['type']]} {next(iter(e['ctx'].values()))}" if e["type"] in ops else e["msg"].lower()
+        raise _invalid(f"{e['loc'][0]} {rule}, got {e['input']}") from None
+
+
 def _signature(name: str):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     if name == TOKENIZER_MODEL:
         return ModelSignature(inputs=Schema([ColSpec("binary", "image")]))
-    params = ParamSchema([ParamSpec("cfg_scale", "double", 2.0), ParamSpec("temperature", "double", 1.0),
-                          ParamSpec("top_k", "long", 0), ParamSpec("top_p", "double", 1.0), ParamSpec("seed", "long", 0)])
+    params = ParamSchema([ParamSpec(name, "long" if field.annotation is int else "double", field.default)
+                          for name, field in SamplingConfig.model_fields.items()])
     return ModelSignature(inputs=Schema([ColSpec("long", "label")]), outputs=Schema([ColSpec("binary", "image")]), params=params)
 
 

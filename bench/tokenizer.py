@@ -6,7 +6,7 @@ For each resolution (32, 64, 256) it times training steps (bf16 autocast, channe
 AdamW, grad clip: the same step as ``arvision.train.tokenizer``) eager and under
 ``torch.compile``, and ``encode`` in eval mode. Prints a markdown table, and writes it to
 ``$OUT/tokenizer_bench.md`` when ``$OUT`` is set. Imports only torch, numpy and arvision's
-tokenizer modules (no pydantic/yaml): the config is a ``SimpleNamespace``.
+tokenizer modules; the config is the stage's ``TokenizerConfig``.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from arvision.config import TokenizerConfig  # noqa: E402
 from arvision.tokenizers import build_tokenizer  # noqa: E402
 
 BASE = dict(
     kind="vq", num_res_blocks=1, codebook_size=512, code_dim=8, l2_norm=True, ema=True, ema_decay=0.99,
     kmeans_init=True, dead_code_restart=True, dead_code_threshold=1.0, commitment=0.25, rq_depth=4,
-    fsq_levels=[8, 5, 5, 5], scales=[1, 2, 3, 4, 6, 8], palette_size=16, adversarial=False, lr=3e-4,
+    fsq_levels=[8, 5, 5, 5], scales=[1, 2, 3, 4, 6, 8], palette_size=16, lr=3e-4,
 )
 
 # resolution -> (tokenizer settings, train batch, encode batch)
@@ -40,7 +40,7 @@ CONFIGS = {
 
 def make(res: int) -> torch.nn.Module:
     over, _, _ = CONFIGS[res]
-    cfg = SimpleNamespace(**{**BASE, **over})
+    cfg = TokenizerConfig(**{**BASE, **over})
     torch.manual_seed(0)
     return build_tokenizer(cfg, channels=3, resolution=res)
 

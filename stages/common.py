@@ -33,7 +33,7 @@ log = logging.getLogger("arvision")
 
 @dataclass(frozen=True)
 class Paths:
-    """Where each stage reads and writes, relative to the project root (DESIGN.md's table)."""
+    """Where each stage reads and writes, relative to the project root (docs/architecture.md, "Stages and paths")."""
 
     root: Path
 
@@ -195,8 +195,28 @@ class _Tee:
         return getattr(self._stream, name)
 
 
+_PENDING = {"interrupt": False}
+
+
 def _raise_interrupt(signum, frame) -> None:
+    """Ctrl-C / SIGTERM: raise KeyboardInterrupt, and again every 2 s until :func:`stage_main`
+    has it. A KeyboardInterrupt raised while Python runs a garbage-collector or weakref callback
+    is printed ("Exception ignored in ...") and dropped; without the repeat the stage would
+    then run on to its end."""
+    if not _PENDING["interrupt"]:
+        _PENDING["interrupt"] = True
+        signal.setitimer(signal.ITIMER_REAL, 2.0, 2.0)
     raise KeyboardInterrupt
+
+
+def _raise_again(signum, frame) -> None:
+    if _PENDING["interrupt"]:
+        raise KeyboardInterrupt
+
+
+def _interrupt_handled() -> None:
+    _PENDING["interrupt"] = False
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any]], reads: list[str]) -> None:
@@ -213,6 +233,9 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
     log_file = open(stage_log(root, stage), "w", encoding="utf-8", errors="replace", buffering=1)
     sys.stdout, sys.stderr = _Tee(sys.stdout, log_file), _Tee(sys.stderr, log_file)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGALRM, _raise_again)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+        signal.signal(signal.SIGINT, _raise_interrupt)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         params = load_params(root / "params.yaml")
@@ -226,7 +249,11 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
             section = {"seed": params.seed}
             section.update(params.model_dump(mode="json"))
             tracker.log_params({k: v for k, v in section.items() if k in PARAM_SECTIONS[stage]})
-            metrics = run(params, paths, tracker)
+            try:
+                metrics = run(params, paths, tracker)
+            except KeyboardInterrupt:
+                _interrupt_handled()  # no repeat while the MLflow run is ended KILLED
+                raise
             metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             metrics["stage_seconds"] = round(time.time() - t0, 2)
             tracker.log_metrics(metrics)
@@ -236,6 +263,7 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
         print(f"error: {stage}: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _interrupt_handled()
         error_file.write_text("interrupted\n")
         print(f"{stage}: interrupted; no output was kept", file=sys.stderr)
         sys.exit(130)

@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from tqdm import tqdm
 
 from arvision.config import Params
 from arvision.data.parquet_io import load_images, write_shards
-from arvision.tokenizers import images_to_tensor, load_tokenizer
+from arvision.tokenizers import load_tokenizer
 from arvision.tracking import Tracker
+from arvision.train.common import encode_images
 from stages.common import Paths, atomic_dir, dvc_hashes, read_json, resolve_device, stage_main
 
 
@@ -27,18 +27,6 @@ def token_schema(vocab_size: int, seq_len: int, metadata: dict[str, str]) -> pa.
         [("id", pa.string()), ("label", pa.int32()), ("codes", pa.list_(code_type, seq_len))],
         metadata={k: v.encode() for k, v in metadata.items()},
     )
-
-
-@torch.no_grad()
-def encode_all(tok, images: np.ndarray, batch_size: int, device: torch.device, desc: str) -> np.ndarray:
-    """Codes ``(N, L)`` int64 for uint8 images ``(N, H, W, C)``, batched, in order."""
-    out = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        x = images_to_tensor(images[i : i + batch_size]).to(device)
-        with autocast:
-            out.append(tok.encode(x).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, tok.seq_len), np.int64)
 
 
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
@@ -59,7 +47,9 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     with atomic_dir(paths.tokens) as out:
         for split in ("train", "val"):
             ids, images, labels = load_images(paths.prepared / split)
-            codes = encode_all(tok, images, cfg.batch_size, device, desc=f"tokens/{split}").astype(np_type)
+            with tqdm(total=len(images), desc=f"tokens/{split}", unit="img", leave=False) as bar:
+                codes = encode_images(tok, images, batch_size=cfg.batch_size, device=device, progress=bar.update)
+            codes = codes.numpy().astype(np_type)
             flat = pa.array(codes.reshape(-1), type=schema.field("codes").type.value_type)
             table = pa.Table.from_arrays(
                 [pa.array(ids, pa.string()), pa.array(labels, pa.int32()), pa.FixedSizeListArray.from_arrays(flat, tok.seq_len)],

@@ -266,6 +266,9 @@ def _interrupt(proj: Path, sig: int, marker: str = "python -m stages.tokenizer",
         out.append(line)
         if marker in line:
             break
+    else:  # the run ended before the stage started: say why instead of waiting
+        p.wait()
+        raise AssertionError(f"the run ended (status {p.returncode}) before '{marker}':\n" + "".join(out)[-3000:])
     deadline = time.time() + 180
     while time.time() < deadline and not any(  # the stage has opened its MLflow run: it is working
             r.info.status == "RUNNING" and r.data.tags.get("arvision.stage") == "tokenizer" for r in _mlflow_runs(proj)):

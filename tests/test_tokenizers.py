@@ -6,7 +6,6 @@ Tiny configurations (16×16 images, 4×4 latents) keep each kind's tests to seco
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from arvision.tokenizers import (
     save_tokenizer,
     tensor_to_images,
 )
-from arvision.tokenizers.base import VectorQuantizer
+from arvision.tokenizers.quantizer import VectorQuantizer
 from arvision.train.tokenizer import evaluate_tokenizer, train_tokenizer
 
 KINDS = list(TOKENIZERS)
@@ -177,9 +176,9 @@ def test_log_callback_and_returned_stats(images):
     assert out["train_time_s"] > 0
 
 
-def test_builds_from_any_config_object(images):
-    ns = SimpleNamespace(**tiny_cfg("vq").model_dump())
-    tok = build_tokenizer(ns, channels=3, resolution=RES)
+def test_builds_from_the_config_section(images):
+    tok = build_tokenizer(tiny_cfg("vq"), channels=3, resolution=RES)
+    assert isinstance(tok.cfg, TokenizerConfig)
     assert tok.encode(images_to_tensor(images[:2])).shape == (2, 16)
 
 
@@ -293,6 +292,159 @@ def test_quantizer_groups_count_equally():
     q.update()
     assert float(q.cluster_size[0]) == pytest.approx(float(q.cluster_size[1]))
     assert float(q.cluster_size.sum()) == pytest.approx(0.5 * 32)
+
+
+# --------------------------------------------------------------------------- the explicit quantiser update
+
+STATEFUL = ["vq", "rq", "msvq"]
+
+
+def _state(tok) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in tok.state_dict().items()}
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("kind", ["vq", "rq", "msvq", "fsq"])
+def test_train_mode_encode_changes_no_buffer(kind, images):
+    """A training-mode forward only records; update_quantizer applies (first batch and later ones)."""
+    tok = fresh(kind).train()
+    x = images_to_tensor(images[:16])
+    for _ in range(2):  # the first batch (initialisation planned) and a later one
+        before = _state(tok)
+        codes = tok.encode(x)
+        reconstructed = tok.reconstruct(x)
+        assert codes.shape == (16, tok.seq_len) and reconstructed.shape == x.shape
+        _assert_same_state(before, _state(tok))
+        stats = tok.update_quantizer()
+        after = _state(tok)
+        if kind == "fsq":
+            assert stats == {}
+            _assert_same_state(before, after)
+        else:
+            assert {"batch_usage", "batch_perplexity", "restarted"} <= stats.keys()
+            assert any(not torch.equal(before[k], after[k]) for k in before)
+    if kind != "fsq":
+        assert bool(tok.quantizer.initted)
+        assert tok.update_quantizer() == {}  # nothing recorded since
+        _assert_same_state(after, _state(tok))
+
+
+def test_palette_update_quantizer_is_a_no_op(images):
+    tok = fresh("palette").train()
+    before = _state(tok)
+    tok.encode(images_to_tensor(images[:4]))
+    assert tok.update_quantizer() == {}
+    _assert_same_state(before, _state(tok))
+
+
+@pytest.mark.parametrize("kind", STATEFUL)
+def test_update_applies_what_any_training_forward_recorded(kind, images):
+    """training_loss + update_quantizer and encode + update_quantizer leave the same quantiser
+    state (the update depends only on what the forward recorded, not on which forward)."""
+    x = images_to_tensor(images[:16])
+    states = []
+    for path in ("training_loss", "encode"):
+        tok = fresh(kind).train()
+        torch.manual_seed(5)  # k-means seeds and restart draws
+        for _ in range(3):
+            tok.training_loss(x) if path == "training_loss" else tok.encode(x)
+            tok.update_quantizer()
+        states.append(_state(tok))
+    _assert_same_state(*states)
+
+
+@pytest.mark.parametrize("kind", STATEFUL)
+def test_same_seed_same_quantizer_state_with_explicit_updates(kind, images):
+    runs = []
+    for _ in range(2):
+        tok = fresh(kind, steps=4, dead_code_threshold=6.0, ema_decay=0.8)  # restarts happen
+        logs = []
+        train_tokenizer(tok, images, tok.cfg, seed=2, device=CPU, progress=False, log=lambda s, m: logs.append(m))
+        runs.append((_state(tok), logs))
+    _assert_same_state(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    assert "restarted" in runs[0][1][-1]
+
+
+def test_reduce_sums_counts_and_sums_like_a_global_batch():
+    """A fake all-reduce over two identical replicas (it doubles) gives the state one process
+    gets from the batch twice over; the EMA mean of each code stays what one replica's batch gives."""
+    cfg = tiny_cfg("vq", ema_decay=0.5, dead_code_restart=False, kmeans_init=False, l2_norm=False)
+    g = torch.Generator().manual_seed(0)
+    e, codes = torch.randn(40, 4, generator=g), torch.randint(0, 8, (40,), generator=g)
+    quantizers = []
+    for reduce, reps in ((None, 1), (lambda t: 2 * t, 1), (None, 2)):
+        torch.manual_seed(0)
+        q = VectorQuantizer(8, cfg)
+        q.cluster_size.zero_()
+        q.embed_sum.zero_()
+        q.record(e.repeat(reps, 1), codes.repeat(reps))
+        q.update(reduce)
+        quantizers.append(q)
+    alone, doubled, twice = quantizers
+    torch.testing.assert_close(doubled.cluster_size, 2 * alone.cluster_size)
+    torch.testing.assert_close(doubled.embed_sum, 2 * alone.embed_sum)
+    for name in ("cluster_size", "embed_sum", "embed"):
+        torch.testing.assert_close(getattr(doubled, name), getattr(twice, name))
+    used = alone.cluster_size > 0  # the EMA means (Laplace smoothing aside) are the batch means
+    torch.testing.assert_close(doubled.embed[used], alone.embed[used], rtol=1e-4, atol=1e-4)
+    means = torch.stack([e[codes == c].mean(0) for c in range(cfg.codebook_size) if used[c]])
+    torch.testing.assert_close(alone.embed[used], means, rtol=1e-4, atol=1e-4)
+
+
+def test_reduce_averages_what_each_replica_draws():
+    """k-means centres and restart vectors are averaged over the replicas: with identical
+    replicas (a reduce that doubles) they are exactly one replica's."""
+    cfg = tiny_cfg("vq", ema_decay=0.5)
+    g = torch.Generator().manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(40, 4, generator=g), dim=1)
+    quantizers, centres, shapes = [], [], []
+    for reduce in (None, lambda t: shapes.append(tuple(t.shape)) or 2 * t):
+        torch.manual_seed(0)
+        q = VectorQuantizer(8, cfg)
+        q.plan_init(e)
+        assert q.update(reduce) == {} and bool(q.initted)  # nothing recorded: the initialisation only
+        centres.append(q.embed.clone())
+        q.cluster_size[:5] = 0.0  # five dead codes, not used below: the same ones in both runs
+        q.record(e, torch.full((40,), 7))
+        torch.manual_seed(1)
+        assert q.update(reduce)["restarted"] == 5
+        quantizers.append(q)
+    alone, doubled = quantizers
+    # reduced: the centres, the restart vectors (each with the replica count), counts and sums together
+    assert shapes == [(32, 4), (1,), (32, 5), (5, 4), (1,)]
+    assert torch.equal(centres[1], centres[0])
+    assert torch.equal(doubled.embed[:5], alone.embed[:5])  # the restart vectors
+
+
+def test_reduce_averages_msvq_whitening_moments(images):
+    x = images_to_tensor(images[:16])
+    toks = []
+    for reduce in (None, lambda t: 2 * t):
+        tok = fresh("msvq").train()
+        tok.training_loss(x)
+        tok.update_quantizer(reduce)  # the first batch's statistics, then an EMA step towards its moments
+        toks.append(tok)
+    alone, doubled = toks
+    assert torch.equal(doubled.res_mean, alone.res_mean) and torch.equal(doubled.res_cov, alone.res_cov)
+    assert bool(doubled.whiten_initted)
+
+
+def test_load_builds_a_typed_config_and_drops_unknown_keys(tmp_path):
+    import json
+
+    tok = fresh("vq")
+    save_tokenizer(tok, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["cfg"]["a_key_an_old_version_wrote"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded.cfg, TokenizerConfig) and loaded.cfg == tok.cfg
 
 
 # --------------------------------------------------------------------------- helpers and metrics

@@ -19,7 +19,7 @@ from PIL import Image
 
 from arvision.errors import UserError
 
-#: Prepared images (stage ``prepare``): DESIGN.md's "Prepared data" contract.
+#: Prepared images (stage ``prepare``): the contract in docs/architecture.md, "Prepared data".
 PREPARED_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),  # 32 hex chars: sha256 of the pixel bytes, first 16 bytes

@@ -145,7 +145,7 @@ def _atomic_replace(tmp: Path, final: Path) -> None:
 
 def prepare_dataset(cfg: DataConfig, seed: int, out_dir: Union[str, Path], progress: bool = True) -> dict[str, Any]:
     """Run ``prepare``: read ``cfg.source``, write ``out_dir/{train,val}/part-*.parquet`` and
-    ``out_dir/manifest.json`` (DESIGN.md's prepared-data contract). Returns the manifest.
+    ``out_dir/manifest.json`` (docs/architecture.md, "Prepared data"). Returns the manifest.
 
     One process: MNIST's 70k images take ~12 s on one core, so a worker pool (and its start-up
     and ``__main__``-guard pitfalls) is not worth it.

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from arvision.tokenizers.quantizer import counts_perplexity
+
 
 def _counts(codes: Tensor, vocab_size: int) -> Tensor:
     return torch.bincount(codes.reshape(-1).long().cpu(), minlength=vocab_size).double()
@@ -19,9 +21,7 @@ def usage(codes: Tensor, vocab_size: int) -> float:
 
 def perplexity(codes: Tensor, vocab_size: int) -> float:
     """exp(entropy) of the code histogram: the number of equally used codes it is worth."""
-    c = _counts(codes, vocab_size)
-    p = c / c.sum().clamp_min(1)
-    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
+    return counts_perplexity(_counts(codes, vocab_size))
 
 
 def codebook_stats(codes: Tensor, vocab_size: int) -> dict[str, float]:

@@ -366,7 +366,7 @@ class StandInScaleTokenizer(nn.Module):
         self.layout = [(s, s) for s in self.scales]
 
     def next_scale_input(self, k: int, f_hat_BEhw: Tensor | None, codes_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
-        from arvision.tokenizers.base import bicubic_resize
+        from arvision.tokenizers.resize import bicubic_resize
 
         s, S = self.scales[k], self.scales[-1]
         h_BEss = self.embedding(codes_Bl).transpose(1, 2).reshape(codes_Bl.shape[0], self.embed_dim, s, s)

@@ -1,27 +1,35 @@
 """Image tokenizers: one module per kind, one registry, save/load, and the uint8 ↔ tensor helpers.
 
-``build_tokenizer`` takes a :class:`arvision.config.TokenizerConfig` or any object with the same
-attributes (e.g. a ``types.SimpleNamespace``), so tools without pydantic can build one.
+The package: ``interface`` (the :class:`Tokenizer` interface), ``conv`` (encoder, decoder and the
+base of the trained kinds), ``quantizer`` (the vector quantiser and its k-means), ``resize``
+(bicubic resizing as matmuls), and one module per kind.
+
+Tokenizers are configured by a :class:`arvision.config.TokenizerConfig`. They only read its
+attributes, and the modules import without pydantic (the config is imported for type hints
+only), so a tool on a machine without pydantic (``bench/tokenizer.py``) can pass an object with
+the same fields; :func:`load_tokenizer` builds a ``TokenizerConfig`` and needs pydantic.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from arvision.errors import UserError
 from arvision.images import images_to_tensor, tensor_to_images  # noqa: F401  (re-exported: the tokenizers' I/O)
-from arvision.tokenizers.base import Tokenizer
 from arvision.tokenizers.fsq import FSQTokenizer
+from arvision.tokenizers.interface import Tokenizer
 from arvision.tokenizers.msvq import MSVQTokenizer
 from arvision.tokenizers.palette import PaletteTokenizer
 from arvision.tokenizers.rq import RQTokenizer
 from arvision.tokenizers.vq import VQTokenizer
+
+if TYPE_CHECKING:
+    from arvision.config import TokenizerConfig
 
 TOKENIZERS: dict[str, type[Tokenizer]] = {
     "palette": PaletteTokenizer,
@@ -45,25 +53,26 @@ __all__ = [
 WEIGHTS = "weights.pt"
 
 
-def build_tokenizer(cfg: Any, *, channels: int, resolution: int) -> Tokenizer:
+def build_tokenizer(cfg: TokenizerConfig, *, channels: int, resolution: int) -> Tokenizer:
     """A fresh tokenizer of ``cfg.kind`` for images of ``channels`` × ``resolution``²."""
     if cfg.kind not in TOKENIZERS:
         raise UserError(f"tokenizer.kind '{cfg.kind}' is unknown; allowed: {', '.join(TOKENIZERS)}")
     return TOKENIZERS[cfg.kind](cfg, channels=channels, resolution=resolution)
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
+def config_to_dict(cfg: TokenizerConfig) -> dict[str, Any]:
+    """The config as plain JSON values (``vars`` of a stand-in object without ``model_dump``)."""
     if hasattr(cfg, "model_dump"):
         return cfg.model_dump()
     return dict(vars(cfg))
 
 
-def _config_from_dict(d: dict[str, Any]) -> Any:
-    try:
-        from arvision.config import TokenizerConfig
-    except ImportError:  # e.g. a GPU box without pydantic/pyyaml
-        return SimpleNamespace(**d)
-    return TokenizerConfig(**{k: v for k, v in d.items() if k in TokenizerConfig.model_fields})
+def _config_from_dict(d: dict[str, Any]) -> TokenizerConfig:
+    """The saved config, validated; keys that ``TokenizerConfig`` no longer has are dropped
+    (configs saved by older versions), missing ones take its defaults."""
+    from arvision.config import TokenizerConfig  # here: importing the package needs no pydantic
+
+    return TokenizerConfig.model_validate({k: v for k, v in d.items() if k in TokenizerConfig.model_fields})
 
 
 def save_tokenizer(tok: Tokenizer, directory: Path) -> None:

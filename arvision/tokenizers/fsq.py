@@ -1,25 +1,29 @@
 """``fsq``: finite scalar quantisation (Mentzer et al. 2023). Each of ``len(fsq_levels)``
 projected channels is bounded and rounded to its number of levels; the code is the
 mixed-radix number of the digits, so the codebook is implicit (vocab = prod(levels)) and
-needs no codebook loss, EMA or restarts.
+needs no codebook loss, EMA or restarts (``update_quantizer`` is the interface's no-op).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from arvision.tokenizers.base import Z_CHANNELS, ConvTokenizer
+from arvision.tokenizers.conv import Z_CHANNELS, ConvTokenizer
+from arvision.tokenizers.quantizer import counts_perplexity
+
+if TYPE_CHECKING:
+    from arvision.config import TokenizerConfig
 
 
 class FSQTokenizer(ConvTokenizer):
     kind = "fsq"
 
-    def __init__(self, cfg: Any, *, channels: int, resolution: int) -> None:
+    def __init__(self, cfg: TokenizerConfig, *, channels: int, resolution: int) -> None:
         super().__init__(cfg, channels=channels, resolution=resolution)
         levels = list(cfg.fsq_levels)
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
@@ -53,10 +57,9 @@ class FSQTokenizer(ConvTokenizer):
         stats = {}
         if self.training:
             counts = torch.bincount(codes.reshape(-1), minlength=self.vocab_size).float()
-            p = counts / counts.sum()
             stats = {
                 "batch_usage": float((counts > 0).float().mean()),
-                "batch_perplexity": float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())),
+                "batch_perplexity": counts_perplexity(counts),
             }
         return zq, rearrange(codes, "b h w -> b (h w)"), z_BZhw.new_zeros(()), stats
 

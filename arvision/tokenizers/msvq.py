@@ -19,11 +19,15 @@ large ones, all near the mean image; left alone, scale 0 used ~20% of the codes)
 - the quantiser's EMA counts weigh every scale equally (not every vector), so codes serving
   the coarse scales are not restarted as dead; dead-code restarts draw from every scale
   equally often; k-means init on whitened vectors of every scale.
+
+The whitening statistics and the codebook change only in :meth:`MSVQTokenizer.update_quantizer`:
+a training forward records the batch's residual moments (and, on the first batch, the initial
+statistics and k-means centres, which forwards use until the update writes them).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +35,13 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from arvision.errors import UserError
-from arvision.tokenizers.base import Z_CHANNELS, ConvTokenizer, VectorQuantizer, bicubic_resize, flatten_latent
+from arvision.tokenizers.conv import Z_CHANNELS, ConvTokenizer, flatten_latent
+from arvision.tokenizers.interface import Reduce
+from arvision.tokenizers.quantizer import VectorQuantizer, replica_mean
+from arvision.tokenizers.resize import bicubic_resize
+
+if TYPE_CHECKING:
+    from arvision.config import TokenizerConfig
 
 
 class Phi(nn.Module):
@@ -48,7 +58,7 @@ class Phi(nn.Module):
 class MSVQTokenizer(ConvTokenizer):
     kind = "msvq"
 
-    def __init__(self, cfg: Any, *, channels: int, resolution: int) -> None:
+    def __init__(self, cfg: TokenizerConfig, *, channels: int, resolution: int) -> None:
         super().__init__(cfg, channels=channels, resolution=resolution)
         self.scales = list(cfg.scales)
         if self.scales[-1] != self.latent_side:
@@ -69,6 +79,10 @@ class MSVQTokenizer(ConvTokenizer):
         self.register_buffer("res_mean", torch.zeros(len(self.scales), d))
         self.register_buffer("res_cov", torch.eye(d).repeat(len(self.scales), 1, 1))
         self.register_buffer("whiten_initted", torch.tensor(False))
+        # recorded by training forwards, applied by update_quantizer: the first batch's
+        # (res_mean, res_cov), and each forward's per-scale moments
+        self._init_whitening: tuple[Tensor, Tensor] | None = None
+        self._pending_moments: list[tuple[Tensor, Tensor]] = []
         self.vocab_size = cfg.codebook_size
         self.layout = [(s, s) for s in self.scales]
 
@@ -84,18 +98,23 @@ class MSVQTokenizer(ConvTokenizer):
         """Scale k's codes ``(B, s_k²)`` → its contribution ``h (B, embed_dim, S, S)`` to f_hat."""
         s = self.scales[k]
         e_Nd = F.embedding(codes_Bl.reshape(-1), self.quantizer.codebook()).float()
-        v = e_Nd @ self._chol(k).t() + self.res_mean[k]
+        v = e_Nd @ self._chol(k).t() + self._whitening()[0][k]
         h = rearrange(v, "(b h w) d -> b d h w", b=codes_Bl.shape[0], h=s, w=s)
         return self.phis[k](self._up(h))
+
+    def _whitening(self) -> tuple[Tensor, Tensor]:
+        """``(mean (K, d), cov (K, d, d))``: the buffers, or the first batch's statistics until
+        :meth:`update_quantizer` writes them."""
+        return self._init_whitening if self._init_whitening is not None else (self.res_mean, self.res_cov)
 
     def _chol(self, k: int) -> Tensor:
         """``L_k (d, d)``: lower Cholesky factor of scale k's residual covariance."""
         eye = torch.eye(self.embed_dim, device=self.res_cov.device)
-        return torch.linalg.cholesky(self.res_cov[k] + 1e-6 * eye)
+        return torch.linalg.cholesky(self._whitening()[1][k] + 1e-6 * eye)
 
     def _whiten(self, k: int, r_Nd: Tensor) -> Tensor:
         """Scale k's residual vectors → whitened ``(N, d)``."""
-        x = (r_Nd - self.res_mean[k]).t()  # (d, N)
+        x = (r_Nd - self._whitening()[0][k]).t()  # (d, N)
         return torch.linalg.solve_triangular(self._chol(k), x, upper=False).t()
 
     @staticmethod
@@ -118,31 +137,33 @@ class MSVQTokenizer(ConvTokenizer):
         return rearrange(self.quantizer.proj_out(rearrange(f_BdSS, "b d h w -> b h w d")), "b h w z -> b z h w")
 
     @torch.no_grad()
-    def _init_from(self, f_BdSS: Tensor) -> None:
-        """Whitening statistics and k-means codebook from the first training batch. The residual chain is
+    def _plan_init(self, f_BdSS: Tensor) -> None:
+        """Whitening statistics and k-means codebook from the first training batch, recorded for
+        :meth:`update_quantizer` (and used by forwards until then). The residual chain is
         approximated without quantisation error (scale k removes the exact area mean of the
         residual), which gives each scale's residual statistics closely enough to start."""
+        mean, cov = self.res_mean.clone(), self.res_cov.clone()
+        self._init_whitening = (mean, cov)  # filled scale by scale: _whiten(k) reads scale k's
         rest, units = f_BdSS.float(), []
         for k, s in enumerate(self.scales):
             r = self._down(rest, s)
             r_Nd = flatten_latent(r)
-            self.res_mean[k], self.res_cov[k] = self._moments(r_Nd)
+            mean[k], cov[k] = self._moments(r_Nd)
             units.append(self._whiten(k, r_Nd))
             rest = rest - self._up(r)
         q = self.quantizer
-        if q.kmeans_init and not bool(q.initted):
+        if q.needs_init:
             # scales drawn equally often, so the coarse scales are not drowned out by the fine
             n = min(len(u) for u in units[1:]) if len(units) > 1 else len(units[0])
             pick = [u[torch.randperm(len(u), device=u.device)[:n]] for u in units]
-            q.init_from(torch.cat(pick))
-        self.whiten_initted.fill_(True)
+            q.plan_init(torch.cat(pick))
 
     def _quantize(self, z_BZSS: Tensor):
         q = self.quantizer
         B = z_BZSS.shape[0]
         f = self._to_code_space(z_BZSS)  # (B, d, S, S)
-        if self.training and not bool(self.whiten_initted):
-            self._init_from(f)
+        if self.training and not bool(self.whiten_initted) and self._init_whitening is None:
+            self._plan_init(f)
         f_rest = f.detach()
         f_hat = None
         codes, moments = [], []
@@ -162,14 +183,35 @@ class MSVQTokenizer(ConvTokenizer):
         aux = F.mse_loss(f_hat, f.detach()) + q.commitment * F.mse_loss(f, f_hat.detach())
         stats = {}
         if self.training:
-            stats = q.update()
-            with torch.no_grad():
-                self.res_mean.lerp_(torch.stack([m for m, _ in moments]), 1 - q.decay)
-                self.res_cov.lerp_(torch.stack([c for _, c in moments]), 1 - q.decay)
+            self._pending_moments.append((torch.stack([m for m, _ in moments]), torch.stack([c for _, c in moments])))
             stats["latent_rms"] = float(f.detach().pow(2).sum(1).mean().sqrt())
         if torch.is_grad_enabled():
             f_hat = f + (f_hat - f).detach()  # straight-through
         return self._from_code_space(f_hat), torch.cat(codes, 1), aux, stats
+
+    @torch.no_grad()
+    def update_quantizer(self, reduce: Reduce | None = None) -> dict[str, float]:
+        """The first batch's whitening statistics, the quantiser's update (see
+        :meth:`VectorQuantizer.update`), then one EMA step of each scale's residual mean and
+        covariance towards the recorded moments (their average, when several forwards ran since
+        the last call). ``reduce`` averages the moments over replicas."""
+        if self._init_whitening is not None:
+            mean, cov = self._init_whitening
+            self._init_whitening = None
+            if reduce is not None:
+                mean, cov = replica_mean(reduce, mean), replica_mean(reduce, cov)
+            self.res_mean.copy_(mean)
+            self.res_cov.copy_(cov)
+            self.whiten_initted.fill_(True)
+        stats = self.quantizer.update(reduce)
+        if self._pending_moments:
+            ms, self._pending_moments = self._pending_moments, []
+            mean, cov = ms[0] if len(ms) == 1 else (torch.stack([m for m, _ in ms]).mean(0), torch.stack([c for _, c in ms]).mean(0))
+            if reduce is not None:
+                mean, cov = replica_mean(reduce, mean), replica_mean(reduce, cov)
+            self.res_mean.lerp_(mean, 1 - self.quantizer.decay)
+            self.res_cov.lerp_(cov, 1 - self.quantizer.decay)
+        return stats
 
     def _dequantize(self, codes_BL: Tensor) -> Tensor:
         f_hat = None

@@ -5,7 +5,7 @@ levels by 1-D k-means). Layout ``[(H, W)]``. Fitted, not trained: see :meth:`fit
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,13 +13,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from arvision.tokenizers.base import Tokenizer
+from arvision.tokenizers.interface import Tokenizer
+
+if TYPE_CHECKING:
+    from arvision.config import TokenizerConfig
 
 
 class PaletteTokenizer(Tokenizer):
     kind = "palette"
 
-    def __init__(self, cfg: Any, *, channels: int, resolution: int) -> None:
+    def __init__(self, cfg: TokenizerConfig, *, channels: int, resolution: int) -> None:
         super().__init__(cfg, channels=channels, resolution=resolution)
         self.vocab_size = cfg.palette_size
         self.layout = [(resolution, resolution)]

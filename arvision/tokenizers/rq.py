@@ -8,19 +8,24 @@ vectors on one sphere could not follow it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from arvision.tokenizers.base import Z_CHANNELS, ConvTokenizer, VectorQuantizer, flatten_latent, unflatten_latent
+from arvision.tokenizers.conv import Z_CHANNELS, ConvTokenizer, flatten_latent, unflatten_latent
+from arvision.tokenizers.interface import Reduce
+from arvision.tokenizers.quantizer import VectorQuantizer
+
+if TYPE_CHECKING:
+    from arvision.config import TokenizerConfig
 
 
 class RQTokenizer(ConvTokenizer):
     kind = "rq"
 
-    def __init__(self, cfg: Any, *, channels: int, resolution: int) -> None:
+    def __init__(self, cfg: TokenizerConfig, *, channels: int, resolution: int) -> None:
         super().__init__(cfg, channels=channels, resolution=resolution)
         self.depth = cfg.rq_depth
         self.quantizer = VectorQuantizer(Z_CHANNELS, cfg, l2_norm=False)
@@ -31,8 +36,8 @@ class RQTokenizer(ConvTokenizer):
         b, _, h, w = z_BZhw.shape
         q = self.quantizer
         e_Nd = q.proj_in(flatten_latent(z_BZhw))  # residual lives in code space
-        if self.training and q.kmeans_init and not bool(q.initted):
-            q.init_from(e_Nd)
+        if self.training and q.needs_init:
+            q.plan_init(e_Nd)
         residual, qsum = e_Nd, torch.zeros_like(e_Nd)
         codes, aux = [], e_Nd.new_zeros(())
         for _ in range(self.depth):
@@ -48,9 +53,8 @@ class RQTokenizer(ConvTokenizer):
             codes.append(c)
         if torch.is_grad_enabled():
             qsum = e_Nd + (qsum - e_Nd).detach()  # straight-through
-        stats = q.update() if self.training else {}
         codes_BL = rearrange(torch.stack(codes, 1), "(b l) d -> b (l d)", b=b)
-        return unflatten_latent(q.proj_out(qsum), b, h, w), codes_BL, aux / self.depth, stats
+        return unflatten_latent(q.proj_out(qsum), b, h, w), codes_BL, aux / self.depth, {}
 
     def _dequantize(self, codes_BL: Tensor) -> Tensor:
         b, s, q = codes_BL.shape[0], self.latent_side, self.quantizer
@@ -59,3 +63,6 @@ class RQTokenizer(ConvTokenizer):
         for i in range(self.depth):  # same order of additions as _quantize
             qsum = qsum + torch.nn.functional.embedding(codes_Nd[:, i], q.codebook())
         return unflatten_latent(q.proj_out(qsum), b, s, s)
+
+    def update_quantizer(self, reduce: Reduce | None = None) -> dict[str, float]:
+        return self.quantizer.update(reduce)
