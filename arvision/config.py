@@ -122,7 +122,7 @@ class TokensConfig(_Section):
 class PriorConfig(_Section):
     """The autoregressive prior (stage ``prior``)."""
 
-    kind: Literal["gpt", "var"] = "gpt"
+    kind: str = "gpt"  # a kind of the prior registry (arvision.sizes.SIZES): gpt | var
     size: str = "tiny"  # a name of the size registry (arvision.priors.SIZES)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     class_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # for classifier-free guidance
@@ -144,6 +144,15 @@ class PriorConfig(_Section):
     eval_every: int = Field(100, ge=0)
     keep: Literal["best", "last"] = "best"  # best: the weights with the lowest val loss
     early_stop_patience: int = Field(0, ge=0)  # stop after this many evals without improvement (0: off)
+
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, kind: str) -> str:
+        from arvision.sizes import SIZES  # the registry a new prior kind adds itself to
+
+        if kind not in SIZES:
+            raise ValueError(f"'{kind}' is not a prior kind; allowed: {', '.join(SIZES)}")
+        return kind
 
 
 class RayConfig(_Section):

@@ -32,15 +32,12 @@ class Generator:
         names = json.loads(meta_path.read_text()).get("class_names") if meta_path.exists() else None
         return cls(tok, prior, class_names=names, device=device)
 
-    #: the fastest sampling mode measured per prior kind on an H200 (bench/RESULTS.md)
-    FAST_SAMPLING = {"gpt": "compile+graph", "var": "compile+cudagraph"}
-
     def compile_sampling(self) -> bool:
         """On CUDA, switch the prior to its fastest sampler (compiled kernels in CUDA graphs; the
         first batch pays the compile, ~20-30 s). Returns whether it did (not on CPU)."""
         if self.device.type != "cuda":
             return False
-        self.prior.compile_sampling(self.FAST_SAMPLING[self.prior.kind])
+        self.prior.compile_sampling(self.prior.fast_sampling)
         return True
 
     @property

@@ -29,11 +29,13 @@ class Prior(nn.Module):
     Subclasses implement ``forward(codes_BL, labels_B, *, return_loss=False)`` (logits
     ``(B, L, vocab)`` or, with ``return_loss``, the mean cross-entropy in nats per token: the
     training loop asks for the loss through ``forward`` so that DDP hooks and torch.compile see
-    one call) and ``sample``. ``config`` is a JSON-able dict from which ``arvision.priors``
+    one call), ``sample`` and ``compile_sampling(mode)`` (``fast_sampling`` names the mode the
+    generator uses on CUDA). ``config`` is a JSON-able dict from which ``arvision.priors``
     rebuilds the model (see ``save_prior`` / ``load_prior``).
     """
 
     kind: str
+    fast_sampling: str
     vocab_size: int
     num_classes: int
     seq_len: int

@@ -46,6 +46,8 @@ class GPTArch:
 
 class GPT(Prior):
     kind = "gpt"
+    #: the fastest sampling mode measured on an H200 (bench/RESULTS.md)
+    fast_sampling = "compile+graph"
 
     def __init__(self, arch: GPTArch) -> None:
         super().__init__()

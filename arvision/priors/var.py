@@ -119,6 +119,8 @@ class VARArch:
 
 class VAR(Prior):
     kind = "var"
+    #: the fastest sampling mode measured on an H200 (bench/RESULTS.md)
+    fast_sampling = "compile+cudagraph"
 
     def __init__(self, arch: VARArch, tokenizer: Any = None) -> None:
         super().__init__()
