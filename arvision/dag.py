@@ -9,6 +9,10 @@ from __future__ import annotations
 #: stage names in the order the flow runs them (a topological order of dvc.yaml)
 STAGES: list[str] = ["prepare", "tokenizer", "features", "tokens", "prior", "evaluate"]
 
+#: dvc.yaml's first stage, before STAGES: the listing of ``data.path`` that ``prepare`` depends
+#: on (``arvision.data.listing``). The flow writes it itself before its stages.
+LISTING_STAGE = "source"
+
 #: the params.yaml sections each stage reads (dvc.yaml may track a subset of their keys:
 #: keys that cannot change a stage's result, e.g. how often it logs, are left out there)
 PARAM_SECTIONS: dict[str, set[str]] = {

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -151,8 +151,16 @@ def train_features(
     seed: int,
     device: str | torch.device,
     on_log: Optional[Callable[[int, dict[str, float]], None]] = None,
+    batches: Optional[Iterator[tuple[np.ndarray, np.ndarray]]] = None,
 ) -> tuple[FeatureNet, dict[str, Any], list[dict[str, float]]]:
     """Train a :class:`FeatureNet` on the train split (``cfg``: a ``FeaturesConfig``).
+
+    The images may be numpy arrays or lazily decoded splits
+    (:class:`arvision.data.feed.ImageSplit`: the evaluation walks them a batch at a time).
+    ``batches``: an endless stream of ``(uint8 images (B, H, W, C), labels (B,))`` training
+    batches, drawn instead of indexing ``train_u8_NHWC`` (the stage passes a seeded shuffle
+    buffer over the shards when the split is too large to hold: bounded memory); without it,
+    batches are drawn from ``train_u8_NHWC`` with replacement, as below.
 
     Batches are drawn with replacement and augmented (:func:`augment`) in both modes: for the
     classifier too, since without it the net fits its few training images so closely that they
@@ -187,11 +195,16 @@ def train_features(
     window: list[tuple[float, float]] = []  # (loss, batch accuracy) since the last curve row
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
-        idx_B = torch.randint(len(train_u8_NHWC), (cfg.batch_size,), generator=g)
-        x_BCHW = images_to_tensor(train_u8_NHWC[idx_B.numpy()]).to(device)
+        if batches is None:
+            idx_B = torch.randint(len(train_u8_NHWC), (cfg.batch_size,), generator=g)
+            x_u8, y_B = train_u8_NHWC[idx_B.numpy()], labels_N[idx_B]
+        else:
+            x_u8, y_np = next(batches)
+            y_B = torch.from_numpy(np.asarray(y_np, np.int64))
+        x_BCHW = images_to_tensor(x_u8).to(device)
         if mode == "classifier":
             logits_BK = net.logits(augment(x_BCHW, g))
-            y_B = labels_N[idx_B].to(device)
+            y_B = y_B.to(device)
             loss = F.cross_entropy(logits_BK, y_B)
             acc = float((logits_BK.argmax(1) == y_B).float().mean())
         else:

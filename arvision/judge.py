@@ -9,6 +9,15 @@ labels and the same seed, so their numbers can be compared.
 
 Lower is better for ``fd``, ``kid``, ``copy_rate``, ``val_bpd``; higher for ``precision``,
 ``recall``, ``density``, ``coverage``, ``class_accuracy``.
+
+Memory: :meth:`Yardstick.load` holds neither split's pixels. The splits are lazily decoded
+sequences (:class:`arvision.data.feed.ImageSplit`) and a tokenizer's reconstructions of
+them are computed on demand (:class:`Reconstructions`), each with a cache of fixed size; every
+consumer walks them in slices (embedding, bits per dim, the pixel-space nearest-neighbour
+search of the memorisation check, which streams the training images past the few samples). What
+is held is per image small: the features ``(N, dim)`` and labels of both splits, the val
+images' nearest-training distances. The numbers are those of the whole arrays: every slice
+walked is the one walked before.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from arvision.data.feed import LazyImages
 
 #: image-space metrics every scored set gets (FD etc. are in the features' space)
 SAMPLE_KEYS = ("fd", "kid", "precision", "recall", "density", "coverage", "copy_rate", "copy_rate_pixels")
@@ -51,9 +62,9 @@ class Yardstick:
 
     net: Any  # arvision.features.FeatureNet
     device: torch.device
-    val_u8: np.ndarray  # (Nv, H, W, C)
+    val_u8: Any  # (Nv, H, W, C) uint8: an array, or an ImageSplit (decoded on demand)
     val_labels: np.ndarray  # (Nv,) int, -1 unlabelled
-    train_u8: np.ndarray  # (Nt, H, W, C)
+    train_u8: Any  # (Nt, H, W, C) uint8: an array, or an ImageSplit
     train_labels: np.ndarray
     nearest_k: int = 5
     batch_size: int = 256
@@ -63,7 +74,6 @@ class Yardstick:
 
     def __post_init__(self) -> None:
         from arvision.features import embed
-        from arvision.metrics.samples import copy_reference
 
         self.val_feats = embed(self.net, self.val_u8, batch_size=self.batch_size, device=self.device)
         self.train_feats = embed(self.net, self.train_u8, batch_size=self.batch_size, device=self.device)
@@ -72,14 +82,16 @@ class Yardstick:
     @classmethod
     def load(cls, prepared: Path, features_dir: Path, *, device, nearest_k: int = 5, batch_size: int = 256,
              max_val: int | None = None, max_train: int | None = None) -> "Yardstick":
-        from arvision.data.parquet_io import load_images
+        """The yardstick of a prepared data set: both splits (the first ``max_val`` /
+        ``max_train`` rows) as lazily decoded :class:`~arvision.data.feed.ImageSplit`."""
+        from arvision.data.feed import ImageSplit
         from arvision.features import load_features
 
-        _, val_u8, val_labels = load_images(Path(prepared) / "val", limit=max_val)
-        _, train_u8, train_labels = load_images(Path(prepared) / "train", limit=max_train)
+        val_u8 = ImageSplit(Path(prepared) / "val", limit=max_val)
+        train_u8 = ImageSplit(Path(prepared) / "train", limit=max_train)
         net = load_features(Path(features_dir), device=device)
-        return cls(net=net, device=torch.device(device), val_u8=val_u8, val_labels=val_labels, train_u8=train_u8,
-                   train_labels=train_labels, nearest_k=nearest_k, batch_size=batch_size)
+        return cls(net=net, device=torch.device(device), val_u8=val_u8, val_labels=val_u8.labels, train_u8=train_u8,
+                   train_labels=train_u8.labels, nearest_k=nearest_k, batch_size=batch_size)
 
     @property
     def labelled(self) -> bool:
@@ -96,10 +108,9 @@ class Yardstick:
         tokenizer leaves farther from the original than near-duplicates in val are; against the
         reconstructions such a copy is found."""
         from arvision.features import embed
-        from arvision.metrics.samples import copy_reference
 
-        train_rec = reconstruct(tokenizer, self.train_u8, device=self.device, batch_size=self.batch_size)
-        val_rec = reconstruct(tokenizer, self.val_u8, device=self.device, batch_size=self.batch_size)
+        train_rec = Reconstructions(tokenizer, self.train_u8, device=self.device, batch_size=self.batch_size)
+        val_rec = Reconstructions(tokenizer, self.val_u8, device=self.device, batch_size=self.batch_size)
         feats = lambda x: embed(self.net, x, batch_size=self.batch_size, device=self.device)  # noqa: E731
         return copy_reference(feats(train_rec), train_rec, feats(val_rec), val_rec)
 
@@ -161,6 +172,75 @@ def reconstruct(tokenizer, images_u8: np.ndarray, *, device, batch_size: int = 2
     out = [tensor_to_images(tokenizer.decode(tokenizer.encode(images_to_tensor(images_u8[i : i + batch_size]).to(device))))
            for i in range(0, len(images_u8), batch_size)]
     return np.concatenate(out) if out else images_u8.copy()
+
+
+class Reconstructions(LazyImages):
+    """:func:`reconstruct` of ``images`` (an array or an ImageSplit) computed on demand, one
+    ``batch_size`` batch at a time, each batch the one :func:`reconstruct` of the whole would
+    encode (so the same pixels), with a fixed-size cache: a lazily computed uint8 image
+    sequence that the memorisation check walks in slices."""
+
+    def __init__(self, tokenizer, images, *, device, batch_size: int = 256, cache_bytes: int | None = None):
+        self.tokenizer, self.images, self.device = tokenizer, images, device
+        super().__init__(len(images), tuple(images.shape[1:]), batch_size, cache_bytes)
+
+    def _load_block(self, k: int) -> np.ndarray:
+        a = k * self.block_rows
+        return reconstruct(self.tokenizer, self.images[a : a + self.block_rows], device=self.device, batch_size=self.block_rows)
+
+
+#: pixels (float32 bytes) of val images held at once by the copy calibration's pixel-space
+#: search: each such block of val images walks the training images once
+QUERY_BYTES = 256 << 20
+
+
+def nearest_pixels(query_u8, ref_u8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query image's nearest ``ref_u8`` image in pixel space, ``(distance (N,), index (N,))``:
+    :func:`arvision.metrics.samples._nearest` with pixels, walking ``ref_u8`` (an array or a lazy
+    image sequence) once per :data:`QUERY_BYTES` of queries instead of once per
+    :data:`~arvision.metrics.samples.CHUNK` of them. The same numbers: each (query block, ref
+    block) pair is the same ``cdist``, and each query block meets the ref blocks in the same order."""
+    from arvision.metrics import samples
+
+    chunk = samples.CHUNK
+    row_bytes = 4 * int(np.prod(query_u8.shape[1:]))
+    span = max(1, QUERY_BYTES // max(1, chunk * row_bytes)) * chunk  # query rows a walk serves
+    dist, idx = [], []
+    for s in range(0, len(query_u8), span):
+        qs = [samples._pixels(query_u8[i : i + chunk]) for i in range(s, min(len(query_u8), s + span), chunk)]
+        best_d = [torch.full((len(q),), float("inf"), dtype=q.dtype) for q in qs]
+        best_i = [torch.zeros(len(q), dtype=torch.long) for q in qs]
+        for j in range(0, len(ref_u8), chunk):
+            r = samples._pixels(ref_u8[j : j + chunk])
+            for b, q in enumerate(qs):
+                d, k = torch.cdist(q, r.to(q.dtype)).min(1)
+                better = d < best_d[b]
+                best_d[b] = torch.where(better, d, best_d[b])
+                best_i[b] = torch.where(better, k + j, best_i[b])
+        dist += best_d
+        idx += best_i
+    return torch.cat(dist), torch.cat(idx)
+
+
+def copy_reference(train_feats, train_u8, val_feats, val_u8):
+    """:func:`arvision.metrics.samples.copy_reference` for image sequences walked in slices
+    (arrays, ImageSplit, Reconstructions): the same thresholds, and a reference that keeps
+    ``train_u8`` as given (lazy) instead of converting it to one array. The pixel-space search
+    (:func:`nearest_pixels`) streams the training images past blocks of val images."""
+    from arvision.metrics.samples import COPY_PERCENTILE, CopyReference, _feats, _nearest
+
+    if len(val_u8) == 0 or len(train_u8) == 0:
+        raise ValueError("copy thresholds need val and train images")
+    train = _feats(train_feats)
+    d_val, _ = _nearest(_feats(val_feats), train, _feats)
+    d_val_px, _ = nearest_pixels(val_u8, train_u8)
+    q = COPY_PERCENTILE / 100
+    return CopyReference(
+        train_feats=train,
+        train_u8=train_u8,
+        threshold=float(torch.quantile(d_val, q)),
+        threshold_pixels=float(torch.quantile(d_val_px.double(), q)),
+    )
 
 
 @torch.no_grad()

@@ -97,7 +97,7 @@ def main() -> None:
 
     import ray
 
-    from arvision.train.ray import init_ray
+    from arvision.cluster import init_ray
 
     from arvision.config import RayConfig
 

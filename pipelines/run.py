@@ -208,7 +208,8 @@ def run_stage(stage: str, root: str, force: bool = False):
                 stale = force or any(s.changed() for s in repo.stage.collect(stage))
             if stale:
                 run.parent.ensure()
-            done = repo.reproduce(targets=[stage], single_item=True, force=force)
+            # unchanged: no second look at the deps (reproduce would check them all again)
+            done = repo.reproduce(targets=[stage], single_item=True, force=force) if stale else []
     except DvcException as err:  # the stage failed (its reason is in its error file) or DVC refused
         record["seconds"] = time.time() - t0
         reason = _stage_reason(rootp, stage, err, t0)
@@ -284,7 +285,16 @@ def arvision_flow(root: str, force: bool = False):
     run = _RUN
     if run.on_sigterm is not None:  # Prefect's flow engine installed its own SIGTERM handler: ours instead
         signal.signal(signal.SIGTERM, run.on_sigterm)
+    from dvc.exceptions import DvcException
+
     try:
+        try:
+            _write_listing(run.root)
+        except DvcException as err:
+            reason = _stage_reason(run.root, "source", err, time.time())
+            run.results.append({"stage": "source", "ran": False, "failed": True, "seconds": 0.0, "reason": reason})
+            print(f"   source FAILED: {reason}", file=sys.stderr, flush=True)
+            return Failed(message=f"source: {reason}")
         for stage in STAGES:
             state = run_stage.with_options(task_run_name=stage)(stage, root, force, return_state=True)
             if state.is_cancelled():
@@ -298,6 +308,18 @@ def arvision_flow(root: str, force: bool = False):
     finally:
         if own:
             _finish(run)
+
+
+def _write_listing(root: Path) -> None:
+    """dvc.yaml's ``source`` stage (always run; not one of the flow's stages): it writes
+    ``data/source.json``, the listing of ``data.path`` that ``prepare`` depends on, and records
+    it in ``dvc.lock``. A stat walk when nothing changed (``arvision.data.listing``)."""
+    from dvc.repo import Repo
+
+    from arvision.dag import LISTING_STAGE
+
+    with Repo(str(root)) as repo:  # the stage prints its one line (files, bytes, what it skipped)
+        repo.reproduce(targets=[LISTING_STAGE], single_item=True)
 
 
 def _finish(run: PipelineRun) -> None:

@@ -12,6 +12,11 @@ Writes ``metrics/eval.json`` (``dvc metrics``), ``reports/`` (``samples.png`` on
 ``dvc metrics`` because it measures the machine's load as much as the model). Registers
 ``arvision-generator`` (alias ``candidate``) and moves the champion only when the candidate
 beats the incumbent re-scored here, on the same data (:mod:`arvision.champion`).
+
+Bounded memory: the yardstick holds no split's pixels (:class:`arvision.judge.Yardstick`): val
+and train are lazily decoded (:class:`arvision.data.feed.ImageSplit`) and walked a batch
+at a time by the embedding, the tokenizer metrics, bits per dim and the memorisation search;
+the floor and the memorisation panel decode only the train rows they show.
 """
 
 from __future__ import annotations

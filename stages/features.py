@@ -2,13 +2,22 @@
 
 A classifier when the data are labelled, contrastive otherwise (``features.mode``); see
 :mod:`arvision.features`. Also writes ``metrics/features_curve.csv`` (DVC plots).
+
+Bounded memory: a train split that fits a shuffle buffer
+(:func:`arvision.data.feed.shuffle_buffer_rows`) is decoded whole and trained on as
+always; a larger one is drawn through a seeded shuffle buffer over its shards
+(:func:`arvision.data.feed.shuffled_batches`). The val metrics walk a lazily decoded
+split (:class:`arvision.data.feed.ImageSplit`) a batch at a time.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from arvision.config import Params
+from arvision.data.feed import ImageSplit, shuffle_buffer_rows, shuffled_batches
 from arvision.data.parquet_io import load_images
 from arvision.errors import UserError
 from arvision.features import save_features, train_features
@@ -19,17 +28,24 @@ from stages.common import Paths, atomic_dir, read_json, resolve_device, stage_ma
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     cfg = params.features
     manifest = read_json(paths.prepared / "manifest.json")
-    _, train_x, train_y = load_images(paths.prepared / "train")
-    _, val_x, val_y = load_images(paths.prepared / "val")
+    train_x = ImageSplit(paths.prepared / "train")  # decoded on demand
+    val_x = ImageSplit(paths.prepared / "val")
+    train_y, val_y = train_x.labels, val_x.labels
     if len(train_x) == 0:
         raise UserError("data/prepared/train is empty: nothing to train the feature net on")
     device = resolve_device(cfg.device)
+    batches = None
+    buffer = shuffle_buffer_rows(cfg.batch_size, int(np.prod(train_x.shape[1:])))
+    if len(train_x) <= buffer:  # fits: decoded whole and drawn from as always (the same weights)
+        _, train_x, train_y = load_images(paths.prepared / "train")
+    else:
+        batches = shuffled_batches(paths.prepared / "train", cfg.batch_size, params.seed, buffer, labels=True)
 
     def log(step: int, row: dict[str, float]) -> None:
         tracker.log_metrics({f"train_{k}": v for k, v in row.items()}, step=step)
 
     net, trained, curve = train_features(
-        train_x, train_y, val_x, val_y, cfg, seed=params.seed, device=device, on_log=log
+        train_x, train_y, val_x, val_y, cfg, seed=params.seed, device=device, on_log=log, batches=batches
     )
     tracker.set_tags({"features.mode": trained["mode"]})
     with atomic_dir(paths.features) as out:

@@ -11,7 +11,7 @@ from stages.common import Paths, stage_main
 
 
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
-    manifest = prepare_dataset(params.data, params.seed, paths.prepared)
+    manifest = prepare_dataset(params.data, params.seed, paths.prepared, ray_cfg=params.ray, root=paths.root)
     tracker.set_tags({"data.content_hash": manifest["content_hash"], "data.source": manifest["source"]})
     tracker.log_artifact(paths.prepared / "manifest.json")
     counts = manifest["counts"]

@@ -2,6 +2,11 @@
 
 Also writes ``metrics/tokenizer_curve.csv`` (DVC plots), an originals-beside-reconstructions
 grid ``models/tokenizer/recon.png``, and registers ``arvision-tokenizer`` in MLflow.
+
+Bounded memory: the trainer draws its batches from a seeded shuffle buffer over the train shards
+(:func:`arvision.data.feed.shuffled_batches`; a split that fits the buffer is drawn
+exactly as from the whole array), and the val and train-set metrics are computed a batch at a
+time from lazily decoded splits (:class:`arvision.data.feed.ImageSplit`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import numpy as np
 import torch
 
 from arvision.config import Params
-from arvision.data.parquet_io import load_images
+from arvision.data.feed import ImageSplit, shuffle_buffer_rows, shuffled_batches
 from arvision.errors import UserError
 from arvision.tokenizers import build_tokenizer, images_to_tensor, save_tokenizer, tensor_to_images
 from arvision.tracking import Tracker
@@ -33,8 +38,8 @@ def recon_grid(tok, images: np.ndarray, path: Path, n: int = 16) -> None:
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     cfg = params.tokenizer
     manifest = read_json(paths.prepared / "manifest.json")
-    _, train_x, _ = load_images(paths.prepared / "train")
-    _, val_x, _ = load_images(paths.prepared / "val")
+    train_x = ImageSplit(paths.prepared / "train")  # decoded on demand, a batch at a time
+    val_x = ImageSplit(paths.prepared / "val")
     if len(train_x) == 0:
         raise UserError("data/prepared/train is empty: nothing to train the tokenizer on")
     device = resolve_device(cfg.device)
@@ -46,7 +51,13 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         tracker.log_metrics({f"train_{k}": v for k, v in m.items()}, step=step)
         curve.append({"step": step, **m})
 
-    trained = train_tokenizer(tok, train_x, cfg, seed=params.seed, device=device, log=log)
+    buffer = shuffle_buffer_rows(cfg.batch_size, int(np.prod(train_x.shape[1:])))
+    if tok.kind == "palette":  # fitted on (at most) a buffer's worth of images: all of them when they fit
+        source = train_x[:buffer]
+    else:
+        source = shuffled_batches(paths.prepared / "train", min(cfg.batch_size, len(train_x)), params.seed, buffer)
+    trained = train_tokenizer(tok, source, cfg, seed=params.seed, device=device, log=log)
+    del source
     tok.eval()
     val = evaluate_tokenizer(tok, val_x if len(val_x) else train_x, device=device)
     # codebook usage counted on train too: there every scale (even msvq's 1×1) sees enough

@@ -1,11 +1,22 @@
 """Stage ``tokens``: encode ``data/prepared`` with ``models/tokenizer`` → ``data/tokens/{train,val}``.
 
 Deterministic: the same inputs give byte-identical shards, so DVC sees no change.
+
+Each split streams: prepared shards are decoded ``tokens.batch_size`` images at a time, encoded,
+and written by a :class:`~arvision.data.parquet_io.ShardWriter`, so memory holds one batch and
+one output shard whatever the number of images. A large split (:data:`RAY_MIN_ROWS` rows or
+more), or any split when ``ray.address`` / ``$RAY_ADDRESS`` names a cluster, is encoded on Ray
+Data instead: CPU tasks decode the PNGs (:func:`decode_batch`), a pool of :class:`EncodeActor`
+(one GPU each where there are GPUs, else one CPU each) encodes, and the driver writes their
+codes in order. Both
+paths encode the same batches (rows ``[k·b, (k+1)·b)`` of the split) and give the same files.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,11 +24,14 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from arvision.config import Params
-from arvision.data.parquet_io import load_images, write_shards
+from arvision.data.parquet_io import ShardWriter, iter_image_batches, shard_paths, split_rows
 from arvision.tokenizers import load_tokenizer
 from arvision.tracking import Tracker
 from arvision.train.common import encode_images
 from stages.common import Paths, atomic_dir, dvc_hashes, read_json, resolve_device, stage_main
+
+#: a split of this many rows or more is encoded on Ray Data (parallel decoding, GPU actors)
+RAY_MIN_ROWS = 20_000
 
 
 def token_schema(vocab_size: int, seq_len: int, metadata: dict[str, str]) -> pa.Schema:
@@ -27,6 +41,105 @@ def token_schema(vocab_size: int, seq_len: int, metadata: dict[str, str]) -> pa.
         [("id", pa.string()), ("label", pa.int32()), ("codes", pa.list_(code_type, seq_len))],
         metadata={k: v.encode() for k, v in metadata.items()},
     )
+
+
+def code_dtype(vocab_size: int) -> type:
+    """The numpy dtype of stored codes: uint16, or int32 past 65,536 codes."""
+    return np.uint16 if vocab_size <= 65536 else np.int32
+
+
+def codes_table(ids, labels: np.ndarray, codes: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """One batch of rows of the token schema; ``codes`` ``(b, L)`` already of :func:`code_dtype`."""
+    seq_len = schema.field("codes").type.list_size
+    flat = pa.array(np.ascontiguousarray(codes).reshape(-1), type=schema.field("codes").type.value_type)
+    return pa.Table.from_arrays(
+        [pa.array(list(ids), pa.string()), pa.array(np.asarray(labels, np.int32), pa.int32()),
+         pa.FixedSizeListArray.from_arrays(flat, seq_len)],
+        schema=schema,
+    )
+
+
+def encode_split(tok, split_dir: Path, writer: ShardWriter, *, batch_size: int, device, desc: str = "") -> int:
+    """In-process: encode ``split_dir`` batch by batch into ``writer``; returns the rows written."""
+    np_type = code_dtype(tok.vocab_size)
+    with tqdm(total=split_rows(split_dir), desc=desc, unit="img", leave=False) as bar:
+        for ids, images, labels in iter_image_batches(split_dir, batch_size):
+            codes = encode_images(tok, images, batch_size=batch_size, device=device)
+            writer.write(codes_table(ids, labels, codes.numpy().astype(np_type), writer.schema))
+            bar.update(len(ids))
+    return writer.rows
+
+
+def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A Ray Data task: prepared rows (``id``, ``image`` PNG bytes, ``label``) → ``id``,
+    ``label``, ``pixels`` uint8 (b, H, W, C). Runs on CPU workers, apart from the encoder."""
+    from arvision.data.parquet_io import decode_png
+
+    return {"id": batch["id"], "label": batch["label"], "pixels": np.stack([decode_png(b) for b in batch["image"]])}
+
+
+class EncodeActor:
+    """A Ray Data actor: loads the tokenizer once, then turns decoded batches (``id``, ``label``,
+    ``pixels``) into ``id``, ``label``, ``codes`` (b, L) of :func:`code_dtype`."""
+
+    def __init__(self, tokenizer_dir: str, device: str, batch_size: int):
+        self.device, self.batch_size = device, batch_size
+        self.tok = load_tokenizer(Path(tokenizer_dir), device=device)
+        self.np_type = code_dtype(self.tok.vocab_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        codes = encode_images(self.tok, batch["pixels"], batch_size=self.batch_size, device=self.device)
+        return {"id": batch["id"], "label": batch["label"].astype(np.int32), "codes": codes.numpy().astype(self.np_type)}
+
+
+def encode_split_ray(params: Params, paths: Paths, split_dir: Path, writer: ShardWriter, *, desc: str = "") -> int:
+    """On Ray Data: ``read_parquet`` → blocks of exactly ``tokens.batch_size`` rows →
+    :class:`EncodeActor` pool → codes written here, in row order; returns the rows written."""
+    import ray
+    import ray.data
+
+    from arvision.cluster import init_ray
+
+    cfg = params.tokens
+    init_ray(params.ray, paths.root)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = cfg.device != "cpu" and gpus > 0  # auto or cuda, and the cluster has GPUs
+    if use_gpu:  # one actor a GPU
+        resources: dict[str, Any] = {"num_gpus": 1, "compute": ray.data.ActorPoolStrategy(size=gpus)}
+    else:  # one CPU an actor, leaving two for reading and the driver
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        resources = {"num_cpus": 1, "compute": ray.data.ActorPoolStrategy(size=max(1, min(16, cpus - 2)))}
+    ctx = ray.data.DataContext.get_current()
+    was = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    ctx.execution_options.preserve_order = True  # rows come back in file order
+    ctx.enable_progress_bars = False
+    try:
+        ds = ray.data.read_parquet([str(p) for p in shard_paths(split_dir)], columns=["id", "image", "label"])
+        # blocks of exactly batch_size rows (the last fewer): every batch an actor encodes is the
+        # batch the in-process path encodes, so both give the same codes
+        try:
+            ds = ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
+        except TypeError:  # a Ray without ``strict``
+            ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+        # decoding fans out over CPU tasks; the actors (one a GPU) only encode
+        ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1)
+        ds = ds.map_batches(
+            EncodeActor, fn_constructor_kwargs={"tokenizer_dir": str(paths.tokenizer.resolve()),
+                                                "device": "cuda" if use_gpu else "cpu", "batch_size": cfg.batch_size},
+            batch_size=cfg.batch_size, batch_format="numpy", **resources,
+        )
+        with tqdm(total=split_rows(split_dir), desc=desc, unit="img", leave=False) as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                writer.write(codes_table(batch["id"], batch["label"], batch["codes"], writer.schema))
+                bar.update(len(batch["id"]))
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = was
+    return writer.rows
+
+
+def use_ray(params: Params, rows: int) -> bool:
+    """Ray for a large split, or whenever a cluster is named; never for an empty split."""
+    return rows > 0 and (rows >= RAY_MIN_ROWS or bool(params.ray.address or os.environ.get("RAY_ADDRESS")))
 
 
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
@@ -42,21 +155,17 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         "arvision.tokenizer.dvc_hash": dvc_hashes(paths.root, ["models/tokenizer"]).get("models/tokenizer", ""),
     }
     schema = token_schema(tok.vocab_size, tok.seq_len, meta)
-    np_type = np.uint16 if tok.vocab_size <= 65536 else np.int32
     counts = {}
     with atomic_dir(paths.tokens) as out:
         for split in ("train", "val"):
-            ids, images, labels = load_images(paths.prepared / split)
-            with tqdm(total=len(images), desc=f"tokens/{split}", unit="img", leave=False) as bar:
-                codes = encode_images(tok, images, batch_size=cfg.batch_size, device=device, progress=bar.update)
-            codes = codes.numpy().astype(np_type)
-            flat = pa.array(codes.reshape(-1), type=schema.field("codes").type.value_type)
-            table = pa.Table.from_arrays(
-                [pa.array(ids, pa.string()), pa.array(labels, pa.int32()), pa.FixedSizeListArray.from_arrays(flat, tok.seq_len)],
-                schema=schema,
-            )
-            write_shards(table, out / split, cfg.shard_size)
-            counts[split] = len(ids)
+            split_dir = paths.prepared / split
+            writer = ShardWriter(out / split, schema, cfg.shard_size)
+            if use_ray(params, split_rows(split_dir)):
+                encode_split_ray(params, paths, split_dir, writer, desc=f"tokens/{split}")
+            else:
+                encode_split(tok, split_dir, writer, batch_size=cfg.batch_size, device=device, desc=f"tokens/{split}")
+            writer.close()
+            counts[split] = writer.rows
     return {"train_sequences": counts["train"], "val_sequences": counts["val"], "seq_len": tok.seq_len, "vocab_size": tok.vocab_size}
 
 

@@ -4,6 +4,11 @@
 ``(H, W, C)``; ``origin`` names the record in messages (a path, or ``file#row``); ``label`` is
 the class index, -1 when unlabelled. Every source reads in a sorted, deterministic order.
 
+A source also splits into :class:`Partition` s: small, picklable descriptions (paths, row
+groups, index ranges; never image bytes) that :func:`read_partition` reads, anywhere, into that
+slice of the records. ``prepare`` fans them out over worker processes; chained in order, they are
+the records (``records()`` is just that).
+
 ``SOURCES[name](path, image_column=..., label_column=..., label_from=...)`` builds a
 :class:`Source`; a missing path, file, column or label is a :class:`~arvision.errors.UserError`
 that names it. What cannot be read (an undecodable image, a symlink loop, a dangling link) is
@@ -13,13 +18,14 @@ yielded with empty data, so ``prepare`` skips, counts and names it like any bad 
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import json
 import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -40,15 +46,39 @@ HF_METADATA_KEY = b"huggingface"
 LABEL_FROM = ("key", "shard")
 
 Record = tuple[str, Union[bytes, np.ndarray], int]
+#: Records per partition of an image folder and of an MNIST file.
+FOLDER_CHUNK = 512
+IDX_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A slice of a source, in source order: ``read_partition`` runs reader ``kind`` on ``args``.
+    Small and picklable (paths, row groups, index ranges), so a worker reads its own bytes."""
+
+    kind: str
+    args: tuple[Any, ...]
 
 
 @dataclass
 class Source:
-    """What a source provides: class names (index = label), a record count (for progress), the records."""
+    """What a source provides: class names (index = label), a record count (for progress), the
+    records, and the partitions that, read in order, are those records (None: not partitioned)."""
 
     class_names: list[str]
     count: int
     records: Callable[[], Iterator[Record]]
+    partitions: Optional[Callable[[], list[Partition]]] = None
+
+
+def _partitioned(names: list[str], count: int, parts: Callable[[], list[Partition]]) -> Source:
+    """A source whose records are its partitions read one after the other."""
+
+    def records() -> Iterator[Record]:
+        for part in parts():
+            yield from read_partition(part)
+
+    return Source(names, count, records, parts)
 
 
 def _int_names(top: Optional[int]) -> list[str]:
@@ -135,17 +165,28 @@ def _parquet_source(path: Path, image_column: str, label_column: Optional[str]) 
             raise UserError(f"{files[0]}: label column '{label_column}' holds {ltype}; need integers or strings")
     count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
-    def records() -> Iterator[Record]:
+    def parts() -> list[Partition]:  # one per row group
+        out = []
         for f in files:
-            cols = [image_column] + ([label_column] if label_column else [])
-            table = pq.read_table(f, columns=cols)
-            imgs = _image_bytes(table.column(image_column))
-            labels = table.column(label_column).to_pylist() if label_column else [None] * len(imgs)
-            for i, (img, lab) in enumerate(zip(imgs, labels)):
-                lab = -1 if lab is None else (to_index[lab] if to_index is not None else int(lab))
-                yield f"{f}#{i}", img, lab
+            md, first = pq.ParquetFile(f).metadata, 0
+            for rg in range(md.num_row_groups):
+                out.append(Partition("parquet", (str(f), rg, first, image_column, label_column, to_index)))
+                first += md.row_group(rg).num_rows
+        return out
 
-    return Source(names, count, records)
+    return _partitioned(names, count, parts)
+
+
+def _read_parquet_rows(f: str, row_group: int, first: int, image_column: str, label_column: Optional[str],
+                       to_index: Optional[dict]) -> Iterator[Record]:
+    """Row group ``row_group`` of file ``f`` (whose first row is row ``first`` of the file)."""
+    cols = [image_column] + ([label_column] if label_column else [])
+    table = pq.ParquetFile(f).read_row_group(row_group, columns=cols)
+    imgs = _image_bytes(table.column(image_column))
+    labels = table.column(label_column).to_pylist() if label_column else [None] * len(imgs)
+    for i, (img, lab) in enumerate(zip(imgs, labels), start=first):
+        lab = -1 if lab is None else (to_index[lab] if to_index is not None else int(lab))
+        yield f"{f}#{i}", img, lab
 
 
 def emoji_source(path: Optional[str] = None, **_) -> Source:
@@ -219,6 +260,18 @@ def _read(f: Path) -> bytes:
         return b""
 
 
+def _read_files(items: tuple[tuple[str, int], ...]) -> Iterator[Record]:
+    """Image files ``(path, label)``, read one at a time."""
+    for f, lab in items:
+        yield f, _read(Path(f)), lab
+
+
+def _read_unreadable(origins: tuple[str, ...]) -> Iterator[Record]:
+    """Entries that cannot be read (named with the reason): empty data, so ``prepare`` skips them."""
+    for origin in origins:
+        yield origin, b"", -1
+
+
 def folder_source(path: Optional[str], **_) -> Source:
     """An image folder. With sub-folders holding images: one class per sub-folder (label = index
     in sorted name order; images found recursively inside it; images directly at the top are then
@@ -234,15 +287,14 @@ def folder_source(path: Optional[str], **_) -> Source:
     subdirs, top_files = _scan(root, top, bad)
     classes = [(d, files) for d in subdirs if (files := _images_under(d, top, bad))]
     names = [d.name for d, _ in classes]
-    items = [(f, -1) for f in top_files] + [(f, i) for i, (_, files) in enumerate(classes) for f in files]
+    items = [(str(f), -1) for f in top_files] + [(str(f), i) for i, (_, files) in enumerate(classes) for f in files]
+    unreadable = tuple(f"{f} ({why})" for f, why in bad)
 
-    def records() -> Iterator[Record]:
-        for f, lab in items:
-            yield str(f), _read(f), lab
-        for f, why in bad:
-            yield f"{f} ({why})", b"", -1
+    def parts() -> list[Partition]:  # FOLDER_CHUNK files each, then the unreadable entries
+        chunks = [Partition("files", (tuple(items[i : i + FOLDER_CHUNK]),)) for i in range(0, len(items), FOLDER_CHUNK)]
+        return chunks + ([Partition("unreadable", (unreadable,))] if unreadable else [])
 
-    return Source(names, len(items) + len(bad), records)
+    return _partitioned(names, len(items) + len(bad), parts)
 
 
 # --------------------------------------------------------------------------- mnist
@@ -291,16 +343,34 @@ def mnist_source(path: Optional[str], **_) -> Source:
         imgs, labs = read_idx(img_f), read_idx(lab_f)  # (N, 28, 28), (N,)
         if imgs.ndim != 3 or labs.ndim != 1 or len(imgs) != len(labs):
             raise UserError(f"{root}: {img_f.name} ({imgs.shape}) and {lab_f.name} ({labs.shape}) do not match")
-        parts.append((img_f.name, imgs, labs))
+        parts.append((str(img_f), str(lab_f), len(imgs)))
     if not parts:
         raise UserError(f"{root}: no MNIST files (expected train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)")
 
-    def records() -> Iterator[Record]:
-        for name, imgs, labs in parts:
-            for i in range(len(imgs)):
-                yield f"{name}#{i}", imgs[i], int(labs[i])
+    def slices() -> list[Partition]:  # IDX_CHUNK images each
+        return [Partition("idx", (img_f, lab_f, i, min(i + IDX_CHUNK, n))) for img_f, lab_f, n in parts
+                for i in range(0, n, IDX_CHUNK)]
 
-    return Source([str(d) for d in range(10)], sum(len(p[1]) for p in parts), records)
+    return _partitioned([str(d) for d in range(10)], sum(p[2] for p in parts), slices)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_idx(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    """An IDX file, parsed once per process and version of the file (each slice is a partition)."""
+    return read_idx(Path(path))
+
+
+def _idx_array(path: str) -> np.ndarray:
+    st = Path(path).stat()
+    return _cached_idx(path, st.st_mtime_ns, st.st_size)
+
+
+def _read_idx_rows(images: str, labels: str, start: int, stop: int) -> Iterator[Record]:
+    """Images ``start..stop`` of an MNIST pair of IDX files."""
+    imgs, labs = _idx_array(images), _idx_array(labels)
+    name = Path(images).name
+    for i in range(start, stop):
+        yield f"{name}#{i}", imgs[i], int(labs[i])
 
 
 # --------------------------------------------------------------------------- webdataset
@@ -432,25 +502,32 @@ def webdataset_source(path: Optional[str], label_column: Optional[str] = "label"
         count = sum(1 for f in files for _ in _tar_samples(f, lambda ext: False, stream=False))
     shard_index = {n: i for i, n in enumerate(names)} if by_shard else {}
 
-    def label(f: Path, key: str, parts: dict) -> int:
-        if by_shard:
-            return shard_index[f.stem]
-        value = _sample_label(f, key, parts, name) if name else None
+    def parts() -> list[Partition]:  # one per tar file
+        return [Partition("tar", (str(f), name, shard_index[f.stem] if by_shard else None, to_index)) for f in files]
+
+    return _partitioned(names, count, parts)
+
+
+def _read_tar(f: str, name: Optional[str], shard_label: Optional[int], to_index: Optional[dict]) -> Iterator[Record]:
+    """One webdataset shard, streamed front to back. Labels: ``shard_label`` for every sample if
+    given, else the sample's label ``name`` (None: unlabelled), via ``to_index`` for strings."""
+    path = Path(f)
+
+    def label(key: str, parts: dict) -> int:
+        if shard_label is not None:
+            return shard_label
+        value = _sample_label(path, key, parts, name) if name else None
         return -1 if value is None else (to_index[value] if to_index is not None else value)
 
     def want(ext: str) -> bool:
         return ext in WDS_IMAGE_EXTENSIONS or (name is not None and ext in (name, "json"))
 
-    def records() -> Iterator[Record]:
-        for f in files:
-            for key, parts in _tar_samples(f, want, stream=True):
-                img = _image_ext(parts)
-                if img is None:
-                    yield f"{f}#{key} (no image member)", b"", -1
-                else:
-                    yield f"{f}#{key}", parts[img], label(f, key, parts)
-
-    return Source(names, count, records)
+    for key, parts in _tar_samples(path, want, stream=True):
+        img = _image_ext(parts)
+        if img is None:
+            yield f"{f}#{key} (no image member)", b"", -1
+        else:
+            yield f"{f}#{key}", parts[img], label(key, parts)
 
 
 SOURCES: dict[str, Callable[..., Source]] = {
@@ -460,6 +537,20 @@ SOURCES: dict[str, Callable[..., Source]] = {
     "parquet": parquet_source,
     "webdataset": webdataset_source,
 }
+
+
+_READERS: dict[str, Callable[..., Iterator[Record]]] = {
+    "files": _read_files,
+    "unreadable": _read_unreadable,
+    "parquet": _read_parquet_rows,
+    "idx": _read_idx_rows,
+    "tar": _read_tar,
+}
+
+
+def read_partition(part: Partition) -> Iterator[Record]:
+    """The records of one partition, in source order (it reads the bytes itself)."""
+    return _READERS[part.kind](*part.args)
 
 
 def open_source(name: str, path: Optional[str], image_column: str = "image", label_column: Optional[str] = "label",

@@ -16,14 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    import numpy as np
+
+from arvision.cluster import init_ray
 from arvision.config import PriorConfig, RayConfig
 from arvision.train.common import endless_indices
 
@@ -37,65 +40,11 @@ def run_name(payload: dict[str, Any]) -> str:
     return "prior-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
-def quiet_worker_logs() -> None:
-    """Runs at the start of every Ray worker process (``worker_process_setup_hook``): silence
-    what repeats without telling the user anything. The placement-group cleaner warns about
-    every second that it cannot reach the state API (there is no dashboard by default), and
-    Ray's own deprecation warnings are about Ray's internals."""
-    import logging
-    import warnings
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed", module=r"ray\.")
-
-
-def init_ray(ray_cfg: RayConfig, root: Path) -> None:
-    """Join ``ray.address`` / ``$RAY_ADDRESS`` if given, else start a local instance sized for
-    the job (with the Ray dashboard when ``ray.dashboard``). ``ray.env`` goes to every worker's
-    environment (e.g. NCCL settings a deployment needs).
-
-    Logs stay readable: repeated lines are deduplicated across workers, worker progress bars
-    redraw at most every 15 s (a non-terminal gets one line per redraw), and the known
-    repeating warnings are silenced (:func:`quiet_worker_logs`). ``RAY_*``/``TQDM_*`` settings
-    already in the environment win.
-    """
-    import ray
-
-    address, num_workers, cpus_per_worker = ray_cfg.address, ray_cfg.num_workers, ray_cfg.cpus_per_worker
-    quiet = {
-        "RAY_DEDUP_LOGS": "1",
-        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a cloud-preemption poller: noise on one machine
-        "TQDM_MININTERVAL": "15",
-    }
-    for k, v in quiet.items():
-        os.environ.setdefault(k, v)
-    env_vars = dict(ray_cfg.env)
-    env_vars["TQDM_MININTERVAL"] = os.environ["TQDM_MININTERVAL"]
-    env_vars["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    for key in ("MLFLOW_TRACKING_URI",):
-        if key in os.environ:
-            env_vars[key] = os.environ[key]
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = dict(
-        runtime_env={"env_vars": env_vars, "worker_process_setup_hook": "arvision.train.ray.quiet_worker_logs"},
-        log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
-    )
-    if address is None:
-        kwargs["include_dashboard"] = ray_cfg.dashboard
-        # Logical CPUs: the workers' plus room for Ray Data's read tasks and Train's actors,
-        # whatever the core count (too few and the data read waits forever for a free CPU).
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, num_workers * cpus_per_worker + 2)
-        # the raylet warns when more workers start at once than this; Train + Data start ~8
-        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, kwargs["num_cpus"])))
-    if not ray.is_initialized():
-        ctx = ray.init(address=address, **kwargs)
-        if ray_cfg.dashboard and address is None:
-            print(f"Ray dashboard: http://{ctx.dashboard_url}", flush=True)
-
-
-def _read_shard(shard) -> tuple[torch.Tensor, torch.Tensor]:
-    """All rows of a Ray Data shard as ``codes (N, L)`` and ``labels (N,)`` int64 tensors
-    (unlabelled rows, label -1, become class 0)."""
+def _read_shard(shard) -> tuple["np.ndarray", "np.ndarray"]:
+    """All rows of a Ray Data shard as ``codes (N, L)`` and ``labels (N,)`` numpy arrays in the
+    narrowest dtype they arrive in (codes as stored: uint16, or int32 past 65,536 codes; labels
+    int32), unlabelled rows (label -1) as class 0: a quarter of int64's memory. :func:`_batches`
+    widens each batch to int64 as it goes."""
     import numpy as np
 
     codes_parts, label_parts = [], []
@@ -106,38 +55,54 @@ def _read_shard(shard) -> tuple[torch.Tensor, torch.Tensor]:
         codes_parts.append(codes)
         label_parts.append(batch["label"])
     codes = np.concatenate(codes_parts) if codes_parts else np.zeros((0, 0), np.int64)
-    labels = np.maximum(np.concatenate(label_parts), 0) if label_parts else np.zeros(0, np.int64)  # unlabelled (-1) → 0
-    return torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(labels.astype(np.int64))
+    labels = np.maximum(np.concatenate(label_parts), 0) if label_parts else np.zeros(0, np.int32)  # unlabelled (-1) → 0
+    return codes, labels
 
 
 def _batches(shard, batch_size: int, seed: int, skip: int = 0):
     """Endless (codes, labels) batches from this worker's Ray Data shard, reshuffled each epoch.
 
     The shard is streamed once through Ray Data and kept in memory as compact integer arrays
-    (token data is small: 1M images × 256 uint16 codes is 512 MB); every later epoch is a
-    seeded permutation of it. Re-executing the Ray Data pipeline each epoch cost 3-8 s per
-    epoch, most of the prior's time on the demo data set. ``skip`` drops the batches a resumed
-    run has already consumed, so it sees the same data as an uninterrupted one.
+    (token data is small: 1M images × 256 uint16 codes is 512 MB; the dtype as stored, each
+    batch widened to int64 only when drawn); every later epoch is a seeded permutation of it.
+    Re-executing the Ray Data pipeline each epoch cost 3-8 s per epoch, most of the prior's time
+    on the demo data set. ``skip`` drops the batches a resumed run has already consumed, so it
+    sees the same data as an uninterrupted one.
     """
-    codes_t, labels_t = _read_shard(shard)
-    if len(codes_t) < batch_size:
-        raise RuntimeError(f"the token shard holds {len(codes_t)} rows, fewer than one batch ({batch_size}); lower prior.batch_size")
-    for idx in endless_indices(len(codes_t), batch_size, seed, skip=skip):
-        yield codes_t[idx], labels_t[idx]
+    import numpy as np
+
+    codes, labels = _read_shard(shard)
+    if len(codes) < batch_size:
+        raise RuntimeError(f"the token shard holds {len(codes)} rows, fewer than one batch ({batch_size}); lower prior.batch_size")
+    for idx in endless_indices(len(codes), batch_size, seed, skip=skip):
+        i = idx.numpy()
+        yield torch.from_numpy(codes[i].astype(np.int64)), torch.from_numpy(labels[i].astype(np.int64))
 
 
-def _val_batches(split_dir: str, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _val_batches(split_dir: str, batch_size: int):
     """The whole val split as in-order batches of at most ``batch_size`` rows (unlabelled rows,
-    label -1, become class 0), kept in memory for every evaluation. Every worker reads all of it
-    with pyarrow: it is small, and a Ray Data pipeline per worker cost seconds of start-up."""
+    label -1, become class 0), kept in memory (codes as stored, uint16 or int32; each batch
+    widened to int64 when evaluated) for every evaluation. Every worker reads all of it with
+    pyarrow: it is small, and a Ray Data pipeline per worker cost seconds of start-up."""
     import numpy as np
     import pyarrow.parquet as pq
 
     table = pq.read_table(split_dir, columns=["codes", "label"])
     codes = table.column("codes").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
-    labels = np.maximum(table.column("label").to_numpy(), 0)
-    codes_t, labels_t = torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(labels.astype(np.int64))
-    return [(codes_t[i : i + batch_size], labels_t[i : i + batch_size]) for i in range(0, len(codes_t), batch_size)]
+    labels = np.maximum(table.column("label").to_numpy(), 0).astype(np.int32)
+
+    class NarrowBatches:
+        """Iterable as often as :func:`val_loss` needs: int64 tensors made one batch at a time."""
+
+        def __len__(self) -> int:
+            return -(-len(codes) // batch_size)
+
+        def __iter__(self):
+            for i in range(0, len(codes), batch_size):
+                yield (torch.from_numpy(codes[i : i + batch_size].astype(np.int64)),
+                       torch.from_numpy(labels[i : i + batch_size].astype(np.int64)))
+
+    return NarrowBatches()
 
 
 def split_rows(split_dir: Path) -> int:

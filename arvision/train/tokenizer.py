@@ -4,31 +4,39 @@
 kind's quantiser loss, with the quantiser's state (EMA codebook, restarts, first-batch
 initialisation) applied by an explicit ``tok.update_quantizer()`` after each training forward.
 Deterministic on CPU for a seed: the global torch RNG is seeded here and batches come from
-:func:`arvision.train.common.endless_indices` (epoch e: a permutation seeded ``seed + e``).
-``cfg`` is the ``tokenizer`` section (:class:`arvision.config.TokenizerConfig`).
+:func:`arvision.train.common.endless_indices` (epoch e: a permutation seeded ``seed + e``) over
+an in-memory array, or from a seeded batch stream (the ``tokenizer`` stage's
+:func:`arvision.data.feed.shuffled_batches`, which for a split that fits its shuffle
+buffer draws exactly those batches). ``cfg`` is the ``tokenizer`` section
+(:class:`arvision.config.TokenizerConfig`).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from arvision.config import TokenizerConfig
-from arvision.metrics.codebook import codebook_stats
+from arvision.metrics.codebook import expected_uniform_usage
 from arvision.metrics.image import psnr, ssim
 from arvision.tokenizers import images_to_tensor, tensor_to_images
 from arvision.tokenizers.interface import Tokenizer
+from arvision.tokenizers.quantizer import counts_perplexity
 from arvision.train.common import autocast, encode_images, endless_indices, warmup_cosine
 
 LogFn = Callable[[int, dict[str, float]], None]
 
+#: a palette given a batch stream is fitted on this many images drawn from it (the fit samples
+#: 200,000 pixels of them)
+PALETTE_FIT_IMAGES = 4096
+
 
 def train_tokenizer(
     tok: Tokenizer,
-    train_images: np.ndarray,
+    train_images: np.ndarray | Iterable[np.ndarray],
     cfg: TokenizerConfig,
     *,
     seed: int,
@@ -36,7 +44,11 @@ def train_tokenizer(
     log: LogFn | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Train (or, for ``palette``, fit) ``tok`` in place on uint8 images ``(N, H, W, C)``.
+    """Train (or, for ``palette``, fit) ``tok`` in place on uint8 images: an array ``(N, H, W, C)``
+    (held on the device; batches drawn by :func:`endless_indices`) or an endless iterable of
+    uint8 batches ``(B, H, W, C)`` (one batch a step, one batch on the device: memory does not
+    grow with the data set). A palette given a stream is fitted on its first
+    :data:`PALETTE_FIT_IMAGES` images.
 
     Returns the last logged training stats plus ``train_time_s`` and ``images_per_s``.
     """
@@ -44,8 +56,9 @@ def train_tokenizer(
     torch.manual_seed(seed)
     tok.to(device)
     t0 = time.perf_counter()
+    in_memory = isinstance(train_images, np.ndarray)
     if tok.kind == "palette":
-        stats = tok.fit(train_images, seed=seed)
+        stats = tok.fit(train_images if in_memory else _take_images(train_images, PALETTE_FIT_IMAGES), seed=seed)
         stats["train_time_s"] = time.perf_counter() - t0
         if log:
             log(0, stats)
@@ -60,18 +73,26 @@ def train_tokenizer(
             tok.encoder.compile()
             tok.decoder.compile()
     tok.train()
-    data = torch.from_numpy(np.ascontiguousarray(train_images)).to(device)  # uint8 (N, H, W, C)
+    if in_memory:
+        data = torch.from_numpy(np.ascontiguousarray(train_images)).to(device)  # uint8 (N, H, W, C)
+        indices = endless_indices(len(data), min(cfg.batch_size, len(data)), seed)
+        batches: Iterator[torch.Tensor] = (data[idx.to(device)] for idx in indices)
+    else:
+        stream = iter(train_images)
+        batches = (torch.from_numpy(np.ascontiguousarray(b)).to(device) for b in stream)  # uint8 (B, H, W, C)
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     schedule = warmup_cosine(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
-    batches = endless_indices(len(data), min(cfg.batch_size, len(data)), seed)
     last: dict[str, float] = {}
     acc: dict[str, float] = {}
     n_acc = 0
     bar = tqdm(range(cfg.steps), desc=f"tokenizer/{tok.kind}", unit="step", disable=not progress, leave=False)
     for step in bar:
         lr = opt.param_groups[0]["lr"]
-        idx = next(batches).to(device)
-        x = data[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, C, H, W) in [-1, 1]
+        try:
+            x_u8 = next(batches)
+        except StopIteration:
+            raise ValueError(f"the training batches ran out after {step} of {cfg.steps} steps") from None
+        x = x_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, C, H, W) in [-1, 1]
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device):
@@ -99,16 +120,78 @@ def train_tokenizer(
     return {**last, "train_time_s": elapsed, "images_per_s": cfg.steps * cfg.batch_size / max(elapsed, 1e-9)}
 
 
+def _take_images(batches: Iterable[np.ndarray], n: int) -> np.ndarray:
+    """The first ``n`` images (or all, if fewer) of a stream of uint8 batches, as one array."""
+    got, count = [], 0
+    for b in batches:
+        got.append(np.asarray(b)[: n - count])
+        count += len(got[-1])
+        if count >= n:
+            break
+    if not got:
+        raise ValueError("no training images")
+    return np.concatenate(got)
+
+
+def image_batches(images: Any, batch_size: int) -> Iterator[np.ndarray]:
+    """uint8 batches ``(b, H, W, C)`` of ``images``: an array-like with ``shape`` (a numpy array,
+    or a lazily decoded :class:`arvision.data.feed.ImageSplit`) cut into ``batch_size``
+    slices, or an iterable of batches passed on as they come."""
+    if hasattr(images, "shape"):
+        for i in range(0, len(images), batch_size):
+            yield images[i : i + batch_size]
+    else:
+        yield from images
+
+
+def codebook_stats_from_counts(counts: torch.Tensor, vocab_size: int) -> dict[str, float]:
+    """:func:`arvision.metrics.codebook.codebook_stats` from the code histogram (``counts``, one
+    entry per code) instead of the codes: the same numbers, without holding every code."""
+    c = counts.double()
+    used = int((c > 0).sum())
+    n = int(c.sum())
+    return {
+        "usage": used / vocab_size,
+        "perplexity": counts_perplexity(c),
+        "dead_codes": float(vocab_size - used),
+        "usage_possible": used / max(1, min(vocab_size, n)),
+        "usage_vs_uniform": used / max(1e-12, vocab_size * expected_uniform_usage(n, vocab_size)) if n else 0.0,
+    }
+
+
+class _CodeCounts:
+    """Code histograms, over all positions and per msvq scale, accumulated batch by batch."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.images = tok, 0
+        self.spans = []
+        start = 0
+        for shape in tok.layout if tok.kind == "msvq" else []:
+            self.spans.append((start, start + int(np.prod(shape))))
+            start = self.spans[-1][1]
+        self.all = torch.zeros(tok.vocab_size, dtype=torch.long)
+        self.scales = [torch.zeros(tok.vocab_size, dtype=torch.long) for _ in self.spans]
+
+    def add(self, codes: torch.Tensor) -> None:
+        codes = codes.cpu().long()
+        self.images += len(codes)
+        self.all += torch.bincount(codes.reshape(-1), minlength=self.tok.vocab_size)
+        for (a, b), c in zip(self.spans, self.scales):
+            c += torch.bincount(codes[:, a:b].reshape(-1), minlength=self.tok.vocab_size)
+
+
 @torch.no_grad()
 def evaluate_tokenizer(
     tok: Tokenizer,
-    images: np.ndarray,
+    images: Any,
     *,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
-    usage_images: np.ndarray | None = None,
+    usage_images: Any = None,
 ) -> dict[str, float]:
-    """Reconstruction and codebook metrics of ``tok`` on uint8 images ``(N, H, W, C)``.
+    """Reconstruction and codebook metrics of ``tok`` on uint8 images ``(N, H, W, C)``: an array,
+    an :class:`arvision.data.feed.ImageSplit` (decoded a batch at a time) or an iterable of
+    uint8 batches; the same for ``usage_images``. Memory: one batch, and the code histograms.
 
     ``psnr`` / ``ssim``: per-image means over ``images``, on the uint8 reconstruction (what a
     user sees). Codebook metrics (see :func:`arvision.metrics.codebook.codebook_stats`):
@@ -125,9 +208,10 @@ def evaluate_tokenizer(
     was_training = tok.training
     tok.eval().to(device)
     psnr_sum = ssim_sum = 0.0
-    codes_all = []
-    for i in range(0, len(images), batch_size):
-        x = images_to_tensor(images[i : i + batch_size]).to(device)
+    n = 0
+    counts = _CodeCounts(tok)
+    for batch in image_batches(images, batch_size):
+        x = images_to_tensor(batch).to(device)
         with autocast(device):
             codes = tok.encode(x)
             rec = tok.decode(codes)
@@ -135,23 +219,24 @@ def evaluate_tokenizer(
         x = x.cpu()
         psnr_sum += float(psnr(rec, x)) * len(x)
         ssim_sum += float(ssim(rec, x)) * len(x)
-        codes_all.append(codes.cpu())
-    n = max(1, len(images))
-    codes = torch.cat(codes_all) if codes_all else torch.zeros(0, tok.seq_len, dtype=torch.long)
-    if usage_images is not None and len(usage_images):
-        codes = encode_images(tok, usage_images, batch_size=batch_size, device=device)
+        n += len(x)
+        counts.add(codes)
+    if usage_images is not None:
+        usage = _CodeCounts(tok)
+        for batch in image_batches(usage_images, batch_size):
+            usage.add(encode_images(tok, batch, batch_size=batch_size, device=device))
+        if usage.images:
+            counts = usage
     tok.train(was_training)
-    out = {"psnr": psnr_sum / n, "ssim": ssim_sum / n, **codebook_stats(codes, tok.vocab_size)}
-    out["usage_images_n"] = float(len(codes))
+    out = {"psnr": psnr_sum / max(1, n), "ssim": ssim_sum / max(1, n), **codebook_stats_from_counts(counts.all, tok.vocab_size)}
+    out["usage_images_n"] = float(counts.images)
     if tok.kind == "msvq":
-        start = 0
-        for k, (h, w) in enumerate(tok.layout):
-            st = codebook_stats(codes[:, start : start + h * w], tok.vocab_size)
+        for k, c in enumerate(counts.scales):
+            st = codebook_stats_from_counts(c, tok.vocab_size)
             for key in ("usage", "usage_possible", "usage_vs_uniform", "perplexity"):
                 out[f"{key}_scale{k}"] = st[key]
-            start += h * w
         out["usage_min_scale"] = min(out[f"usage_possible_scale{k}"] for k in range(len(tok.layout)))
     return out
 
 
-__all__ = ["train_tokenizer", "evaluate_tokenizer"]
+__all__ = ["train_tokenizer", "evaluate_tokenizer", "image_batches", "codebook_stats_from_counts"]

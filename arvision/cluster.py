@@ -1,0 +1,69 @@
+"""Starting or joining the Ray cluster every Ray user here shares (``prepare``, ``tokens``, the
+prior's Ray Train run): light on imports, so a stage that only needs Ray for data does not depend
+on the training code."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from arvision.config import RayConfig
+
+
+def quiet_worker_logs() -> None:
+    """Runs at the start of every Ray worker process (``worker_process_setup_hook``): silence
+    what repeats without telling the user anything. The placement-group cleaner warns about
+    every second that it cannot reach the state API (there is no dashboard by default), and
+    Ray's own deprecation warnings are about Ray's internals."""
+    import logging
+    import warnings
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed", module=r"ray\.")
+
+
+def init_ray(ray_cfg: RayConfig, root: Path) -> None:
+    """Join ``ray.address`` / ``$RAY_ADDRESS`` if given, else start a local instance sized for
+    the job (with the Ray dashboard when ``ray.dashboard``). ``ray.env`` goes to every worker's
+    environment (e.g. NCCL settings a deployment needs).
+
+    Logs stay readable: repeated lines are deduplicated across workers, worker progress bars
+    redraw at most every 15 s (a non-terminal gets one line per redraw), and the known
+    repeating warnings are silenced (:func:`quiet_worker_logs`). ``RAY_*``/``TQDM_*`` settings
+    already in the environment win.
+    """
+    import ray
+
+    address, num_workers, cpus_per_worker = ray_cfg.address, ray_cfg.num_workers, ray_cfg.cpus_per_worker
+    quiet = {
+        "RAY_DEDUP_LOGS": "1",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a cloud-preemption poller: noise on one machine
+        "TQDM_MININTERVAL": "15",
+    }
+    for k, v in quiet.items():
+        os.environ.setdefault(k, v)
+    env_vars = dict(ray_cfg.env)
+    env_vars["TQDM_MININTERVAL"] = os.environ["TQDM_MININTERVAL"]
+    env_vars["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    for key in ("MLFLOW_TRACKING_URI",):
+        if key in os.environ:
+            env_vars[key] = os.environ[key]
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = dict(
+        runtime_env={"env_vars": env_vars, "worker_process_setup_hook": "arvision.cluster.quiet_worker_logs"},
+        log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
+    )
+    if address is None:
+        kwargs["include_dashboard"] = ray_cfg.dashboard
+        # Logical CPUs: the workers' plus room for Ray Data's read tasks and Train's actors,
+        # whatever the core count (too few and the data read waits forever for a free CPU).
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, num_workers * cpus_per_worker + 2)
+        # the raylet warns when more workers start at once than this; Train + Data start ~8
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, kwargs["num_cpus"])))
+    if not ray.is_initialized():
+        # "local": a new instance of our own, never one another process left running here
+        ctx = ray.init(address=address or "local", **kwargs)
+        if ray_cfg.dashboard and address is None:
+            print(f"Ray dashboard: http://{ctx.dashboard_url}", flush=True)
