@@ -11,6 +11,15 @@ from typing import Any
 
 from arvision.config import RayConfig
 
+#: fewer cores than this and a stage's Ray Data path is no faster than one process (measured on
+#: 2 cores: prepare took MNIST from 11 s to 23 s; tokens gained nothing, bench/data_scale.py)
+RAY_MIN_CORES = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def quiet_worker_logs() -> None:
     """Runs at the start of every Ray worker process (``worker_process_setup_hook``): silence

@@ -157,11 +157,11 @@ def _params(data_path: Path) -> dict:
         "seed": 0,
         "data": {"source": "folder", "path": str(data_path), "resolution": 32, "channels": 3, "val_fraction": 0.02,
                  "shard_size": 4096},
-        "tokenizer": {"kind": "vq", "width": 32, "channel_mult": [1, 2, 2], "codebook_size": 256, "steps": 200,
+        "tokenizer": {"kind": "vq", "width": 32, "channel_mult": [1, 2, 2], "codebook_size": 256, "steps": 200, "warmup_steps": 20,
                       "batch_size": 64, "log_every": 50},
         "features": {"steps": 100, "batch_size": 64},
         "tokens": {"batch_size": 512, "shard_size": 16384},
-        "prior": {"kind": "gpt", "size": "tiny", "steps": 100, "batch_size": 64, "eval_every": 0, "log_every": 50},
+        "prior": {"kind": "gpt", "size": "tiny", "steps": 100, "warmup_steps": 10, "batch_size": 64, "eval_every": 0, "log_every": 50},
         "ray": {"num_workers": 1, "cpus_per_worker": 1},
         "evaluate": {"num_samples": 200, "samples_per_class": 1, "max_val_images": 1000},
     }

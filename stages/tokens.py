@@ -5,7 +5,7 @@ Deterministic: the same inputs give byte-identical shards, so DVC sees no change
 Each split streams: prepared shards are decoded ``tokens.batch_size`` images at a time, encoded,
 and written by a :class:`~arvision.data.parquet_io.ShardWriter`, so memory holds one batch and
 one output shard whatever the number of images. A large split (:data:`RAY_MIN_ROWS` rows or
-more), or any split when ``ray.address`` / ``$RAY_ADDRESS`` names a cluster, is encoded on Ray
+more) where there are GPUs or 4 cores and more, or any split when ``ray.address`` / ``$RAY_ADDRESS`` names a cluster, is encoded on Ray
 Data instead: CPU tasks decode the PNGs (:func:`decode_batch`), a pool of :class:`EncodeActor`
 (one GPU each where there are GPUs, else one CPU each) encodes, and the driver writes their
 codes in order. Both
@@ -138,8 +138,18 @@ def encode_split_ray(params: Params, paths: Paths, split_dir: Path, writer: Shar
 
 
 def use_ray(params: Params, rows: int) -> bool:
-    """Ray for a large split, or whenever a cluster is named; never for an empty split."""
-    return rows > 0 and (rows >= RAY_MIN_ROWS or bool(params.ray.address or os.environ.get("RAY_ADDRESS")))
+    """Ray for a large split on a machine it can speed up (GPUs, or 4 cores and more: on 2 cores
+    it measured no faster than one process, bench/data_scale.py), or whenever a cluster is
+    named; never for an empty split."""
+    if rows == 0:
+        return False
+    if params.ray.address or os.environ.get("RAY_ADDRESS"):
+        return True
+    import torch
+
+    from arvision.cluster import RAY_MIN_CORES, usable_cores
+
+    return rows >= RAY_MIN_ROWS and (torch.cuda.is_available() or usable_cores() >= RAY_MIN_CORES)
 
 
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:

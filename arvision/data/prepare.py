@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from arvision.cluster import RAY_MIN_CORES, usable_cores
 from arvision.config import DataConfig, RayConfig
 from arvision.data.parquet_io import PREPARED_SCHEMA, ShardWriter, write_shards
 from arvision.data.sources import Partition, Record, Source, open_source, read_partition
@@ -64,9 +65,8 @@ FORMAT_VERSION = 1  # of the prepared layout + manifest
 PNG_COMPRESS_LEVEL = 6  # zlib level: fixed, so the same pixels give the same bytes
 BUCKETS = 10_000  # split resolution: val_fraction is honoured to 1e-4
 RAY_MIN_IMAGES = 20_000  # records from which decoding fans out over Ray Data (its start-up: ~5-10 s) ...
-RAY_MIN_CORES = 4  # ... on a machine this wide (on 2 cores Ray took MNIST from 11 s to 23 s)
-SPILL_BYTES = 64 << 20  # processed rows held before they are spilled into the buckets
-BUCKET_BYTES = 128 << 20  # the size a bucket aims at: pass 2 sorts one bucket (or id range) in memory
+SPILL_BYTES = 16 << 20  # processed rows held before they are spilled into the buckets
+BUCKET_BYTES = 16 << 20  # the size a bucket aims at: pass 2 sorts one bucket (or id range) in memory
 MAX_BUCKETS = 256  # files one spill writes, at most; beyond, buckets grow and are sorted in id ranges
 _CHUNK = 512  # records processed into one table
 _SKIPPED_NAMED = 5  # undecodable records named in the warning
@@ -203,16 +203,12 @@ def _local_tables(source: Source, parts: Optional[list[Partition]], cfg: DataCon
         yield from _processed(index, read_partition(part), cfg.resolution, cfg.channels)
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def wants_ray(count: int, parts: Optional[list[Partition]], ray_cfg: RayConfig) -> bool:
     """Whether to decode over Ray Data: when a cluster is named (``ray.address`` /
     ``$RAY_ADDRESS``), or for ``RAY_MIN_IMAGES`` records or more on ``RAY_MIN_CORES`` cores or
     more; never for fewer than two partitions."""
     joined = bool(ray_cfg.address or os.environ.get("RAY_ADDRESS"))
-    large = count >= RAY_MIN_IMAGES and _cores() >= RAY_MIN_CORES
+    large = count >= RAY_MIN_IMAGES and usable_cores() >= RAY_MIN_CORES
     return parts is not None and len(parts) > 1 and (joined or large)
 
 
