@@ -149,6 +149,43 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_DEFERRED = {"depth": 0}
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """A section a stage's Ctrl-C / SIGTERM handler (``stages.common``) does not interrupt: it
+    raises the KeyboardInterrupt just after. A KeyboardInterrupt raised inside an MLflow write
+    can leave the SQLite store locked, and the stage then cannot end its run KILLED."""
+    _DEFERRED["depth"] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED["depth"] -= 1
+
+
+def in_deferred_section() -> bool:
+    return _DEFERRED["depth"] > 0
+
+
+class _Deferred:
+    """An MlflowClient whose calls run in :func:`interrupts_deferred`."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with interrupts_deferred():
+                return attr(*args, **kwargs)
+
+        return call
+
+
 class MlflowTracker:
     """Logs to one existing MLflow run through the client API (safe in any process)."""
 
@@ -157,7 +194,7 @@ class MlflowTracker:
 
         self.run_id = run_id
         self.uri = uri
-        self.client = MlflowClient(uri)
+        self.client = _Deferred(MlflowClient(uri))
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -252,7 +289,7 @@ def stage_run(stage: str, root: str | Path = ".", tags: dict[str, Any] | None = 
 
     uri = tracking_uri(root)
     exp_id = setup_mlflow(root)
-    client = MlflowClient(uri)
+    client = _Deferred(MlflowClient(uri))
     all_tags = {"arvision.stage": stage, "git.commit": git_commit(root), **process_tags()}
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:

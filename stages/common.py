@@ -26,7 +26,7 @@ import yaml
 from arvision.config import Params, load_params
 from arvision.dag import METRICS_FILE, PARAM_SECTIONS
 from arvision.errors import UserError
-from arvision.tracking import Tracker, stage_run
+from arvision.tracking import Tracker, in_deferred_section, stage_run
 
 log = logging.getLogger("arvision")
 
@@ -199,18 +199,20 @@ _PENDING = {"interrupt": False}
 
 
 def _raise_interrupt(signum, frame) -> None:
-    """Ctrl-C / SIGTERM: raise KeyboardInterrupt, and again every 2 s until :func:`stage_main`
-    has it. A KeyboardInterrupt raised while Python runs a garbage-collector or weakref callback
-    is printed ("Exception ignored in ...") and dropped; without the repeat the stage would
-    then run on to its end."""
+    """Ctrl-C / SIGTERM: raise KeyboardInterrupt, and again every second until
+    :func:`stage_main` has it. A KeyboardInterrupt raised while Python runs a garbage-collector
+    or weakref callback is printed ("Exception ignored in ...") and dropped; without the repeat
+    the stage would then run on to its end. Inside an MLflow write
+    (:func:`arvision.tracking.interrupts_deferred`) it waits for the write to end."""
     if not _PENDING["interrupt"]:
         _PENDING["interrupt"] = True
-        signal.setitimer(signal.ITIMER_REAL, 2.0, 2.0)
-    raise KeyboardInterrupt
+        signal.setitimer(signal.ITIMER_REAL, 0.5, 1.0)
+    if not in_deferred_section():
+        raise KeyboardInterrupt
 
 
 def _raise_again(signum, frame) -> None:
-    if _PENDING["interrupt"]:
+    if _PENDING["interrupt"] and not in_deferred_section():
         raise KeyboardInterrupt
 
 
