@@ -25,6 +25,7 @@ from arvision.config import DataConfig, RayConfig
 from arvision.data import prepare as P
 from arvision.data.parquet_io import PREPARED_SCHEMA, write_shards
 from arvision.data.prepare import _process, is_val, prepare_dataset, split_key
+from isolation import run_here
 from arvision.data.sources import open_source, read_partition
 
 
@@ -351,7 +352,9 @@ def _peaks(root: Path, n: int, out: Path, monkeypatch) -> tuple[int, int]:
     return python_peak, pool.max_memory()
 
 
-def test_memory_does_not_grow_with_the_images(tmp_path: Path, monkeypatch):
+def test_memory_does_not_grow_with_the_images(tmp_path: Path, monkeypatch, request):
+    if not run_here(request):  # tracemalloc in a fresh interpreter: see tests/isolation.py
+        return
     monkeypatch.setattr(P, "SPILL_BYTES", 64 << 10)
     monkeypatch.setattr(P, "BUCKET_BYTES", 64 << 10)
     _peaks(tmp_path / "warm", 50, tmp_path / "out_w", monkeypatch)  # imports and first-use caches

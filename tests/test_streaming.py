@@ -35,6 +35,7 @@ from arvision.tracking import NullTracker
 from arvision.train.common import encode_images, endless_indices
 from arvision.train.tokenizer import codebook_stats_from_counts, evaluate_tokenizer, train_tokenizer
 from stages.common import Paths
+from isolation import run_here
 
 RES, CLASSES = 16, 3
 CPU = torch.device("cpu")
@@ -204,7 +205,9 @@ def test_tokens_on_ray_writes_the_same_files(tmp_path, monkeypatch):
     assert files(paths.tokens) == local
 
 
-def test_tokens_peak_memory_does_not_grow_with_the_images(tmp_path):
+def test_tokens_peak_memory_does_not_grow_with_the_images(tmp_path, request):
+    if not run_here(request):  # tracemalloc in a fresh interpreter: see tests/isolation.py
+        return
     from stages import tokens
 
     peaks = {}
