@@ -99,6 +99,9 @@ class TokenizerConfig(_Section):
     log_every: int = Field(50, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    # 0: train in the stage's process; N >= 1: on N Ray Train workers (DDP; resources from the
+    # ray section), each drawing batch_size / N of the global batch. palette is fitted in-process.
+    num_workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "TokenizerConfig":
@@ -108,6 +111,14 @@ class TokenizerConfig(_Section):
             raise ValueError("tokenizer.fsq_levels must be a non-empty list of integers >= 2")
         if self.scales != sorted(set(self.scales)) or self.scales[0] < 1:
             raise ValueError("tokenizer.scales must be strictly increasing positive integers")
+        n = self.num_workers
+        if n > 0 and self.kind != "palette" and self.batch_size % n:
+            lower, upper = self.batch_size // n * n, -(-self.batch_size // n) * n
+            fits = f"{lower} or {upper}" if lower else f"{upper}"
+            raise ValueError(
+                f"tokenizer.batch_size / tokenizer.num_workers: the global batch of {self.batch_size} does not split "
+                f"evenly over {n} workers; make tokenizer.batch_size a multiple of {n} (e.g. {fits}) or change tokenizer.num_workers"
+            )
         return self
 
 

@@ -7,9 +7,10 @@ import numpy as np
 import torch
 
 
-def images_to_tensor(images_uint8_BHWC: np.ndarray) -> torch.Tensor:
-    """uint8 ``(B, H, W, C)`` → float ``(B, C, H, W)`` in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8_BHWC))
+def images_to_tensor(images_uint8_BHWC: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, H, W, C)`` (array or tensor, on any device) → float ``(B, C, H, W)`` in
+    [-1, 1] on the same device (channels-last strides)."""
+    x = images_uint8_BHWC if isinstance(images_uint8_BHWC, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images_uint8_BHWC))
     return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 

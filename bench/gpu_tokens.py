@@ -61,6 +61,10 @@ def main() -> None:
     ap.add_argument("--res", default="64,256")
     ap.add_argument("--n64", type=int, default=200000)
     ap.add_argument("--n256", type=int, default=8000)
+    ap.add_argument("--variants", default="", help="Ray runs AxK (A encoder actors a GPU, K batches a call), "
+                    "comma-separated; default: the stage's own setting")
+    ap.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--stats", action="store_true", help="print Ray Data's per-operator statistics")
     args = ap.parse_args()
 
     import tokenizer as tb  # bench/tokenizer.py
@@ -69,10 +73,40 @@ def main() -> None:
     from arvision.data.parquet_io import ShardWriter
     from arvision.tokenizers import save_tokenizer
     from stages.common import Paths
-    from stages.tokens import encode_split, encode_split_ray, token_schema
+    from stages.tokens import ACTORS_PER_GPU, batches_per_call, encode_split, encode_split_ray, inference_ready, token_schema
 
+    args.variants = args.variants or f"{ACTORS_PER_GPU}xauto"
+
+    class FirstWrite(ShardWriter):
+        """Notes when the first batch of codes arrives."""
+
+        first: float = 0.0
+        first_rows: int = 0
+
+        def write(self, table):
+            if not self.first:
+                self.first, self.first_rows = time.perf_counter(), table.num_rows
+            super().write(table)
+
+    import logging
+
+    torch.backends.cudnn.benchmark = True  # as bench/tokenizer.py's main sets them
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.stats:
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("arvision").setLevel(logging.DEBUG)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cpus": os.cpu_count(),
                "commit": os.environ.get("ARVISION_COMMIT"), "command": " ".join([sys.executable, *sys.argv]), "runs": []}
+    variants = []
+    for v in args.variants.split(","):  # AxK: A actors a GPU, K batches an actor call (auto: the stage's own)
+        a, k = v.split("x")
+        a, k = int(a), (None if k == "auto" else int(k))
+        name = "stage_ray" if v == "default" or (a, k) == (ACTORS_PER_GPU, None) else f"stage_ray_{a}x{k}"
+        while name in [n for n, _ in variants]:  # a repeat (the first run also starts Ray's workers)
+            name += "_again"
+        variants.append((name, {"actors_per_gpu": a, "calls_of": k}))
+    if args.in_process:
+        variants.append(("stage_in_process", {}))
     for res in (int(r) for r in args.res.split(",")):
         n = args.n64 if res <= 64 else args.n256
         _, _, batch = tb.CONFIGS[res]
@@ -85,23 +119,31 @@ def main() -> None:
             save_tokenizer(tok, paths.tokenizer)
             params = Params.model_validate({"tokens": {"batch_size": batch, "shard_size": 16384, "device": "cuda"}})
             schema = token_schema(tok.vocab_size, tok.seq_len, {})
-            row = {"res": res, "n": n, "batch": batch, "bare_encode_img_s": round(bare, 1)}
+            row = {"res": res, "n": n, "batch": batch, "bare_encode_img_s": round(bare, 1),
+                   "stage_ray_settings": {"actors_per_gpu": ACTORS_PER_GPU, "batches_per_call": batches_per_call(batch, 3 * res * res)}}
             from arvision.cluster import init_ray
 
             init_ray(params.ray, ROOT)  # Ray's start-up out of the timing (the actors' own start is in it)
-            for name in ("stage_ray", "stage_in_process"):
-                writer = ShardWriter(root / f"out_{name}", schema, 16384)
+            for name, options in variants:
+                writer = FirstWrite(root / f"out_{name}", schema, 16384)
                 t0 = time.perf_counter()
-                if name == "stage_ray":
-                    encode_split_ray(params, paths, paths.prepared / "train", writer)
+                if name.startswith("stage_ray"):
+                    encode_split_ray(params, paths, paths.prepared / "train", writer, **options)
                 else:
-                    encode_split(tok.cuda(), paths.prepared / "train", writer, batch_size=batch, device=torch.device("cuda"))
+                    encode_split(inference_ready(tok, "cuda"), paths.prepared / "train", writer, batch_size=batch, device=torch.device("cuda"))
                 writer.close()
                 sec = time.perf_counter() - t0
+                first = writer.first - t0
                 row[f"{name}_img_s"] = round(n / sec, 1)
                 row[f"{name}_s"] = round(sec, 1)
-                print(f"  {res}² {name}: {n / sec:,.0f} img/s ({sec:.1f} s)", flush=True)
-            row["stage_ray_vs_bare"] = round(row["stage_ray_img_s"] / bare, 3)
+                row[f"{name}_first_batch_s"] = round(first, 2)
+                # after the first batch came back: the rate once start-up (actor, CUDA, cuDNN autotuning) is over
+                row[f"{name}_steady_img_s"] = round((n - writer.first_rows) / max(1e-9, sec - first), 1)
+                print(f"  {res}² {name}: {n / sec:,.0f} img/s ({sec:.1f} s; first batch after {first:.1f} s, "
+                      f"then {row[f'{name}_steady_img_s']:,.0f} img/s)", flush=True)
+            for name, _ in variants:
+                row[f"{name}_vs_bare"] = round(row[f"{name}_img_s"] / bare, 3)
+                row[f"{name}_steady_vs_bare"] = round(row[f"{name}_steady_img_s"] / bare, 3)
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
             Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,17 @@ Bounded memory: the trainer draws its batches from a seeded shuffle buffer over 
 (:func:`arvision.data.feed.shuffled_batches`; a split that fits the buffer is drawn
 exactly as from the whole array), and the val and train-set metrics are computed a batch at a
 time from lazily decoded splits (:class:`arvision.data.feed.ImageSplit`).
+
+With ``tokenizer.num_workers`` N > 0 the training runs on N Ray Train workers instead
+(:mod:`arvision.train.ray_tokenizer`: DDP, the quantiser's statistics all-reduced, each worker on
+its own part of the train split and batch_size / N images a step); the trained state comes
+back to this process, which evaluates, saves and registers it as above. A ``palette`` is
+fitted (k-means), not trained: it is always fitted here, whatever ``num_workers`` says.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,8 @@ from arvision.train.tokenizer import evaluate_tokenizer, train_tokenizer
 from arvision.viz import save_grid
 from stages.common import Paths, atomic_dir, read_json, resolve_device, stage_main, write_curve, write_json
 
+logger = logging.getLogger("arvision")
+
 
 def recon_grid(tok, images: np.ndarray, path: Path, n: int = 16) -> None:
     """Originals (top row of each pair) beside their reconstructions."""
@@ -33,6 +42,26 @@ def recon_grid(tok, images: np.ndarray, path: Path, n: int = 16) -> None:
     with torch.no_grad():
         rec = tensor_to_images(tok.reconstruct(x.to(next(tok.parameters(), torch.empty(0)).device)).float().cpu())
     save_grid(path, [images[:n], rec], row_names=["original", "reconstruction"], scale=3)
+
+
+def _train_on_ray(tok, params: Params, paths: Paths, tracker: Tracker, manifest: dict, curve: list[dict[str, float]]) -> dict[str, float]:
+    """Train on ``tokenizer.num_workers`` Ray Train workers (rank 0 logs to ``tracker``'s run);
+    load the result into ``tok``, append its training curve to ``curve``; return the stats."""
+    from arvision.tracking import tracking_uri
+    from arvision.train.ray_tokenizer import cleanup_run, fit_tokenizer, run_name
+
+    cfg = params.tokenizer
+    name = run_name({"tokenizer": cfg.model_dump(mode="json"), "seed": params.seed, "data": manifest.get("content_hash")})
+    storage = paths.cache / "ray"
+    state = fit_tokenizer(
+        tokenizer_cfg=cfg, ray_cfg=params.ray, seed=params.seed, split_dir=paths.prepared / "train",
+        channels=manifest["channels"], resolution=manifest["resolution"], storage=storage, name=name,
+        mlflow_run_id=tracker.run_id, mlflow_uri=tracking_uri(paths.root) if tracker.run_id else None, root=paths.root,
+    )
+    tok.load_state_dict(state["model"])
+    curve.extend(state["curve"])
+    cleanup_run(storage, name)
+    return state["stats"]
 
 
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
@@ -51,13 +80,19 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         tracker.log_metrics({f"train_{k}": v for k, v in m.items()}, step=step)
         curve.append({"step": step, **m})
 
-    buffer = shuffle_buffer_rows(cfg.batch_size, int(np.prod(train_x.shape[1:])))
-    if tok.kind == "palette":  # fitted on (at most) a buffer's worth of images: all of them when they fit
-        source = train_x[:buffer]
+    if cfg.num_workers and tok.kind == "palette":
+        logger.info("tokenizer: a palette is fitted by k-means, not trained: fitted in this process "
+                    "(tokenizer.num_workers %d does not apply)", cfg.num_workers)
+    if cfg.num_workers and tok.kind != "palette":
+        trained = _train_on_ray(tok, params, paths, tracker, manifest, curve)
     else:
-        source = shuffled_batches(paths.prepared / "train", min(cfg.batch_size, len(train_x)), params.seed, buffer)
-    trained = train_tokenizer(tok, source, cfg, seed=params.seed, device=device, log=log)
-    del source
+        buffer = shuffle_buffer_rows(cfg.batch_size, int(np.prod(train_x.shape[1:])))
+        if tok.kind == "palette":  # fitted on (at most) a buffer's worth of images: all of them when they fit
+            source = train_x[:buffer]
+        else:
+            source = shuffled_batches(paths.prepared / "train", min(cfg.batch_size, len(train_x)), params.seed, buffer)
+        trained = train_tokenizer(tok, source, cfg, seed=params.seed, device=device, log=log)
+        del source
     tok.eval()
     val = evaluate_tokenizer(tok, val_x if len(val_x) else train_x, device=device)
     # codebook usage counted on train too: there every scale (even msvq's 1×1) sees enough

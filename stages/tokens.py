@@ -6,7 +6,7 @@ Each split streams: prepared shards are decoded ``tokens.batch_size`` images at 
 and written by a :class:`~arvision.data.parquet_io.ShardWriter`, so memory holds one batch and
 one output shard whatever the number of images. A large split (:data:`RAY_MIN_ROWS` rows or
 more) where there are GPUs or 4 cores and more, or any split when ``ray.address`` / ``$RAY_ADDRESS`` names a cluster, is encoded on Ray
-Data instead: CPU tasks decode the PNGs (:func:`decode_batch`), a pool of :class:`EncodeActor`
+Data instead: CPU tasks decode the PNGs (:func:`~arvision.data.parquet_io.decode_png_batch`), a pool of :class:`EncodeActor`
 (one GPU each where there are GPUs, else one CPU each) encodes, and the driver writes their
 codes in order. Both
 paths encode the same batches (rows ``[k·b, (k+1)·b)`` of the split) and give the same files.
@@ -14,7 +14,9 @@ paths encode the same batches (rows ``[k·b, (k+1)·b)`` of the split) and give 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,28 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from arvision.config import Params
-from arvision.data.parquet_io import ShardWriter, iter_image_batches, shard_paths, split_rows
+from arvision.data.parquet_io import (
+    ShardWriter, decode_png_batch, iter_image_batches, read_parquet_files, shard_paths, split_rows,
+)
 from arvision.tokenizers import load_tokenizer
 from arvision.tracking import Tracker
 from arvision.train.common import encode_images
 from stages.common import Paths, atomic_dir, dvc_hashes, read_json, resolve_device, stage_main
+
+log = logging.getLogger("arvision")
+
+#: encoder actors sharing each GPU: one copies its batch in and its codes out while the other
+#: computes (64², bench/gpu_tokens.py: 2 actors 19-24k img/s, 1 actor 12-13k)
+ACTORS_PER_GPU = 2
+#: decoded pixels an encoder actor takes a call, in whole ``tokens.batch_size`` batches (it
+#: encodes them one batch at a time, so the codes do not change): fewer, larger hand-overs
+#: through Ray's object store. 48 MiB: 8 batches of 512 at 64², 2 of 128 at 256²
+CALL_BYTES = 48 << 20
+
+
+def batches_per_call(batch_size: int, image_bytes: int) -> int:
+    """Whole batches an encoder actor call takes: about :data:`CALL_BYTES` of pixels, at least one."""
+    return max(1, round(CALL_BYTES / (batch_size * image_bytes)))
 
 #: a split of this many rows or more is encoded on Ray Data (parallel decoding, GPU actors)
 RAY_MIN_ROWS = 20_000
@@ -70,12 +89,17 @@ def encode_split(tok, split_dir: Path, writer: ShardWriter, *, batch_size: int, 
     return writer.rows
 
 
-def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A Ray Data task: prepared rows (``id``, ``image`` PNG bytes, ``label``) → ``id``,
-    ``label``, ``pixels`` uint8 (b, H, W, C). Runs on CPU workers, apart from the encoder."""
-    from arvision.data.parquet_io import decode_png
+def inference_ready(tok, device) -> Any:
+    """``tok`` in eval mode on ``device``; on a GPU also channels-last with cuDNN autotuning
+    (the input of :func:`~arvision.train.common.encode_images` is channels-last already), as
+    ``bench/tokenizer.py`` measures the bare encode."""
+    import torch
 
-    return {"id": batch["id"], "label": batch["label"], "pixels": np.stack([decode_png(b) for b in batch["image"]])}
+    tok = tok.to(device).eval()
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        tok = tok.to(memory_format=torch.channels_last)
+    return tok
 
 
 class EncodeActor:
@@ -84,7 +108,7 @@ class EncodeActor:
 
     def __init__(self, tokenizer_dir: str, device: str, batch_size: int):
         self.device, self.batch_size = device, batch_size
-        self.tok = load_tokenizer(Path(tokenizer_dir), device=device)
+        self.tok = inference_ready(load_tokenizer(Path(tokenizer_dir)), device)
         self.np_type = code_dtype(self.tok.vocab_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -92,48 +116,79 @@ class EncodeActor:
         return {"id": batch["id"], "label": batch["label"].astype(np.int32), "codes": codes.numpy().astype(self.np_type)}
 
 
-def encode_split_ray(params: Params, paths: Paths, split_dir: Path, writer: ShardWriter, *, desc: str = "") -> int:
-    """On Ray Data: ``read_parquet`` → blocks of exactly ``tokens.batch_size`` rows →
-    :class:`EncodeActor` pool → codes written here, in row order; returns the rows written."""
+def tokens_dataset(
+    params: Params, paths: Paths, split_dir: Path, *, actors_per_gpu: int = ACTORS_PER_GPU, calls_of: int | None = None,
+):
+    """The Ray Data pipeline of a split: one read task a shard → blocks of exactly
+    ``tokens.batch_size`` rows → PNG decoding in CPU tasks → :class:`EncodeActor` pool
+    (``actors_per_gpu`` actors on each GPU where the cluster has GPUs, each call ``calls_of``
+    batches, by default about :data:`CALL_BYTES` of pixels; else one actor a CPU, leaving two
+    for reading and the driver, a batch a call). Call inside :func:`ray_data_context`."""
     import ray
     import ray.data
 
-    from arvision.cluster import init_ray
-
     cfg = params.tokens
-    init_ray(params.ray, paths.root)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = cfg.device != "cpu" and gpus > 0  # auto or cuda, and the cluster has GPUs
-    if use_gpu:  # one actor a GPU
-        resources: dict[str, Any] = {"num_gpus": 1, "compute": ray.data.ActorPoolStrategy(size=gpus)}
-    else:  # one CPU an actor, leaving two for reading and the driver
+    if use_gpu:  # actors_per_gpu on each GPU: one copies and converts while another computes
+        resources: dict[str, Any] = {"num_gpus": 1 / actors_per_gpu, "compute": ray.data.ActorPoolStrategy(size=gpus * actors_per_gpu)}
+    else:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         resources = {"num_cpus": 1, "compute": ray.data.ActorPoolStrategy(size=max(1, min(16, cpus - 2)))}
+    # one read task a shard; Ray's read_parquet spent ~0.1 s a file listing them (5 s for 49)
+    files = [str(p.resolve()) for p in shard_paths(split_dir)]
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    ds = ds.map_batches(read_parquet_files, fn_kwargs={"columns": ["id", "image", "label"]}, batch_size=1, num_cpus=1)
+    # blocks of exactly batch_size rows (the last fewer): every batch an actor encodes is the
+    # batch the in-process path encodes, so both give the same codes
+    try:
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
+    except TypeError:  # a Ray without ``strict``
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+    # decoding fans out over CPU tasks; the actors (one a GPU) only encode
+    # (decode_png_batch lives in a module without torch: each decoding worker imports it)
+    ds = ds.map_batches(decode_png_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1)
+    # an actor call takes whole blocks, so each of its batch_size chunks is a block: the same batches
+    if calls_of is None and use_gpu:
+        meta = read_json(paths.tokenizer / "config.json")
+        calls_of = batches_per_call(cfg.batch_size, meta["channels"] * meta["resolution"] ** 2)
+    calls_of = calls_of or 1  # CPU actors compute as long as they copy: a batch a call keeps them all busy
+    return ds.map_batches(
+        EncodeActor, fn_constructor_kwargs={"tokenizer_dir": str(paths.tokenizer.resolve()),
+                                            "device": "cuda" if use_gpu else "cpu", "batch_size": cfg.batch_size},
+        batch_size=cfg.batch_size * calls_of, batch_format="numpy", **resources,
+    )
+
+
+@contextlib.contextmanager
+def ray_data_context():
+    """Rows in file order, no Ray progress bars (ours counts images), restored afterwards."""
+    import ray.data
+
     ctx = ray.data.DataContext.get_current()
     was = ctx.execution_options.preserve_order, ctx.enable_progress_bars
-    ctx.execution_options.preserve_order = True  # rows come back in file order
+    ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     try:
-        ds = ray.data.read_parquet([str(p) for p in shard_paths(split_dir)], columns=["id", "image", "label"])
-        # blocks of exactly batch_size rows (the last fewer): every batch an actor encodes is the
-        # batch the in-process path encodes, so both give the same codes
-        try:
-            ds = ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
-        except TypeError:  # a Ray without ``strict``
-            ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-        # decoding fans out over CPU tasks; the actors (one a GPU) only encode
-        ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1)
-        ds = ds.map_batches(
-            EncodeActor, fn_constructor_kwargs={"tokenizer_dir": str(paths.tokenizer.resolve()),
-                                                "device": "cuda" if use_gpu else "cpu", "batch_size": cfg.batch_size},
-            batch_size=cfg.batch_size, batch_format="numpy", **resources,
-        )
+        yield ctx
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = was
+
+
+def encode_split_ray(params: Params, paths: Paths, split_dir: Path, writer: ShardWriter, *, desc: str = "", **options) -> int:
+    """On Ray Data (:func:`tokens_dataset`): codes written here, in row order; returns the rows
+    written. Ray Data's per-operator statistics go to the ``arvision`` logger at DEBUG."""
+    from arvision.cluster import init_ray
+
+    init_ray(params.ray, paths.root)
+    with ray_data_context():
+        ds = tokens_dataset(params, paths, split_dir, **options)
         with tqdm(total=split_rows(split_dir), desc=desc, unit="img", leave=False) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 writer.write(codes_table(batch["id"], batch["label"], batch["codes"], writer.schema))
                 bar.update(len(batch["id"]))
-    finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = was
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("tokens on Ray Data, %s:\n%s", split_dir.name, ds.stats())
     return writer.rows
 
 
@@ -155,7 +210,7 @@ def use_ray(params: Params, rows: int) -> bool:
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     cfg = params.tokens
     device = resolve_device(cfg.device)
-    tok = load_tokenizer(paths.tokenizer, device=device)
+    tok = inference_ready(load_tokenizer(paths.tokenizer), device)
     reg = read_json(paths.tokenizer / "registry.json") if (paths.tokenizer / "registry.json").exists() else {}
     meta = {
         "arvision.tokenizer.kind": tok.kind,

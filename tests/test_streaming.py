@@ -15,6 +15,8 @@ Everything runs on synthetic prepared shards (16×16 blobs), not on ``stages.pre
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import io
 import json
@@ -199,10 +201,14 @@ def test_tokens_on_ray_writes_the_same_files(tmp_path, monkeypatch):
     monkeypatch.setattr(tokens, "encode_split", lambda *a, **k: calls.append(a))  # the in-process path must not run
     try:
         tokens.run(params, paths, NullTracker())
+        assert files(paths.tokens) == local
+        # an actor call of several batches (as GPU actors take them) still encodes batch by batch
+        monkeypatch.setattr(tokens, "tokens_dataset", functools.partial(tokens.tokens_dataset, calls_of=3))
+        tokens.run(params, paths, NullTracker())
+        assert files(paths.tokens) == local
     finally:
         ray.shutdown()
     assert not calls
-    assert files(paths.tokens) == local
 
 
 def test_tokens_peak_memory_does_not_grow_with_the_images(tmp_path, request):

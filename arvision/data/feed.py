@@ -26,6 +26,7 @@ def shuffle_buffer_rows(batch_size: int, image_bytes: int, max_bytes: int = 1 <<
 
 def shuffled_batches(
     split_dir: str | Path, batch_size: int, seed: int, buffer_rows: int, *, labels: bool = False,
+    part: tuple[int, int] = (0, 1),
 ) -> Iterator[Any]:
     """Endless, seeded batches of a prepared split: uint8 ``(batch, H, W, C)`` (with ``labels``:
     ``(images, labels int32 (batch,))``), in memory bounded by ``buffer_rows`` images.
@@ -37,21 +38,40 @@ def shuffled_batches(
     rows in a seeded order, through a shuffle buffer of ``buffer_rows`` images (each incoming
     row takes the place of a random buffered one, which is emitted). Memory: the buffer, one
     shard's PNG bytes and one batch. The same files and arguments give the same batches.
+
+    ``part=(rank, world)`` (data-parallel training: one stream a replica) draws only the rows
+    whose index in the split (the prepared order) is ``rank`` modulo ``world``, as above with
+    seed ``seed + rank``; only those rows are decoded. The parts of a split are disjoint and
+    together cover it; ``(0, 1)`` is the whole split, the same batches as without ``part``.
     """
+    rank, world = part
     if batch_size < 1 or buffer_rows < 1:
         raise ValueError(f"batch_size and buffer_rows must be >= 1, got {batch_size}, {buffer_rows}")
-    n = split_rows(split_dir)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got {part}")
+    seed = seed + rank
+    total = split_rows(split_dir)
+    n = len(range(rank, total, world))  # the rows of this part
     if n == 0:
+        if total and world > 1:
+            raise UserError(f"{split_dir}: {total} rows cannot be split over {world} workers: part {rank} gets none")
         raise UserError(f"{split_dir}: no rows to draw batches from")
     if n <= buffer_rows:
         from arvision.train.common import endless_indices
 
-        _, images, ys = load_images(split_dir)
+        if world == 1:
+            _, images, ys = load_images(split_dir)
+        else:  # this part's rows only, decoded shard by shard
+            rows = np.arange(rank, total, world)
+            whole = ImageSplit(split_dir, cache_bytes=0)
+            images, ys = whole[rows], whole.labels[rows]
+            del whole
         for idx in endless_indices(n, batch_size, seed):
             i = idx.numpy()
             yield (images[i], ys[i]) if labels else images[i]
         return  # not reached: the batches are endless
     paths = shard_paths(split_dir)
+    starts = np.cumsum([0] + [pq.ParquetFile(str(p)).metadata.num_rows for p in paths])  # first row of each shard
     rng = np.random.default_rng(seed)
     buf_x: Optional[np.ndarray] = None
     buf_y = np.zeros(buffer_rows, np.int32)
@@ -66,6 +86,8 @@ def shuffled_batches(
             blobs = table.column("image")
             ys = table.column("label").to_numpy().astype(np.int32)
             order = rng.permutation(table.num_rows)
+            if world > 1:  # this part's rows, in the same seeded order
+                order = order[(starts[s] + order) % world == rank]
             for c in range(0, len(order), chunk):
                 rows = order[c : c + chunk]
                 x = np.stack([decode_png(blobs[int(r)].as_py()) for r in rows])

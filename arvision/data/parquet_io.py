@@ -171,6 +171,17 @@ def decode_png(data: bytes) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+def read_parquet_files(batch: dict[str, Any], columns: Optional[list[str]] = None) -> pa.Table:
+    """A Ray Data task: the rows of the Parquet files named in ``batch["path"]``, in order."""
+    return pa.concat_tables([pq.read_table(str(p), columns=columns) for p in batch["path"]])
+
+
+def decode_png_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A Ray Data task (the ``tokens`` stage's decoding): prepared rows (``id``, ``image`` PNG
+    bytes, ``label``) → ``id``, ``label``, ``pixels`` uint8 ``(b, H, W, C)``."""
+    return {"id": batch["id"], "label": batch["label"], "pixels": np.stack([decode_png(b) for b in batch["image"]])}
+
+
 def load_images(
     split_dir: str | Path, limit: Optional[int] = None
 ) -> tuple[list[str], np.ndarray, np.ndarray]:

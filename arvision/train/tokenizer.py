@@ -9,6 +9,11 @@ an in-memory array, or from a seeded batch stream (the ``tokenizer`` stage's
 :func:`arvision.data.feed.shuffled_batches`, which for a split that fits its shuffle
 buffer draws exactly those batches). ``cfg`` is the ``tokenizer`` section
 (:class:`arvision.config.TokenizerConfig`).
+
+Data-parallel training (``tokenizer.num_workers`` > 0, :mod:`arvision.train.ray_tokenizer`) runs
+this same loop on every replica, given the DDP-wrapped :class:`TrainingLoss` as ``model`` (so
+gradients are averaged) and a sum over replicas as ``reduce`` (so the quantiser's state stays
+identical on every replica, see :meth:`arvision.tokenizers.interface.Tokenizer.update_quantizer`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from arvision.config import TokenizerConfig
 from arvision.metrics.codebook import expected_uniform_usage
 from arvision.metrics.image import psnr, ssim
 from arvision.tokenizers import images_to_tensor, tensor_to_images
-from arvision.tokenizers.interface import Tokenizer
+from arvision.tokenizers.interface import Reduce, Tokenizer
 from arvision.tokenizers.quantizer import counts_perplexity
 from arvision.train.common import autocast, encode_images, endless_indices, warmup_cosine
 
@@ -32,6 +37,18 @@ LogFn = Callable[[int, dict[str, float]], None]
 #: a palette given a batch stream is fitted on this many images drawn from it (the fit samples
 #: 200,000 pixels of them)
 PALETTE_FIT_IMAGES = 4096
+
+
+class TrainingLoss(torch.nn.Module):
+    """``forward(x) = tok.training_loss(x)``: what DDP wraps (it hooks ``forward`` only), so
+    that the backward of that loss averages the gradients over the replicas."""
+
+    def __init__(self, tok: Tokenizer):
+        super().__init__()
+        self.tok = tok
+
+    def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        return self.tok.training_loss(x_BCHW)
 
 
 def train_tokenizer(
@@ -43,12 +60,21 @@ def train_tokenizer(
     device: torch.device,
     log: LogFn | None = None,
     progress: bool = True,
+    model: torch.nn.Module | None = None,
+    reduce: Reduce | None = None,
 ) -> dict[str, float]:
     """Train (or, for ``palette``, fit) ``tok`` in place on uint8 images: an array ``(N, H, W, C)``
     (held on the device; batches drawn by :func:`endless_indices`) or an endless iterable of
     uint8 batches ``(B, H, W, C)`` (one batch a step, one batch on the device: memory does not
     grow with the data set). A palette given a stream is fitted on its first
     :data:`PALETTE_FIT_IMAGES` images.
+
+    Data-parallel replicas pass ``model``, a module whose ``forward(x)`` returns
+    ``tok.training_loss(x)`` (:class:`TrainingLoss` wrapped in DDP; default: ``tok.training_loss``
+    itself), and ``reduce``, a sum over the replicas (an all-reduce): the quantiser's update
+    takes it, and the logged stats are averaged over the replicas with it. Each replica's
+    stream then holds its share of the global batch; ``cfg.batch_size`` stays the global batch
+    (``images_per_s`` counts every replica's images).
 
     Returns the last logged training stats plus ``train_time_s`` and ``images_per_s``.
     """
@@ -73,6 +99,7 @@ def train_tokenizer(
             tok.encoder.compile()
             tok.decoder.compile()
     tok.train()
+    forward = tok.training_loss if model is None else model.train()
     if in_memory:
         data = torch.from_numpy(np.ascontiguousarray(train_images)).to(device)  # uint8 (N, H, W, C)
         indices = endless_indices(len(data), min(cfg.batch_size, len(data)), seed)
@@ -96,8 +123,8 @@ def train_tokenizer(
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device):
-            loss, stats, _ = tok.training_loss(x)
-            stats.update(tok.update_quantizer())  # codebook EMA, restarts, first-batch init: before backward
+            loss, stats, _ = forward(x)
+            stats.update(tok.update_quantizer(reduce))  # codebook EMA, restarts, first-batch init: before backward
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -110,6 +137,8 @@ def train_tokenizer(
         n_acc += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             last = {k: v / n_acc for k, v in acc.items()}
+            if reduce is not None:  # the mean over the replicas
+                last = _replica_means(last, reduce, device)
             last["lr"] = lr
             acc, n_acc = {}, 0
             bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last.get('psnr', 0):.2f}", usage=f"{last.get('batch_usage', 1):.2f}")
@@ -118,6 +147,15 @@ def train_tokenizer(
     elapsed = time.perf_counter() - t0
     tok.eval()
     return {**last, "train_time_s": elapsed, "images_per_s": cfg.steps * cfg.batch_size / max(elapsed, 1e-9)}
+
+
+def _replica_means(stats: dict[str, float], reduce: Reduce, device: torch.device) -> dict[str, float]:
+    """``stats`` (the same keys on every replica) averaged over the replicas ``reduce`` sums over."""
+    keys = sorted(stats)
+    values = torch.tensor([stats[k] for k in keys] + [1.0], dtype=torch.float64, device=device)
+    values = reduce(values)
+    means = dict(zip(keys, (values[:-1] / values[-1]).tolist()))
+    return {k: means[k] for k in stats}
 
 
 def _take_images(batches: Iterable[np.ndarray], n: int) -> np.ndarray:
