@@ -160,8 +160,6 @@ def _load(source: str):
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
-
     from arvision.tracking import setup_mlflow
     from arvision.viz import save_grid
 

@@ -101,7 +101,6 @@ def test_pipeline_end_to_end(tmp_path):
     assert (proj / "metrics/prior_curve.csv").read_text().startswith("step")
 
     # MLflow: one parent run with a nested run per stage, models registered with aliases
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")

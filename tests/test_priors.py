@@ -2,13 +2,12 @@
 mask), seeded sampling is reproducible, guidance at scale 1 equals conditional sampling,
 top-k / top-p filtering, the size registry's parameter counts, and save / load."""
 
-import math
 
 import pytest
 import torch
 
 from arvision.config import PriorConfig
-from arvision.priors import REFERENCE, SIZES, build_prior, load_prior, param_count, save_prior
+from arvision.priors import SIZES, build_prior, load_prior, param_count, save_prior
 from arvision.priors.sampling import filter_logits, guide, pick, sample_gpt, sample_var, var_guidance_scale
 
 CLASSES = 5

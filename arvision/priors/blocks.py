@@ -163,7 +163,7 @@ def apply_rope(x_BTND: Tensor, rope_TP2: Tensor) -> Tensor:
     for attention: the pairs sit next to each other in memory, so the fused kernel (and its
     backward) reads and writes coalesced rows instead of transposing on the fly.
     """
-    B, T, D = x_BTND.shape[0], x_BTND.shape[1], x_BTND.shape[-1]
+    T, D = x_BTND.shape[1], x_BTND.shape[-1]
     x = x_BTND.float().reshape(*x_BTND.shape[:-1], D // 2, 2)
     extra = x_BTND.dim() - 3  # head dims between T and D
     rope = rope_TP2.view(T, *([1] * extra), D // 2, 2)

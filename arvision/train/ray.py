@@ -190,8 +190,10 @@ def _train_worker(config: dict[str, Any]) -> None:
     if config["val_dir"] is not None:
         val_batches = _val_batches(config["val_dir"], cfg.batch_size)
 
-        def evaluate(m: torch.nn.Module) -> float:
+        def evaluate_val(m: torch.nn.Module) -> float:
             return val_loss(m, val_batches, device)
+
+        evaluate = evaluate_val
 
     train_prior(
         model, _batches(shard, cfg.batch_size, config["seed"] + rank, skip=int((state or {}).get("micro_batches", 0))), cfg, device=device, state=state,
