@@ -21,6 +21,26 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def ray_data_pays(rows: int, min_rows: int, ray_cfg: RayConfig, *, gpu_work: bool = False) -> bool:
+    """The one rule for a stage's Ray Data path (``prepare``, ``tokens``): always when a cluster
+    is named (``ray.address`` / ``$RAY_ADDRESS``); else for ``min_rows`` rows or more on a machine
+    Ray speeds up: :data:`RAY_MIN_CORES` cores or more, or (``gpu_work``: the stage encodes on
+    GPUs) a GPU. Never for no rows."""
+    if rows <= 0:
+        return False
+    if ray_cfg.address or os.environ.get("RAY_ADDRESS"):
+        return True
+    if rows < min_rows:
+        return False
+    if usable_cores() >= RAY_MIN_CORES:
+        return True
+    if gpu_work:
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
 def quiet_worker_logs() -> None:
     """Runs at the start of every Ray worker process (``worker_process_setup_hook``): silence
     what repeats without telling the user anything. The placement-group cleaner warns about

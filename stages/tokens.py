@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -193,18 +192,12 @@ def encode_split_ray(params: Params, paths: Paths, split_dir: Path, writer: Shar
 
 
 def use_ray(params: Params, rows: int) -> bool:
-    """Ray for a large split on a machine it can speed up (GPUs, or 4 cores and more: on 2 cores
-    it measured no faster than one process, bench/data_scale.py), or whenever a cluster is
-    named; never for an empty split."""
-    if rows == 0:
-        return False
-    if params.ray.address or os.environ.get("RAY_ADDRESS"):
-        return True
-    import torch
+    """:func:`arvision.cluster.ray_data_pays` for a split of ``rows`` rows: a named cluster, or
+    :data:`RAY_MIN_ROWS` rows and more with GPUs (unless ``tokens.device: cpu``) or 4 cores
+    and more; never for an empty split."""
+    from arvision.cluster import ray_data_pays
 
-    from arvision.cluster import RAY_MIN_CORES, usable_cores
-
-    return rows >= RAY_MIN_ROWS and (torch.cuda.is_available() or usable_cores() >= RAY_MIN_CORES)
+    return ray_data_pays(rows, RAY_MIN_ROWS, params.ray, gpu_work=params.tokens.device != "cpu")
 
 
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:

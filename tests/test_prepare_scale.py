@@ -290,9 +290,12 @@ def test_partitions_pickle_and_read_back_as_the_records(tmp_path: Path, monkeypa
 
 def test_the_ray_rule(monkeypatch):
     parts = [object(), object()]
-    monkeypatch.setattr(P, "usable_cores", lambda: 2)
+    import arvision.cluster as C
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(C, "usable_cores", lambda: 2)
     assert not P.wants_ray(P.RAY_MIN_IMAGES, parts, RayConfig())  # two cores: Ray's start-up costs more than it gives
-    monkeypatch.setattr(P, "usable_cores", lambda: P.RAY_MIN_CORES)
+    monkeypatch.setattr(C, "usable_cores", lambda: C.RAY_MIN_CORES)
     assert not P.wants_ray(P.RAY_MIN_IMAGES - 1, parts, RayConfig())
     assert P.wants_ray(P.RAY_MIN_IMAGES, parts, RayConfig())
     assert not P.wants_ray(P.RAY_MIN_IMAGES, parts[:1], RayConfig())  # one partition: nothing to fan out

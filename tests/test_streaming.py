@@ -391,3 +391,35 @@ def test_nearest_pixels_walks_the_reference_once_per_query_block(monkeypatch):
         monkeypatch.setattr(judge, "QUERY_BYTES", budget)
         d, i = judge.nearest_pixels(query, ref)
         assert torch.equal(d, want[0]) and torch.equal(i, want[1])
+
+
+def test_prefetched_keeps_order_raises_the_producers_error_and_stops_when_closed():
+    import threading
+    import time
+
+    from arvision.data.feed import prefetched
+
+    assert list(prefetched(iter(range(10)))) == list(range(10))
+
+    def failing():
+        yield 1
+        raise ValueError("a bad shard")
+
+    g = prefetched(failing())
+    assert next(g) == 1
+    with pytest.raises(ValueError, match="a bad shard"):
+        next(g)
+
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    g = prefetched(endless())
+    assert [next(g) for _ in range(5)] == list(range(5))
+    g.close()
+    deadline = time.monotonic() + 5
+    while any(t.name == "arvision-prefetch" and t.is_alive() for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "arvision-prefetch" and t.is_alive() for t in threading.enumerate())

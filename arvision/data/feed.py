@@ -8,7 +8,7 @@ does not depend on the training utilities.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -109,6 +109,49 @@ def shuffled_batches(
                     yield (bx[:batch_size], by[:batch_size]) if labels else bx[:batch_size]
                     out_x, out_y, pending = [bx[batch_size:]], [by[batch_size:]], pending - batch_size
             del table, blobs
+
+
+def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """``items`` in the same order, produced ``depth`` ahead by a background thread: the next
+    batches decode (Pillow and pyarrow release the GIL) while the caller computes, e.g. while a
+    GPU trains on the current one. An exception in the producer is raised here; closing this
+    generator stops the thread."""
+    import queue
+    import threading
+
+    q: "queue.Queue[tuple[str, Any]]" = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(("error", e))
+
+    thread = threading.Thread(target=produce, name="arvision-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
 
 
 class LazyImages:

@@ -15,8 +15,9 @@ Memory does not grow with the number of images; two passes over a spill on disk:
 1. Decode. The source's partitions (:class:`~arvision.data.sources.Partition`: file chunks, row
    groups, index ranges, tar files) are decoded and normalised in this process, or by Ray Data
    tasks (one CPU each, on every core; the workers read their own bytes) when ``ray.address`` /
-   ``$RAY_ADDRESS`` names a cluster, or from ``RAY_MIN_IMAGES`` records on ``RAY_MIN_CORES``
-   cores or more (:func:`wants_ray`). Arrival order does not matter. The processed rows
+   ``$RAY_ADDRESS`` names a cluster, or from ``RAY_MIN_IMAGES`` records on
+   ``arvision.cluster.RAY_MIN_CORES`` cores or more (:func:`wants_ray`,
+   :func:`arvision.cluster.ray_data_pays`). Arrival order does not matter. The processed rows
    (id, PNG, label, ``order`` = position in the source) are spilled ``SPILL_BYTES`` at a time
    into buckets by id prefix: ids are uniform hashes, so buckets are even, and in id order.
 2. Write. A sweep of the buckets' ids and labels (no image bytes) settles de-duplication, the
@@ -53,7 +54,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from arvision.cluster import RAY_MIN_CORES, usable_cores
+from arvision.cluster import ray_data_pays
 from arvision.config import DataConfig, RayConfig
 from arvision.data.parquet_io import PREPARED_SCHEMA, ShardWriter, write_shards
 from arvision.data.sources import Partition, Record, Source, open_source, read_partition
@@ -207,9 +208,7 @@ def wants_ray(count: int, parts: Optional[list[Partition]], ray_cfg: RayConfig) 
     """Whether to decode over Ray Data: when a cluster is named (``ray.address`` /
     ``$RAY_ADDRESS``), or for ``RAY_MIN_IMAGES`` records or more on ``RAY_MIN_CORES`` cores or
     more; never for fewer than two partitions."""
-    joined = bool(ray_cfg.address or os.environ.get("RAY_ADDRESS"))
-    large = count >= RAY_MIN_IMAGES and usable_cores() >= RAY_MIN_CORES
-    return parts is not None and len(parts) > 1 and (joined or large)
+    return parts is not None and len(parts) > 1 and ray_data_pays(count, RAY_MIN_IMAGES, ray_cfg)
 
 
 def bucket_count(count: int, resolution: int, channels: int) -> int:

@@ -106,6 +106,10 @@ def train_tokenizer(
         batches: Iterator[torch.Tensor] = (data[idx.to(device)] for idx in indices)
     else:
         stream = iter(train_images)
+        if cuda:  # the next batches decode on a CPU thread while the GPU trains on this one
+            from arvision.data.feed import prefetched
+
+            stream = prefetched(stream)
         batches = (torch.from_numpy(np.ascontiguousarray(b)).to(device) for b in stream)  # uint8 (B, H, W, C)
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     schedule = warmup_cosine(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
@@ -145,6 +149,8 @@ def train_tokenizer(
             if log:
                 log(step + 1, last)
     elapsed = time.perf_counter() - t0
+    if not in_memory and hasattr(stream, "close"):
+        stream.close()  # stops a prefetching thread
     tok.eval()
     return {**last, "train_time_s": elapsed, "images_per_s": cfg.steps * cfg.batch_size / max(elapsed, 1e-9)}
 
