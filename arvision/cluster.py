@@ -4,8 +4,12 @@ on the training code."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,30 @@ from arvision.config import RayConfig
 #: fewer cores than this and a stage's Ray Data path is no faster than one process (measured on
 #: 2 cores: prepare took MNIST from 11 s to 23 s; tokens gained nothing, bench/data_scale.py)
 RAY_MIN_CORES = 4
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """Where a Ray Train run keeps its state and reports: the folder ``storage/name`` (Ray's run
+    folder: checkpoints, a resumable run), the MLflow run its rank 0 logs to, and the project
+    root (on every worker's ``PYTHONPATH``). Shared by the prior and the tokenizer."""
+
+    storage: Path
+    name: str
+    mlflow_run_id: str | None = None
+    mlflow_uri: str | None = None
+    root: Path = Path(".")
+
+    @staticmethod
+    def name_for(kind: str, payload: dict[str, Any]) -> str:
+        """``kind-<hash of payload>``: the same params and data give the same name (and so, for a
+        run that checkpoints, a resume); a change gives a fresh run."""
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return f"{kind}-" + hashlib.sha256(blob).hexdigest()[:16]
+
+    def cleanup(self) -> None:
+        """Drop the run's folder: the stage's outputs now hold the result."""
+        shutil.rmtree(self.storage / self.name, ignore_errors=True)
 
 
 def usable_cores() -> int:

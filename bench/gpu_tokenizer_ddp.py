@@ -49,6 +49,7 @@ def main() -> None:
     import tokenizer as tb  # bench/tokenizer.py
     from gpu_tokens import prepared_split
 
+    from arvision.cluster import TrainRun
     from arvision.config import RayConfig, TokenizerConfig
     from arvision.data.feed import shuffle_buffer_rows, shuffled_batches
     from arvision.tokenizers import build_tokenizer
@@ -85,7 +86,7 @@ def main() -> None:
             wcfg = cfg.model_copy(update={"num_workers": n})
             t0 = time.perf_counter()
             state = fit_tokenizer(tokenizer_cfg=wcfg, ray_cfg=RayConfig(use_gpu=True, env=NO_MULTICAST), seed=0, split_dir=split, channels=3,
-                                  resolution=res, storage=Path(d) / "ray", name=f"ddp{n}", root=ROOT)
+                                  resolution=res, run=TrainRun(Path(d) / "ray", f"ddp{n}", root=ROOT))
             st = state["stats"]
             out["runs"][f"ray_{n}"] = {
                 "images_per_s": round(st["images_per_s"], 1), "wall_s_with_startup": round(time.perf_counter() - t0, 1),

@@ -25,7 +25,8 @@ from arvision.priors import build_prior, save_prior
 from arvision.tokenizers import load_tokenizer
 from arvision.tracking import Tracker, tracking_uri
 from arvision.train.loop import final_weights, kept_weights
-from arvision.train.ray import cleanup_run, fit_prior, run_name
+from arvision.cluster import TrainRun
+from arvision.train.ray import fit_prior
 from stages.common import Paths, atomic_dir, read_json, stage_main, write_curve
 
 log = logging.getLogger("arvision")
@@ -64,13 +65,12 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     meta = token_meta(paths)
     manifest = read_json(paths.prepared / "manifest.json")
     num_classes = max(1, int(manifest["num_classes"]))
-    name = run_name({"prior": params.prior.model_dump(mode="json"), "seed": params.seed, "workers": params.ray.num_workers, "meta": meta,
-                     "tokens": files_hash(paths.tokens)})
-    storage = paths.cache / "ray"
+    name = TrainRun.name_for("prior", {"prior": params.prior.model_dump(mode="json"), "seed": params.seed,
+                                       "workers": params.ray.num_workers, "meta": meta, "tokens": files_hash(paths.tokens)})
+    run = TrainRun(paths.cache / "ray", name, tracker.run_id, tracking_uri(paths.root) if tracker.run_id else None, paths.root)
     state = fit_prior(
         prior_cfg=params.prior, ray_cfg=params.ray, seed=params.seed, token_dir=paths.tokens, tokenizer_dir=paths.tokenizer,
-        vocab_size=meta["vocab_size"], layout=meta["layout"], num_classes=num_classes, storage=storage, name=name,
-        mlflow_run_id=tracker.run_id, mlflow_uri=tracking_uri(paths.root) if tracker.run_id else None, root=paths.root,
+        vocab_size=meta["vocab_size"], layout=meta["layout"], num_classes=num_classes, run=run,
     )
     tok = load_tokenizer(paths.tokenizer) if params.prior.kind == "var" else None
     model = build_prior(params.prior, vocab_size=meta["vocab_size"], layout=meta["layout"], num_classes=num_classes, tokenizer=tok)
@@ -92,7 +92,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
             (directory / "meta.json").write_text(meta_json)
         write_curve(paths.metrics / "prior_curve.csv", curve)
         write_val_curve(paths.metrics / "prior_val_curve.csv", val_curve)
-    cleanup_run(storage, name)
+    run.cleanup()
     last = curve[-1] if curve else {}
     metrics: dict[str, Any] = {
         "params": sum(p.numel() for p in model.parameters()),

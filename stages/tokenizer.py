@@ -47,20 +47,23 @@ def recon_grid(tok, images: np.ndarray, path: Path, n: int = 16) -> None:
 def _train_on_ray(tok, params: Params, paths: Paths, tracker: Tracker, manifest: dict, curve: list[dict[str, float]]) -> dict[str, float]:
     """Train on ``tokenizer.num_workers`` Ray Train workers (rank 0 logs to ``tracker``'s run);
     load the result into ``tok``, append its training curve to ``curve``; return the stats."""
+    from arvision.cluster import TrainRun
     from arvision.tracking import tracking_uri
-    from arvision.train.ray_tokenizer import cleanup_run, fit_tokenizer, run_name
+    from arvision.train.ray_tokenizer import fit_tokenizer
 
     cfg = params.tokenizer
-    name = run_name({"tokenizer": cfg.model_dump(mode="json"), "seed": params.seed, "data": manifest.get("content_hash")})
-    storage = paths.cache / "ray"
+    run = TrainRun(
+        paths.cache / "ray", TrainRun.name_for("tokenizer", {"tokenizer": cfg.model_dump(mode="json"), "seed": params.seed,
+                                                               "data": manifest.get("content_hash")}),
+        tracker.run_id, tracking_uri(paths.root) if tracker.run_id else None, paths.root,
+    )
     state = fit_tokenizer(
         tokenizer_cfg=cfg, ray_cfg=params.ray, seed=params.seed, split_dir=paths.prepared / "train",
-        channels=manifest["channels"], resolution=manifest["resolution"], storage=storage, name=name,
-        mlflow_run_id=tracker.run_id, mlflow_uri=tracking_uri(paths.root) if tracker.run_id else None, root=paths.root,
+        channels=manifest["channels"], resolution=manifest["resolution"], run=run,
     )
     tok.load_state_dict(state["model"])
     curve.extend(state["curve"])
-    cleanup_run(storage, name)
+    run.cleanup()
     return state["stats"]
 
 

@@ -53,6 +53,7 @@ def _tokens(tmp: Path, n: int = 256, val_rows: int = 0, metadata: dict | None = 
 
 def _fit(tmp: Path, token_dir: Path, workers: int, batch: int, name: str, address=None, **prior_kw) -> dict:
     from arvision.config import PriorConfig, RayConfig
+    from arvision.cluster import TrainRun
     from arvision.train.ray import fit_prior
 
     kw = dict(size="tiny", steps=6, batch_size=batch, lr=3e-3, warmup_steps=0, ema_decay=0.0, class_dropout=0.0, log_every=1,
@@ -60,7 +61,7 @@ def _fit(tmp: Path, token_dir: Path, workers: int, batch: int, name: str, addres
     return fit_prior(
         prior_cfg=PriorConfig(**{**kw, **prior_kw}), ray_cfg=RayConfig(address=address, num_workers=workers, cpus_per_worker=1),
         seed=0, token_dir=token_dir, tokenizer_dir=tmp, vocab_size=VOCAB, layout=[[SIDE, SIDE]],
-        num_classes=CLASSES, storage=tmp / "ray", name=name, root=ROOT,
+        num_classes=CLASSES, run=TrainRun(tmp / "ray", name, root=ROOT),
     )
 
 

@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+from arvision.cluster import TrainRun
 from arvision.config import ParamsError, RayConfig, TokenizerConfig, parse_params
 from arvision.data.feed import shuffled_batches
 from arvision.data.parquet_io import PREPARED_SCHEMA, load_images, write_shards
@@ -108,7 +109,7 @@ def test_two_workers_keep_identical_replicas(tmp_path, ray_session):
     cfg = _cfg(num_workers=2)
     state = fit_tokenizer(
         tokenizer_cfg=cfg, ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1), seed=0, split_dir=paths.prepared / "train",
-        channels=3, resolution=RES, storage=tmp_path / "ray", name="two", root=ROOT,
+        channels=3, resolution=RES, run=TrainRun(tmp_path / "ray", "two", root=ROOT),
     )
     hashes = state["replica_hashes"]
     assert state["world"] == 2 and len(hashes) == 2

@@ -13,10 +13,7 @@ new name and so a fresh start.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,18 +23,12 @@ import torch
 if TYPE_CHECKING:
     import numpy as np
 
-from arvision.cluster import init_ray
+from arvision.cluster import TrainRun, init_ray
 from arvision.config import PriorConfig, RayConfig
 from arvision.train.common import endless_indices
 
 STATE_FILE = "state.pt"
 log = logging.getLogger("arvision")
-
-
-def run_name(payload: dict[str, Any]) -> str:
-    """A stable name for a training run: same params + data → same name → resume."""
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return "prior-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _read_shard(shard) -> tuple["np.ndarray", "np.ndarray"]:
@@ -211,13 +202,9 @@ def fit_prior(
     vocab_size: int,
     layout: list[list[int]],
     num_classes: int,
-    storage: Path,
-    name: str,
-    mlflow_run_id: str | None = None,
-    mlflow_uri: str | None = None,
-    root: Path = Path("."),
+    run: TrainRun,
 ) -> dict[str, Any]:
-    """Train under Ray Train; return the final training state (weights, EMA, train curve and the
+    """Train under Ray Train (in ``run``'s folder, logging to its MLflow run); return the final training state (weights, EMA, train curve and the
     validation bookkeeping of :func:`arvision.train.loop.checkpoint_state`). Validation runs when
     ``prior_cfg.eval_every`` > 0 and ``token_dir/val`` holds rows."""
     import ray
@@ -225,7 +212,7 @@ def fit_prior(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    init_ray(ray_cfg, root)
+    init_ray(ray_cfg, run.root)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # deterministic order → reproducible on CPU
@@ -241,12 +228,12 @@ def fit_prior(
         train_loop_config={
             "prior": prior_cfg, "seed": seed, "vocab_size": vocab_size, "layout": layout,
             "num_classes": num_classes, "tokenizer_dir": str(tokenizer_dir.resolve()),
-            "cpus_per_worker": ray_cfg.cpus_per_worker, "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri,
+            "cpus_per_worker": ray_cfg.cpus_per_worker, "mlflow_run_id": run.mlflow_run_id, "mlflow_uri": run.mlflow_uri,
             "val_dir": str((token_dir / "val").resolve()) if validate else None,
         },
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=str(storage.resolve()), checkpoint_config=CheckpointConfig(num_to_keep=2),
+            name=run.name, storage_path=str(Path(run.storage).resolve()), checkpoint_config=CheckpointConfig(num_to_keep=2),
             # a lost worker restarts the group from the last checkpoint, ray.max_failures times (-1: always)
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
         ),
@@ -258,8 +245,3 @@ def fit_prior(
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
     return state
-
-
-def cleanup_run(storage: Path, name: str) -> None:
-    """Drop a finished run's checkpoints: the stage's outputs now hold the result."""
-    shutil.rmtree(storage / name, ignore_errors=True)

@@ -30,26 +30,18 @@ not depend on the prior's code.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from arvision.cluster import init_ray
+from arvision.cluster import TrainRun, init_ray
 from arvision.config import RayConfig, TokenizerConfig
 
 STATE_FILE = "state.pt"
 log = logging.getLogger("arvision")
-
-
-def run_name(payload: dict[str, Any]) -> str:
-    """A stable name for a tokenizer training run (its folder in Ray's storage)."""
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return "tokenizer-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -157,17 +149,13 @@ def fit_tokenizer(
     split_dir: Path,
     channels: int,
     resolution: int,
-    storage: Path,
-    name: str,
-    mlflow_run_id: str | None = None,
-    mlflow_uri: str | None = None,
-    root: Path = Path("."),
+    run: TrainRun,
 ) -> dict[str, Any]:
     """Train a tokenizer on ``tokenizer_cfg.num_workers`` Ray Train workers from the prepared
     train split ``split_dir``; return ``{"model": state dict (CPU), "curve": [{"step", ...}],
     "stats": train_tokenizer's result, "replica_hashes": [one a rank], "world"}``. Resources:
     ``ray.cpus_per_worker``, a GPU a worker per :func:`use_gpu`, ``ray.address``; a lost worker
-    restarts the run ``ray.max_failures`` times. ``storage/name`` (Ray's run folder) is
+    restarts the run ``ray.max_failures`` times. ``run``'s folder (Ray's run folder) is
     cleared first: a run always starts fresh."""
     import numpy as np
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -183,8 +171,8 @@ def fit_tokenizer(
     batch = per_worker_batch(tokenizer_cfg, split_rows(split_dir))
     buffer = shuffle_buffer_rows(batch, int(np.prod((resolution, resolution, channels))))
     gpu = use_gpu(tokenizer_cfg, ray_cfg)
-    init_ray(ray_cfg.model_copy(update={"num_workers": workers}), root)  # sized for these workers
-    shutil.rmtree(storage / name, ignore_errors=True)  # nothing to resume: never restore an old run
+    init_ray(ray_cfg.model_copy(update={"num_workers": workers}), run.root)  # sized for these workers
+    run.cleanup()  # nothing to resume: never restore an old run
     resources: dict[str, float] = {"CPU": ray_cfg.cpus_per_worker}
     if gpu:
         resources["GPU"] = 1
@@ -193,11 +181,11 @@ def fit_tokenizer(
         train_loop_config={
             "tokenizer": tokenizer_cfg, "seed": seed, "split_dir": str(split_dir), "batch": batch, "buffer": buffer,
             "channels": channels, "resolution": resolution, "cpus_per_worker": ray_cfg.cpus_per_worker,
-            "mlflow_run_id": mlflow_run_id, "mlflow_uri": mlflow_uri,
+            "mlflow_run_id": run.mlflow_run_id, "mlflow_uri": run.mlflow_uri,
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=str(Path(storage).resolve()), checkpoint_config=CheckpointConfig(num_to_keep=1),
+            name=run.name, storage_path=str(Path(run.storage).resolve()), checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
         ),
     )
@@ -213,8 +201,3 @@ def fit_tokenizer(
             f"(state hashes {state['replica_hashes']}): the data-parallel training is broken"
         )
     return state
-
-
-def cleanup_run(storage: Path, name: str) -> None:
-    """Drop a finished run's checkpoint: the stage's output now holds the result."""
-    shutil.rmtree(storage / name, ignore_errors=True)
