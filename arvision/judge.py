@@ -110,6 +110,8 @@ class Yardstick:
         from arvision.features import embed
 
         train_rec = Reconstructions(tokenizer, self.train_u8, device=self.device, batch_size=self.batch_size)
+        if not train_rec.fits_cache():  # walked three times or more: made once, kept on disk
+            train_rec = materialised(train_rec, self.batch_size)
         val_rec = Reconstructions(tokenizer, self.val_u8, device=self.device, batch_size=self.batch_size)
         feats = lambda x: embed(self.net, x, batch_size=self.batch_size, device=self.device)  # noqa: E731
         return copy_reference(feats(train_rec), train_rec, feats(val_rec), val_rec)
@@ -189,6 +191,45 @@ class Reconstructions(LazyImages):
         return reconstruct(self.tokenizer, self.images[a : a + self.block_rows], device=self.device, batch_size=self.block_rows)
 
 
+def materialised(images: LazyImages, batch_size: int) -> LazyImages:
+    """``images`` computed once and written as lossless PNG shards to a temporary folder,
+    returned as an :class:`~arvision.data.feed.ImageSplit` over them: the same pixels, but each
+    later walk decodes PNGs instead of computing the images again (a tokenizer's decoder: some
+    ten times the cost). The folder goes with the returned object. Memory: one batch."""
+    import io
+    import shutil
+    import tempfile
+    import weakref
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from arvision.data.feed import ImageSplit
+    from arvision.data.parquet_io import PREPARED_SCHEMA, ShardWriter
+
+    def encode_png(x: np.ndarray) -> bytes:  # lossless; the fastest zlib level (the files are temporary)
+        buf = io.BytesIO()
+        Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+
+    folder = Path(tempfile.mkdtemp(prefix="arvision-reconstructions-"))
+    try:
+        writer = ShardWriter(folder, PREPARED_SCHEMA, 4096)
+        for i in range(0, len(images), batch_size):
+            block = images[i : i + batch_size]
+            writer.write(pa.Table.from_arrays(
+                [pa.array([f"{i + k:012d}" for k in range(len(block))], pa.string()),
+                 pa.array([encode_png(x) for x in block], pa.binary()),
+                 pa.array(np.full(len(block), -1, np.int32))], schema=PREPARED_SCHEMA))
+        writer.close()
+        split = ImageSplit(folder, block_rows=batch_size)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(split, shutil.rmtree, folder, True)
+    return split
+
+
 #: pixels (float32 bytes) of val images held at once by the copy calibration's pixel-space
 #: search: each such block of val images walks the training images once
 QUERY_BYTES = 256 << 20
@@ -227,11 +268,11 @@ def copy_reference(train_feats, train_u8, val_feats, val_u8):
     (arrays, ImageSplit, Reconstructions): the same thresholds, and a reference that keeps
     ``train_u8`` as given (lazy) instead of converting it to one array. The pixel-space search
     (:func:`nearest_pixels`) streams the training images past blocks of val images."""
-    from arvision.metrics.samples import COPY_PERCENTILE, CopyReference, _feats, _nearest
+    from arvision.metrics.samples import COPY_PERCENTILE, CopyReference, _feats, _nearest, _stored_feats
 
     if len(val_u8) == 0 or len(train_u8) == 0:
         raise ValueError("copy thresholds need val and train images")
-    train = _feats(train_feats)
+    train = _stored_feats(train_feats)  # float32, shared with the caller's array
     d_val, _ = _nearest(_feats(val_feats), train, _feats)
     d_val_px, _ = nearest_pixels(val_u8, train_u8)
     q = COPY_PERCENTILE / 100

@@ -329,6 +329,11 @@ def test_yardstick_on_lazy_splits_scores_as_on_arrays(tmp_path, monkeypatch):
     fake = np.concatenate([train_x[:5], blobs(20, seed=9)])  # five copies among new images
     labels = np.arange(len(fake)) % CLASSES
     rec_lazy, rec_eager = lazy.reconstruction_reference(tok), eager.reconstruction_reference(tok)
+    # past the cache, the training set's reconstructions are made once and kept as PNG shards
+    assert isinstance(rec_lazy.train_u8, ImageSplit) and isinstance(rec_eager.train_u8, ImageSplit)
+    np.testing.assert_array_equal(rec_lazy.train_u8[:], rec_eager.train_u8[:])
+    folder = rec_lazy.train_u8.split_dir
+    assert folder.exists()
     assert (rec_lazy.threshold, rec_lazy.threshold_pixels) == (rec_eager.threshold, rec_eager.threshold_pixels)
     m_lazy, d_lazy = lazy.score(fake, labels, rec_lazy)
     m_eager, d_eager = eager.score(fake, labels, rec_eager)
@@ -337,6 +342,11 @@ def test_yardstick_on_lazy_splits_scores_as_on_arrays(tmp_path, monkeypatch):
         np.testing.assert_array_equal(d_lazy[k], d_eager[k])
     assert lazy.floor(40, 0) == eager.floor(40, 0)
     np.testing.assert_array_equal(lazy.train_u8[d_lazy["nearest_train"]], train_x[d_eager["nearest_train"]])
+    del rec_lazy
+    import gc
+
+    gc.collect()
+    assert not folder.exists()  # the temporary shards go with the reference
 
 
 # ---------------------------------------------------------------------------------- prior feed

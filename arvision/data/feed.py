@@ -242,6 +242,10 @@ class LazyImages:
             raise IndexError(f"index out of range for {self._n} images")
         return self._take(idx)
 
+    def fits_cache(self) -> bool:
+        """Whether every block fits the cache at once (then a second walk computes nothing)."""
+        return self._n * int(np.prod(self._image_shape)) <= self.cache_bytes
+
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """The images in order, ``batch_size`` at a time."""
         for i in range(0, self._n, batch_size):

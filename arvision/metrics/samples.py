@@ -52,6 +52,15 @@ def _feats(x: Array) -> Tensor:
     return t.detach().to("cpu", torch.float64).flatten(1)
 
 
+def _stored_feats(x: Array) -> Tensor:
+    """Reference features as kept: a CPU tensor ``(N, D)`` in the dtype they come in (float32
+    from the feature net, sharing the array's memory), half of float64's memory for a large
+    training set. :func:`_nearest` widens each block to float64 through :func:`_feats`, exactly
+    (float32 → float64 is exact), so every distance is the same as with float64 storage."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
+    return t.detach().cpu().flatten(1)
+
+
 class _Precomputed(nn.Module):
     """torchmetrics' feature-extractor slot for features computed already: passes them on."""
 
@@ -183,7 +192,7 @@ def _nearest(query: Array, ref: Array, to_vec) -> tuple[Tensor, Tensor]:
 class CopyReference:
     """The training set to compare samples with, and the copy thresholds calibrated on val."""
 
-    train_feats: Tensor  # (N, D) float64
+    train_feats: Tensor  # (N, D) as computed (float32); compared in float64, a block at a time
     train_u8: np.ndarray  # (N, H, W, C) uint8
     threshold: float  # feature-space L2 distance
     threshold_pixels: float  # pixel-space L2 distance, pixels in [0, 1] (whole image, not per pixel)
@@ -197,7 +206,7 @@ def copy_reference(
     Computed once; :func:`memorisation` then scores any number of generated sets."""
     if len(val_u8_NHWC) == 0 or len(train_u8_NHWC) == 0:
         raise ValueError("copy thresholds need val and train images")
-    train = _feats(train_feats)
+    train = _stored_feats(train_feats)
     d_val, _ = _nearest(_feats(val_feats), train, _feats)
     d_val_px, _ = _nearest(val_u8_NHWC, train_u8_NHWC, _pixels)
     q = COPY_PERCENTILE / 100
