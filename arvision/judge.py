@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from arvision.data.feed import LazyImages
+from arvision.metrics.samples import copy_reference
 
 #: image-space metrics every scored set gets (FD etc. are in the features' space)
 SAMPLE_KEYS = ("fd", "kid", "precision", "recall", "density", "coverage", "copy_rate", "copy_rate_pixels")
@@ -228,60 +229,6 @@ def materialised(images: LazyImages, batch_size: int) -> LazyImages:
         raise
     weakref.finalize(split, shutil.rmtree, folder, True)
     return split
-
-
-#: pixels (float32 bytes) of val images held at once by the copy calibration's pixel-space
-#: search: each such block of val images walks the training images once
-QUERY_BYTES = 256 << 20
-
-
-def nearest_pixels(query_u8, ref_u8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query image's nearest ``ref_u8`` image in pixel space, ``(distance (N,), index (N,))``:
-    :func:`arvision.metrics.samples._nearest` with pixels, walking ``ref_u8`` (an array or a lazy
-    image sequence) once per :data:`QUERY_BYTES` of queries instead of once per
-    :data:`~arvision.metrics.samples.CHUNK` of them. The same numbers: each (query block, ref
-    block) pair is the same ``cdist``, and each query block meets the ref blocks in the same order."""
-    from arvision.metrics import samples
-
-    chunk = samples.CHUNK
-    row_bytes = 4 * int(np.prod(query_u8.shape[1:]))
-    span = max(1, QUERY_BYTES // max(1, chunk * row_bytes)) * chunk  # query rows a walk serves
-    dist, idx = [], []
-    for s in range(0, len(query_u8), span):
-        qs = [samples._pixels(query_u8[i : i + chunk]) for i in range(s, min(len(query_u8), s + span), chunk)]
-        best_d = [torch.full((len(q),), float("inf"), dtype=q.dtype) for q in qs]
-        best_i = [torch.zeros(len(q), dtype=torch.long) for q in qs]
-        for j in range(0, len(ref_u8), chunk):
-            r = samples._pixels(ref_u8[j : j + chunk])
-            for b, q in enumerate(qs):
-                d, k = torch.cdist(q, r.to(q.dtype)).min(1)
-                better = d < best_d[b]
-                best_d[b] = torch.where(better, d, best_d[b])
-                best_i[b] = torch.where(better, k + j, best_i[b])
-        dist += best_d
-        idx += best_i
-    return torch.cat(dist), torch.cat(idx)
-
-
-def copy_reference(train_feats, train_u8, val_feats, val_u8):
-    """:func:`arvision.metrics.samples.copy_reference` for image sequences walked in slices
-    (arrays, ImageSplit, Reconstructions): the same thresholds, and a reference that keeps
-    ``train_u8`` as given (lazy) instead of converting it to one array. The pixel-space search
-    (:func:`nearest_pixels`) streams the training images past blocks of val images."""
-    from arvision.metrics.samples import COPY_PERCENTILE, CopyReference, _feats, _nearest, _stored_feats
-
-    if len(val_u8) == 0 or len(train_u8) == 0:
-        raise ValueError("copy thresholds need val and train images")
-    train = _stored_feats(train_feats)  # float32, shared with the caller's array
-    d_val, _ = _nearest(_feats(val_feats), train, _feats)
-    d_val_px, _ = nearest_pixels(val_u8, train_u8)
-    q = COPY_PERCENTILE / 100
-    return CopyReference(
-        train_feats=train,
-        train_u8=train_u8,
-        threshold=float(torch.quantile(d_val, q)),
-        threshold_pixels=float(torch.quantile(d_val_px.double(), q)),
-    )
 
 
 @torch.no_grad()

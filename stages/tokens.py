@@ -7,8 +7,8 @@ and written by a :class:`~arvision.data.parquet_io.ShardWriter`, so memory holds
 one output shard whatever the number of images. A large split (:data:`RAY_MIN_ROWS` rows or
 more) where there are GPUs or 4 cores and more, or any split when ``ray.address`` / ``$RAY_ADDRESS`` names a cluster, is encoded on Ray
 Data instead: CPU tasks decode the PNGs (:func:`~arvision.data.parquet_io.decode_png_batch`), a pool of :class:`EncodeActor`
-(one GPU each where there are GPUs, else one CPU each) encodes, and the driver writes their
-codes in order. Both
+(:data:`ACTORS_PER_GPU` on each GPU where there are GPUs, else one a CPU) encodes, and the
+driver writes their codes in order. Both
 paths encode the same batches (rows ``[k·b, (k+1)·b)`` of the split) and give the same files.
 """
 

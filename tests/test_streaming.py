@@ -390,16 +390,17 @@ def test_prior_feed_keeps_codes_narrow_and_batches_as_before(tmp_path):
         assert torch.equal(torch.cat([b[1] for b in batches]), want_l[:300])
 
 
-def test_nearest_pixels_walks_the_reference_once_per_query_block(monkeypatch):
-    import arvision.judge as judge
+def test_nearest_walks_the_reference_once_per_query_span_with_the_same_numbers(monkeypatch):
     import arvision.metrics.samples as samples
 
     monkeypatch.setattr(samples, "CHUNK", 16)
     query, ref = blobs(70, seed=1), np.concatenate([blobs(50, seed=2), blobs(3, seed=1)])
+    monkeypatch.setattr(samples, "QUERY_BYTES", 1)  # a walk of the reference for every query block
     want = samples._nearest(query, ref, samples._pixels)
-    for budget in (1, 16 * RES * RES * 3 * 4 * 2, 1 << 30):  # one, two, all query blocks a walk
-        monkeypatch.setattr(judge, "QUERY_BYTES", budget)
-        d, i = judge.nearest_pixels(query, ref)
+    assert want[1][:3].tolist() == [50, 51, 52] and float(want[0][:3].max()) == 0.0  # the three copies found
+    for budget in (16 * RES * RES * 3 * 4 * 2, 1 << 30):  # two, then all query blocks a walk
+        monkeypatch.setattr(samples, "QUERY_BYTES", budget)
+        d, i = samples._nearest(query, ref, samples._pixels)
         assert torch.equal(d, want[0]) and torch.equal(i, want[1])
 
 

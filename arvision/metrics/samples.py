@@ -19,7 +19,7 @@ import importlib.util
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -167,24 +167,39 @@ def _pixels(images_u8_NHWC: Array) -> Tensor:
     return torch.as_tensor(np.asarray(images_u8_NHWC)).flatten(1).float().div(255.0)
 
 
+#: converted query rows (bytes) held at once by :func:`_nearest`: each such span of queries
+#: walks the reference once (a lazily decoded training split is decoded once per span)
+QUERY_BYTES = 256 << 20
+
+
 def _nearest(query: Array, ref: Array, to_vec) -> tuple[Tensor, Tensor]:
     """Each query row's nearest ``ref`` row (L2): ``(distance (N,), index (N,))``.
 
     Both sides go in blocks of :data:`CHUNK` rows through ``to_vec`` (uint8 images → pixels,
-    or features), so 10k training images × 1k samples stay a few tens of MB.
+    or features); ``ref`` (an array or a lazy image sequence) is walked once per
+    :data:`QUERY_BYTES` of query blocks, not once per block. The numbers do not depend on
+    that span: each (query block, ref block) pair is the same ``cdist``, and each query block
+    meets the ref blocks in the same order.
     """
     dist, idx = [], []
-    for i in range(0, len(query), CHUNK):
-        q = to_vec(query[i : i + CHUNK])
-        best_d = torch.full((len(q),), float("inf"), dtype=q.dtype)
-        best_i = torch.zeros(len(q), dtype=torch.long)
+    i = 0
+    while i < len(query):
+        qs, held = [], 0  # the query blocks of this walk
+        while i < len(query) and (not qs or held < QUERY_BYTES):
+            qs.append(to_vec(query[i : i + CHUNK]))
+            held += qs[-1].element_size() * qs[-1].nelement()
+            i += len(qs[-1])
+        best_d = [torch.full((len(q),), float("inf"), dtype=q.dtype) for q in qs]
+        best_i = [torch.zeros(len(q), dtype=torch.long) for q in qs]
         for j in range(0, len(ref), CHUNK):
-            d, k = torch.cdist(q, to_vec(ref[j : j + CHUNK]).to(q.dtype)).min(1)
-            better = d < best_d
-            best_d = torch.where(better, d, best_d)
-            best_i = torch.where(better, k + j, best_i)
-        dist.append(best_d)
-        idx.append(best_i)
+            r = to_vec(ref[j : j + CHUNK])
+            for b, q in enumerate(qs):
+                d, k = torch.cdist(q, r.to(q.dtype)).min(1)
+                better = d < best_d[b]
+                best_d[b] = torch.where(better, d, best_d[b])
+                best_i[b] = torch.where(better, k + j, best_i[b])
+        dist += best_d
+        idx += best_i
     return torch.cat(dist), torch.cat(idx)
 
 
@@ -193,7 +208,7 @@ class CopyReference:
     """The training set to compare samples with, and the copy thresholds calibrated on val."""
 
     train_feats: Tensor  # (N, D) as computed (float32); compared in float64, a block at a time
-    train_u8: np.ndarray  # (N, H, W, C) uint8
+    train_u8: Any  # (N, H, W, C) uint8: an array, or a lazy image sequence walked in slices
     threshold: float  # feature-space L2 distance
     threshold_pixels: float  # pixel-space L2 distance, pixels in [0, 1] (whole image, not per pixel)
 
@@ -203,7 +218,9 @@ def copy_reference(
 ) -> CopyReference:
     """Calibrate the copy thresholds: the :data:`COPY_PERCENTILE`-th percentile of the val
     images' distances to their nearest training image, in feature and in pixel space.
-    Computed once; :func:`memorisation` then scores any number of generated sets."""
+    Computed once; :func:`memorisation` then scores any number of generated sets. The images
+    may be arrays or lazy sequences (:class:`arvision.data.feed.ImageSplit`, a tokenizer's
+    reconstructions), kept as given and walked in slices."""
     if len(val_u8_NHWC) == 0 or len(train_u8_NHWC) == 0:
         raise ValueError("copy thresholds need val and train images")
     train = _stored_feats(train_feats)
@@ -212,7 +229,7 @@ def copy_reference(
     q = COPY_PERCENTILE / 100
     return CopyReference(
         train_feats=train,
-        train_u8=np.asarray(train_u8_NHWC),
+        train_u8=train_u8_NHWC if hasattr(train_u8_NHWC, "shape") else np.asarray(train_u8_NHWC),
         threshold=float(torch.quantile(d_val, q)),
         threshold_pixels=float(torch.quantile(d_val_px.double(), q)),
     )

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 from arvision.cluster import TrainRun, init_ray
 from arvision.config import PriorConfig, RayConfig
+from arvision.data.parquet_io import split_rows
 from arvision.train.common import endless_indices
 
 STATE_FILE = "state.pt"
@@ -94,14 +95,6 @@ def _val_batches(split_dir: str, batch_size: int):
                        torch.from_numpy(labels[i : i + batch_size].astype(np.int64)))
 
     return NarrowBatches()
-
-
-def split_rows(split_dir: Path) -> int:
-    """Rows in a token split's Parquet shards (0 when the directory is missing or has none),
-    from the files' footers only."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(Path(split_dir).glob("*.parquet")))
 
 
 def prepare_parallel(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
