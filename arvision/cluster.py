@@ -120,7 +120,17 @@ def init_ray(ray_cfg: RayConfig, root: Path) -> None:
         # the raylet warns when more workers start at once than this; Train + Data start ~8
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, kwargs["num_cpus"])))
     if not ray.is_initialized():
+        import signal
+        import threading
+
+        # ray.init puts its own SIGTERM handler in place (it prints a stack and aborts): the
+        # caller's handlers (a stage ends its runs KILLED on Ctrl-C / SIGTERM) are put back
+        main = threading.current_thread() is threading.main_thread()
+        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
         # "local": a new instance of our own, never one another process left running here
         ctx = ray.init(address=address or "local", **kwargs)
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
         if ray_cfg.dashboard and address is None:
             print(f"Ray dashboard: http://{ctx.dashboard_url}", flush=True)
