@@ -36,6 +36,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from provenance import git_commit  # noqa: E402  (bench/provenance.py)
 
 CLASSES = 100
 SIDE = 64
@@ -273,8 +276,7 @@ def main() -> None:
     out_dir = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{when:%Y-%m-%d}-data-scale"
     out_dir.mkdir(parents=True, exist_ok=True)
     root = Path(args.data_root)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    commit, dirty = git_commit()
     result = {"kind": "data_scale", "commit": commit, "dirty": dirty, "command": " ".join([sys.executable, *sys.argv]),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "started_utc": f"{when:%Y-%m-%dT%H:%M:%SZ}",
               "runs": []}

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -41,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from arvision.config import PriorConfig  # noqa: E402
+from provenance import git_commit  # noqa: E402  (bench/provenance.py)
 from arvision.priors import build_prior  # noqa: E402
 from arvision.priors.var import StandInScaleTokenizer  # noqa: E402
 from arvision.train.loop import train_prior  # noqa: E402
@@ -528,19 +528,6 @@ def select(device: str, only: str) -> list[str]:
     chosen = {n for n, it in ITEMS.items() if it.device == device and (not wanted or n in wanted or it.group in wanted)}
     chosen |= {need for n in chosen for need in ITEMS[n].needs}
     return [n for n in ITEMS if n in chosen]
-
-
-def git_commit() -> tuple[str | None, bool | None]:
-    """(HEAD, whether the working tree differs from it). ``$ARVISION_COMMIT`` wins where set: a
-    copied tree (the GPU machine's) may carry a stale ``.git``."""
-    if os.environ.get("ARVISION_COMMIT"):
-        return os.environ["ARVISION_COMMIT"], None
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        return head, bool(status.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ARVISION_COMMIT") or None, None
 
 
 def device_name(args) -> str:

@@ -109,6 +109,9 @@ class EncodeActor:
         self.device, self.batch_size = device, batch_size
         self.tok = inference_ready(load_tokenizer(Path(tokenizer_dir)), device)
         self.np_type = code_dtype(self.tok.vocab_size)
+        if device == "cuda":  # kernels load and cuDNN autotunes now, while the first blocks are read and decoded
+            shape = (batch_size, self.tok.resolution, self.tok.resolution, self.tok.channels)
+            encode_images(self.tok, np.zeros(shape, np.uint8), batch_size=batch_size, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         codes = encode_images(self.tok, batch["pixels"], batch_size=self.batch_size, device=self.device)
