@@ -206,7 +206,7 @@ def use_ray(params: Params, rows: int) -> bool:
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     cfg = params.tokens
     device = resolve_device(cfg.device)
-    tok = inference_ready(load_tokenizer(paths.tokenizer), device)
+    tok = load_tokenizer(paths.tokenizer)  # on the CPU: on Ray Data the actors encode, not this process
     reg = read_json(paths.tokenizer / "registry.json") if (paths.tokenizer / "registry.json").exists() else {}
     meta = {
         "arvision.tokenizer.kind": tok.kind,
@@ -224,6 +224,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
             if use_ray(params, split_rows(split_dir)):
                 encode_split_ray(params, paths, split_dir, writer, desc=f"tokens/{split}")
             else:
+                tok = inference_ready(tok, device)  # once: a second call finds it ready
                 encode_split(tok, split_dir, writer, batch_size=cfg.batch_size, device=device, desc=f"tokens/{split}")
             writer.close()
             counts[split] = writer.rows

@@ -193,6 +193,8 @@ def _ray_tables(parts: list[Partition], cfg: DataConfig, ray_cfg: RayConfig, roo
     )
     del items  # in Ray's object store now
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("prepare on Ray Data:\n%s", ds.stats())
 
 
 def _local_tables(source: Source, parts: Optional[list[Partition]], cfg: DataConfig) -> Iterator[pa.Table]:
