@@ -316,6 +316,37 @@ def test_kill_9_leaves_runs_that_the_next_run_closes(proj):
         assert run.info.status == "KILLED" and "was killed" in run.data.tags["arvision.end_reason"]
 
 
+def _ray_daemons() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in ("raylet", "gcs_server")}
+
+
+def test_sigterm_while_the_tokenizer_trains_on_ray_workers(proj):
+    """SIGTERM while two Ray Train workers train the tokenizer. ``ray.init`` puts its own SIGTERM
+    handler in place, which aborted the stage (exit 134, Failed); the stage's handler is put
+    back, so it ends "interrupted", its runs KILLED, and Ray's processes are gone."""
+    before = _ray_daemons()
+    _set(proj, tokenizer={"steps": 5000, "num_workers": 2})
+    try:
+        rc, seconds, out = _interrupt(proj, signal.SIGTERM, marker="RayTrainWorker")
+    finally:
+        _set(proj, tokenizer={"num_workers": 0})
+    assert rc == 130, out[-3000:]
+    assert "interrupted" in out and "Traceback" not in out, out[-3000:]
+    assert seconds < 60, out[-3000:]  # Ray's shutdown included
+    runs = _mlflow_runs(proj)
+    parent = [r for r in runs if r.data.tags.get("arvision.stage") == "pipeline"][0]
+    stage = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id][0]
+    assert parent.data.params["tokenizer.num_workers"] == "2"
+    assert parent.info.status == "KILLED" and stage.info.status == "KILLED"
+    assert not (proj / "models" / "tokenizer").exists()
+    deadline = time.time() + 30
+    while _ray_daemons() - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _ray_daemons() - before, "Ray's daemons outlived the interrupted stage"
+
+
 def test_prefect_recorded_how_each_run_ended(proj):
     """The flow runs above, read back from the Prefect database through a Prefect server."""
     script = (
@@ -335,9 +366,10 @@ def test_prefect_recorded_how_each_run_ended(proj):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(proc.stdout.strip().splitlines()[-1])
     flows = [f[1:] for f in data["flows"]]
-    # failed stage; Ctrl-C; SIGTERM; kill -9 (left Running: nothing could record it); Ctrl-C
+    # failed stage; Ctrl-C; SIGTERM; kill -9 (left Running: nothing could record it); Ctrl-C;
+    # SIGTERM during the tokenizer's Ray training
     assert flows[0] == ["FAILED", "Failed"]
-    assert all(f[0] in ("CANCELLED", "CRASHED") for f in (flows[1], flows[2], flows[4])), flows
+    assert all(f[0] in ("CANCELLED", "CRASHED") for f in (flows[1], flows[2], flows[4], flows[5])), flows
     tasks = [t[1:] for t in data["tasks"]]
     assert ["prepare", "FAILED", "Failed"] in tasks
     assert ["prepare", "COMPLETED", "Skipped"] in tasks  # unchanged in the later runs
