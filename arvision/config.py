@@ -97,6 +97,10 @@ class TokenizerConfig(_Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # the cosine ends at this share of lr
     grad_clip: float = Field(1.0, ge=0.0)
     log_every: int = Field(50, ge=1)
+    # a checkpoint every N steps: an interrupted run re-run with the same params and data
+    # resumes from the last one (the same weights as an uninterrupted run, on CPU). DVC tracks
+    # the tokenizer section whole, so changing it re-runs the stage
+    checkpoint_every: int = Field(500, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     # 0: train in the stage's process; N >= 1: on N Ray Train workers (DDP; resources from the

@@ -13,6 +13,12 @@ With ``tokenizer.num_workers`` N > 0 the training runs on N Ray Train workers in
 its own part of the train split and batch_size / N images a step); the trained state comes
 back to this process, which evaluates, saves and registers it as above. A ``palette`` is
 fitted (k-means), not trained: it is always fitted here, whatever ``num_workers`` says.
+
+Resumable: training checkpoints every ``tokenizer.checkpoint_every`` steps into
+``.arvision/ray/tokenizer-<hash of params and data>/`` (Ray Train's run folder on workers). A
+run stopped part-way and re-run with the same params and data goes on from the last checkpoint,
+to the same weights as a run never stopped (on CPU); the folder is removed once the stage's
+outputs are saved.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from arvision.cluster import TrainRun
 from arvision.config import Params
 from arvision.data.feed import ImageSplit, shuffle_buffer_rows, shuffled_batches
 from arvision.errors import UserError
@@ -44,26 +51,69 @@ def recon_grid(tok, images: np.ndarray, path: Path, n: int = 16) -> None:
     save_grid(path, [images[:n], rec], row_names=["original", "reconstruction"], scale=3)
 
 
-def _train_on_ray(tok, params: Params, paths: Paths, tracker: Tracker, manifest: dict, curve: list[dict[str, float]]) -> dict[str, float]:
-    """Train on ``tokenizer.num_workers`` Ray Train workers (rank 0 logs to ``tracker``'s run);
-    load the result into ``tok``, append its training curve to ``curve``; return the stats."""
-    from arvision.cluster import TrainRun
+#: the in-process trainer's checkpoint, in the run's folder
+CHECKPOINT = "checkpoint.pt"
+
+
+def _train_run(params: Params, paths: Paths, tracker: Tracker, manifest: dict) -> TrainRun:
+    """The training run's folder and name: the same params and data, the same run (a resume)."""
     from arvision.tracking import tracking_uri
+
+    name = TrainRun.name_for("tokenizer", {"tokenizer": params.tokenizer.model_dump(mode="json"), "seed": params.seed,
+                                           "data": manifest.get("content_hash")})
+    return TrainRun(paths.cache / "ray", name, tracker.run_id, tracking_uri(paths.root) if tracker.run_id else None, paths.root)
+
+
+def _train_here(tok, params: Params, paths: Paths, run: TrainRun, device, log, rows: int) -> dict[str, float]:
+    """Train in this process, checkpointing into ``run``'s folder and resuming from it."""
+    cfg = params.tokenizer
+    ckpt = run.storage / run.name / CHECKPOINT
+    state = None
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        try:  # a checkpoint this code cannot load (another version's model) is dropped, not fatal
+            tok.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as e:
+            logger.warning("tokenizer: dropping the checkpoint at %s, which this tokenizer cannot load (%s); "
+                           "training from the start", ckpt, str(e).splitlines()[0])
+            state = None
+    if state is not None:
+        logger.info("tokenizer: resuming from the checkpoint at step %d of %d (%s)", state["step"], cfg.steps, ckpt)
+        for row in state["curve"]:  # this stage run's MLflow run and curve hold the whole curve
+            log(row["step"], {k: v for k, v in row.items() if k != "step"})
+    curve = list((state or {}).get("curve", []))
+
+    def logged(step: int, m: dict[str, float]) -> None:
+        log(step, m)
+        curve.append({"step": step, **m})
+
+    def save(step: int, st: dict[str, Any]) -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_name(f".{CHECKPOINT}.tmp")
+        torch.save({**st, "curve": curve}, tmp)
+        tmp.replace(ckpt)  # whole or not at all
+
+    buffer = shuffle_buffer_rows(cfg.batch_size, tok.resolution ** 2 * tok.channels)
+    source = shuffled_batches(paths.prepared / "train", min(cfg.batch_size, rows), params.seed, buffer,
+                              skip=int(state["step"]) if state else 0)
+    try:
+        return train_tokenizer(tok, source, cfg, seed=params.seed, device=device, log=logged, state=state, on_checkpoint=save)
+    finally:
+        source.close()
+
+
+def _train_on_ray(tok, params: Params, paths: Paths, run: TrainRun, manifest: dict, curve: list[dict[str, float]]) -> dict[str, float]:
+    """Train on ``tokenizer.num_workers`` Ray Train workers (rank 0 logs to ``run``'s MLflow
+    run); load the result into ``tok``, append its training curve to ``curve``; return the stats."""
     from arvision.train.ray_tokenizer import fit_tokenizer
 
     cfg = params.tokenizer
-    run = TrainRun(
-        paths.cache / "ray", TrainRun.name_for("tokenizer", {"tokenizer": cfg.model_dump(mode="json"), "seed": params.seed,
-                                                               "data": manifest.get("content_hash")}),
-        tracker.run_id, tracking_uri(paths.root) if tracker.run_id else None, paths.root,
-    )
     state = fit_tokenizer(
         tokenizer_cfg=cfg, ray_cfg=params.ray, seed=params.seed, split_dir=paths.prepared / "train",
         channels=manifest["channels"], resolution=manifest["resolution"], run=run,
     )
     tok.load_state_dict(state["model"])
     curve.extend(state["curve"])
-    run.cleanup()
     return state["stats"]
 
 
@@ -86,16 +136,14 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     if cfg.num_workers and tok.kind == "palette":
         logger.info("tokenizer: a palette is fitted by k-means, not trained: fitted in this process "
                     "(tokenizer.num_workers %d does not apply)", cfg.num_workers)
-    if cfg.num_workers and tok.kind != "palette":
-        trained = _train_on_ray(tok, params, paths, tracker, manifest, curve)
-    else:
+    run = _train_run(params, paths, tracker, manifest)
+    if tok.kind == "palette":  # fitted on (at most) a buffer's worth of images: all of them when they fit
         buffer = shuffle_buffer_rows(cfg.batch_size, int(np.prod(train_x.shape[1:])))
-        if tok.kind == "palette":  # fitted on (at most) a buffer's worth of images: all of them when they fit
-            source = train_x[:buffer]
-        else:
-            source = shuffled_batches(paths.prepared / "train", min(cfg.batch_size, len(train_x)), params.seed, buffer)
-        trained = train_tokenizer(tok, source, cfg, seed=params.seed, device=device, log=log)
-        del source
+        trained = train_tokenizer(tok, train_x[:buffer], cfg, seed=params.seed, device=device, log=log)
+    elif cfg.num_workers:
+        trained = _train_on_ray(tok, params, paths, run, manifest, curve)
+    else:
+        trained = _train_here(tok, params, paths, run, device, log, len(train_x))
     tok.eval()
     val = evaluate_tokenizer(tok, val_x if len(val_x) else train_x, device=device)
     # codebook usage counted on train too: there every scale (even msvq's 1×1) sees enough
@@ -114,6 +162,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
                 tracker.run_id, out, {"kind": cfg.kind, "data.content_hash": manifest["content_hash"]}
             )
         write_json(out / "registry.json", info)
+    run.cleanup()  # the outputs hold the result now: nothing to resume
     n_params = sum(p.numel() for p in tok.parameters())
     return {
         **{f"val_{k}": v for k, v in val.items()},

@@ -213,3 +213,94 @@ def test_palette_is_fitted_in_process_whatever_num_workers(tmp_path, caplog):
         assert not (root / ".arvision" / "ray").exists()  # no Ray run
     assert "palette is fitted by k-means" in caplog.text and "tokenizer.num_workers 2 does not apply" in caplog.text
     assert "palette" in saved[0] and saved[0].keys() == saved[2].keys() and all(torch.equal(saved[0][k], saved[2][k]) for k in saved[0])
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+@pytest.mark.parametrize("buffer", [4096, 10])  # the part fits the buffer / streams through it
+def test_skip_drops_the_first_batches_and_keeps_the_rest(tmp_path, buffer):
+    split = _prepared(tmp_path, n_train=50, shard_size=8).prepared / "train"
+    for part in ((0, 1), (1, 2)):
+        whole = shuffled_batches(split, 5, 0, buffer, labels=True, part=part)
+        expected = [next(whole) for _ in range(20)]
+        skipped = shuffled_batches(split, 5, 0, buffer, labels=True, part=part, skip=7)
+        for want, (x, y) in zip(expected[7:], (next(skipped) for _ in range(13))):
+            assert np.array_equal(want[0], x) and np.array_equal(want[1], y)
+
+
+@pytest.mark.parametrize("buffer", [4096, 10], ids=["in-memory", "streamed"])
+def test_interrupted_stage_resumes_to_the_same_tokenizer(tmp_path, monkeypatch, buffer):
+    """The stage stopped right after its checkpoint at step 4 of 8 (a KeyboardInterrupt, as
+    Ctrl-C) leaves that checkpoint and no tokenizer; run again with the same params, it goes on
+    from step 4 and saves bit for bit what a run never stopped saves: weights, codebook, curve
+    and val metrics. The checkpoint's folder is gone afterwards."""
+    import stages.tokenizer as stage
+
+    monkeypatch.setattr(stage, "shuffle_buffer_rows", lambda *a, **k: buffer)
+    cfg = _cfg(steps=8, checkpoint_every=2, log_every=3)  # a checkpoint between two log lines
+    params = parse_params({"seed": 0, "tokenizer": cfg.model_dump(mode="json")})
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for root in (whole, cut):
+        _prepared(root, n_train=48)
+    ref = stage.run(params, Paths(whole), NullTracker())
+
+    train = stage.train_tokenizer
+
+    def stopped_at_4(*args, on_checkpoint=None, **kw):
+        def save_then_stop(step, st):
+            on_checkpoint(step, st)
+            if step == 4:
+                raise KeyboardInterrupt
+        return train(*args, on_checkpoint=save_then_stop, **kw)
+
+    monkeypatch.setattr(stage, "train_tokenizer", stopped_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(params, Paths(cut), NullTracker())
+    ckpts = list((cut / ".arvision" / "ray").glob("tokenizer-*/checkpoint.pt"))
+    assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=False)["step"] == 4
+    assert not (cut / "models" / "tokenizer").exists()
+    monkeypatch.setattr(stage, "train_tokenizer", train)
+    again = stage.run(params, Paths(cut), NullTracker())
+    s0, s1 = (load_tokenizer(r / "models" / "tokenizer").state_dict() for r in (whole, cut))
+    assert all(torch.equal(s0[k], s1[k]) for k in s0), [k for k in s0 if not torch.equal(s0[k], s1[k])]
+    assert _curve(whole / "metrics" / "tokenizer_curve.csv") == _curve(cut / "metrics" / "tokenizer_curve.csv")
+    assert [int(r["step"]) for r in _curve(cut / "metrics" / "tokenizer_curve.csv")] == [3, 6, 8]
+    assert {k: v for k, v in ref.items() if k != "train_seconds"} == {k: v for k, v in again.items() if k != "train_seconds"}
+    assert not list((cut / ".arvision" / "ray").glob("tokenizer-*"))
+
+
+def test_a_checkpoint_the_tokenizer_cannot_load_is_dropped(tmp_path, caplog):
+    """A checkpoint of another model (e.g. left by another version of the code under the same
+    run name) is not fatal: the stage says so and trains from the start."""
+    import logging
+
+    import stages.tokenizer as stage
+
+    root = tmp_path / "p"
+    _prepared(root)
+    params = parse_params({"seed": 0, "tokenizer": _cfg(steps=2).model_dump(mode="json")})
+    run = stage._train_run(params, Paths(root), NullTracker(), {"content_hash": "synthetic"})
+    (run.storage / run.name).mkdir(parents=True)
+    torch.save({"model": {"not": torch.zeros(1)}, "step": 1}, run.storage / run.name / stage.CHECKPOINT)
+    with caplog.at_level(logging.WARNING, logger="arvision"):
+        stage.run(params, Paths(root), NullTracker())
+    assert "dropping the checkpoint" in caplog.text and "training from the start" in caplog.text
+    assert (root / "models" / "tokenizer" / "config.json").exists()
+
+
+def test_a_finished_ray_run_run_again_gives_its_result_without_training(tmp_path, ray_session):
+    """Two workers, checkpoints every 2 of 6 steps; the same run name again (the stage re-run
+    before it could save, say) restores the finished run's result: the same state, curve and
+    stats, its training time included (nothing trained again)."""
+    from arvision.train.ray_tokenizer import fit_tokenizer
+
+    paths = _prepared(tmp_path)
+    cfg = _cfg(num_workers=2, checkpoint_every=2)
+    kw = dict(tokenizer_cfg=cfg, ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1), seed=0,
+              split_dir=paths.prepared / "train", channels=3, resolution=RES)
+    first = fit_tokenizer(**kw, run=TrainRun(tmp_path / "ray", "same", root=ROOT))
+    again = fit_tokenizer(**kw, run=TrainRun(tmp_path / "ray", "same", root=ROOT))
+    assert all(torch.equal(first["model"][k], again["model"][k]) for k in first["model"])
+    assert first["curve"] == again["curve"] and [r["step"] for r in first["curve"]] == list(range(1, 7))
+    assert first["stats"] == again["stats"]

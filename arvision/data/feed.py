@@ -26,7 +26,7 @@ def shuffle_buffer_rows(batch_size: int, image_bytes: int, max_bytes: int = 1 <<
 
 def shuffled_batches(
     split_dir: str | Path, batch_size: int, seed: int, buffer_rows: int, *, labels: bool = False,
-    part: tuple[int, int] = (0, 1),
+    part: tuple[int, int] = (0, 1), skip: int = 0,
 ) -> Iterator[Any]:
     """Endless, seeded batches of a prepared split: uint8 ``(batch, H, W, C)`` (with ``labels``:
     ``(images, labels int32 (batch,))``), in memory bounded by ``buffer_rows`` images.
@@ -43,6 +43,9 @@ def shuffled_batches(
     whose index in the split (the prepared order) is ``rank`` modulo ``world``, as above with
     seed ``seed + rank``; only those rows are decoded. The parts of a split are disjoint and
     together cover it; ``(0, 1)`` is the whole split, the same batches as without ``part``.
+
+    ``skip`` drops the first batches without decoding them (a resumed trainer continues where it
+    stopped): the buffer holds the rows' PNG bytes, and only the batches given out are decoded.
     """
     rank, world = part
     if batch_size < 1 or buffer_rows < 1:
@@ -66,20 +69,20 @@ def shuffled_batches(
             whole = ImageSplit(split_dir, cache_bytes=0)
             images, ys = whole[rows], whole.labels[rows]
             del whole
-        for idx in endless_indices(n, batch_size, seed):
+        for idx in endless_indices(n, batch_size, seed, skip=skip):
             i = idx.numpy()
             yield (images[i], ys[i]) if labels else images[i]
         return  # not reached: the batches are endless
     paths = shard_paths(split_dir)
     starts = np.cumsum([0] + [pq.ParquetFile(str(p)).metadata.num_rows for p in paths])  # first row of each shard
     rng = np.random.default_rng(seed)
-    buf_x: Optional[np.ndarray] = None
+    buf_png = np.empty(buffer_rows, object)  # PNG bytes: decoded only when given out
     buf_y = np.zeros(buffer_rows, np.int32)
     filled = 0
-    out_x: list[np.ndarray] = []
+    out_png: list[np.ndarray] = []
     out_y: list[np.ndarray] = []
     pending = 0
-    chunk = 256  # rows decoded at a time
+    chunk = min(256, buffer_rows)  # rows taken into the buffer at a time (a sample of them: at most the buffer)
     while True:  # one pass over the split an epoch
         for s in rng.permutation(len(paths)):
             table = pq.read_table(str(paths[s]), columns=["image", "label"])
@@ -90,24 +93,27 @@ def shuffled_batches(
                 order = order[(starts[s] + order) % world == rank]
             for c in range(0, len(order), chunk):
                 rows = order[c : c + chunk]
-                x = np.stack([decode_png(blobs[int(r)].as_py()) for r in rows])
+                x = np.empty(len(rows), object)
+                x[:] = [blobs[int(r)].as_py() for r in rows]
                 y = ys[rows]
-                if buf_x is None:
-                    buf_x = np.empty((buffer_rows, *x.shape[1:]), np.uint8)
                 take = min(buffer_rows - filled, len(x))
-                buf_x[filled : filled + take], buf_y[filled : filled + take] = x[:take], y[:take]
+                buf_png[filled : filled + take], buf_y[filled : filled + take] = x[:take], y[:take]
                 filled += take
                 x, y = x[take:], y[take:]
                 if len(x):
                     slots = rng.choice(buffer_rows, size=len(x), replace=False)
-                    out_x.append(buf_x[slots])  # fancy indexing copies
+                    out_png.append(buf_png[slots])  # fancy indexing copies
                     out_y.append(buf_y[slots])
-                    buf_x[slots], buf_y[slots] = x, y
+                    buf_png[slots], buf_y[slots] = x, y
                     pending += len(x)
                 while pending >= batch_size:
-                    bx, by = np.concatenate(out_x), np.concatenate(out_y)
-                    yield (bx[:batch_size], by[:batch_size]) if labels else bx[:batch_size]
-                    out_x, out_y, pending = [bx[batch_size:]], [by[batch_size:]], pending - batch_size
+                    bp, by = np.concatenate(out_png), np.concatenate(out_y)
+                    out_png, out_y, pending = [bp[batch_size:]], [by[batch_size:]], pending - batch_size
+                    if skip > 0:
+                        skip -= 1
+                        continue
+                    bx = np.stack([decode_png(b) for b in bp[:batch_size]])
+                    yield (bx, by[:batch_size]) if labels else bx
             del table, blobs
 
 

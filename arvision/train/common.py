@@ -7,8 +7,9 @@ tokenizer trainer (:mod:`arvision.train.tokenizer`), the prior loop (:mod:`arvis
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -44,6 +45,18 @@ def warmup_cosine(
         lambda step: lr_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio),
         last_epoch=last_step,
     )
+
+
+def to_cpu(tree: Any) -> Any:
+    """A copy of ``tree`` (tensors, dicts, lists, tuples, plain values) with its tensors on the CPU:
+    what a checkpoint holds."""
+    if isinstance(tree, Tensor):
+        return tree.detach().cpu().clone()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return copy.deepcopy(tree)
 
 
 def endless_indices(n: int, batch_size: int, seed: int, skip: int = 0) -> Iterator[Tensor]:

@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from arvision.config import PriorConfig
-from arvision.train.common import autocast, lr_factor, warmup_cosine
+from arvision.train.common import autocast, lr_factor, to_cpu, warmup_cosine
 
 __all__ = [
     "train_prior", "compile_model", "checkpoint_state", "final_weights", "kept_weights", "ema_model", "val_loss", "lr_at",
@@ -158,20 +158,10 @@ class EMA:
 _FULL = StateDictOptions(full_state_dict=True)
 
 
-def _to_cpu(tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.detach().cpu().clone()
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_cpu(v) for v in tree)
-    return copy.deepcopy(tree)
-
-
 def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The raw model's full state dict on CPU (plain keys: no DDP / compile prefixes). Under
     FSDP every rank must call it (the shards are gathered)."""
-    return _to_cpu(get_model_state_dict(model, options=_FULL))
+    return to_cpu(get_model_state_dict(model, options=_FULL))
 
 
 def _load_full_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
@@ -225,7 +215,7 @@ def checkpoint_state(
     when off), ``optimizer``, ``step``, ``rng``, ``micro_batches`` consumed, and the validation
     bookkeeping (keys of :func:`_new_validation`; empty curve when validation is off)."""
     ema_sd = None if ema is None else _ema_state_dict(model, ema)
-    opt_sd = _to_cpu(get_optimizer_state_dict(model, optimizer, options=_FULL))
+    opt_sd = to_cpu(get_optimizer_state_dict(model, optimizer, options=_FULL))
     return {
         "model": _full_state_dict(model), "ema": ema_sd, "optimizer": opt_sd, "step": step,
         "rng": _rng_state(device), "micro_batches": micro_batches, **_copy_validation(validation or _new_validation()),

@@ -18,8 +18,12 @@ Rank 0 logs to the stage's MLflow run and reports the trained state (weights and
 CPU, the training curve, the final stats, and a hash of every rank's state) as a Ray Train
 checkpoint, which :func:`fit_tokenizer` returns; it refuses a result whose replicas differ.
 
-Nothing is resumed: the tokenizer reports one checkpoint, at the end (a lost worker, with
-``ray.max_failures``, restarts the group from the start). Workers read the prepared Parquet
+Resumable: every ``tokenizer.checkpoint_every`` steps rank 0 reports a checkpoint (weights and
+codebook, optimizer, step, RNG, curve); a lost worker (``ray.max_failures``) restarts the group
+from it, and so does a re-run of the stage with the same params and data (the same run name in
+the same storage). Each rank's stream then skips the batches it had consumed, so the result is
+the one a run never stopped gives. A run that had finished reports its result again without
+training. Workers read the prepared Parquet
 shards from their path, so on a cluster of several machines it must be on shared storage
 (as for the prior's validation split).
 
@@ -113,6 +117,24 @@ def _train_worker(config: dict[str, Any]) -> None:
         dist.all_reduce(t)  # sum
         return t
 
+    def report(metrics: dict[str, Any], saved: dict[str, Any]) -> None:
+        """Every rank reports; rank 0 with ``saved`` as the checkpoint."""
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(saved, Path(tmp) / STATE_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+    resumed = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # a restarted group, or the stage re-run: go on from the last checkpoint
+        with ckpt.as_directory() as d:
+            resumed = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        if resumed.get("done"):  # the run had finished: its result again, no training
+            report({"step": cfg.steps}, resumed)
+            return
+
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
         from arvision.tracking import MlflowTracker
@@ -126,19 +148,22 @@ def _train_worker(config: dict[str, Any]) -> None:
             if tracker is not None:
                 tracker.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
 
-    batches = shuffled_batches(config["split_dir"], config["batch"], seed, config["buffer"], part=(rank, world))
-    stats = train_tokenizer(tok, batches, cfg, seed=seed, device=device, log=on_log, progress=rank == 0, model=model, reduce=reduce)
-    del batches
+    for row in (resumed or {}).get("curve", []):  # the stage's MLflow run and curve hold the whole curve
+        on_log(row["step"], {k: v for k, v in row.items() if k != "step"})
+
+    def on_checkpoint(step: int, st: dict[str, Any]) -> None:
+        report({"step": step}, {**st, "curve": curve})
+
+    skip = int(resumed["step"]) if resumed else 0
+    batches = shuffled_batches(config["split_dir"], config["batch"], seed, config["buffer"], part=(rank, world), skip=skip)
+    stats = train_tokenizer(tok, batches, cfg, seed=seed, device=device, log=on_log, progress=rank == 0, model=model,
+                            reduce=reduce, state=resumed, on_checkpoint=on_checkpoint)
+    batches.close()
     state = {k: v.detach().cpu().clone() for k, v in tok.state_dict().items()}
     hashes: list[Any] = [None] * world
     dist.all_gather_object(hashes, state_hash(state))
     metrics = {"step": cfg.steps, **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"model": state, "curve": curve, "stats": stats, "replica_hashes": hashes, "world": world}, Path(tmp) / STATE_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(metrics, checkpoint=None)
+    report(metrics, {"model": state, "curve": curve, "stats": stats, "replica_hashes": hashes, "world": world, "done": True})
 
 
 def fit_tokenizer(
@@ -155,8 +180,9 @@ def fit_tokenizer(
     train split ``split_dir``; return ``{"model": state dict (CPU), "curve": [{"step", ...}],
     "stats": train_tokenizer's result, "replica_hashes": [one a rank], "world"}``. Resources:
     ``ray.cpus_per_worker``, a GPU a worker per :func:`use_gpu`, ``ray.address``; a lost worker
-    restarts the run ``ray.max_failures`` times. ``run``'s folder (Ray's run folder) is
-    cleared first: a run always starts fresh."""
+    restarts the run ``ray.max_failures`` times from its last checkpoint. ``run``'s folder (Ray's
+    run folder) is kept: the same run again resumes there (the stage removes it once its
+    outputs are saved)."""
     import numpy as np
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -172,7 +198,6 @@ def fit_tokenizer(
     buffer = shuffle_buffer_rows(batch, int(np.prod((resolution, resolution, channels))))
     gpu = use_gpu(tokenizer_cfg, ray_cfg)
     init_ray(ray_cfg.model_copy(update={"num_workers": workers}), run.root)  # sized for these workers
-    run.cleanup()  # nothing to resume: never restore an old run
     resources: dict[str, float] = {"CPU": ray_cfg.cpus_per_worker}
     if gpu:
         resources["GPU"] = 1

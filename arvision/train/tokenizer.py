@@ -62,6 +62,8 @@ def train_tokenizer(
     progress: bool = True,
     model: torch.nn.Module | None = None,
     reduce: Reduce | None = None,
+    state: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
     """Train (or, for ``palette``, fit) ``tok`` in place on uint8 images: an array ``(N, H, W, C)``
     (held on the device; batches drawn by :func:`endless_indices`) or an endless iterable of
@@ -75,6 +77,13 @@ def train_tokenizer(
     takes it, and the logged stats are averaged over the replicas with it. Each replica's
     stream then holds its share of the global batch; ``cfg.batch_size`` stays the global batch
     (``images_per_s`` counts every replica's images).
+
+    Resuming: every ``cfg.checkpoint_every`` steps (not after the last) ``on_checkpoint(step,
+    state)`` gets what a resumed run needs (:func:`checkpoint_state`: weights and codebook,
+    optimizer, step, RNG, the half-accumulated log). Given back as ``state``, training goes on
+    from that step; an array's batches skip the consumed ones here, a stream must come already
+    advanced (:func:`arvision.data.feed.shuffled_batches`'s ``skip``). Resumed or not, the same
+    steps give the same weights on CPU.
 
     Returns the last logged training stats plus ``train_time_s`` and ``images_per_s``.
     """
@@ -100,9 +109,10 @@ def train_tokenizer(
             tok.decoder.compile()
     tok.train()
     forward = tok.training_loss if model is None else model.train()
+    start = int(state["step"]) if state else 0
     if in_memory:
         data = torch.from_numpy(np.ascontiguousarray(train_images)).to(device)  # uint8 (N, H, W, C)
-        indices = endless_indices(len(data), min(cfg.batch_size, len(data)), seed)
+        indices = endless_indices(len(data), min(cfg.batch_size, len(data)), seed, skip=start)
         batches: Iterator[torch.Tensor] = (data[idx.to(device)] for idx in indices)
     else:
         stream = iter(train_images)
@@ -112,11 +122,20 @@ def train_tokenizer(
             stream = prefetched(stream)
         batches = (torch.from_numpy(np.ascontiguousarray(b)).to(device) for b in stream)  # uint8 (B, H, W, C)
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    schedule = warmup_cosine(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
     last: dict[str, float] = {}
     acc: dict[str, float] = {}
     n_acc = 0
-    bar = tqdm(range(cfg.steps), desc=f"tokenizer/{tok.kind}", unit="step", disable=not progress, leave=False)
+    if state:
+        tok.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if cuda and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        last, acc, n_acc = dict(state["last"]), dict(state["acc"]), int(state["n_acc"])
+    schedule = warmup_cosine(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
+                             last_step=start - 1)
+    bar = tqdm(range(start, cfg.steps), desc=f"tokenizer/{tok.kind}", unit="step", disable=not progress, leave=False,
+               initial=start, total=cfg.steps)
     for step in bar:
         lr = opt.param_groups[0]["lr"]
         try:
@@ -148,11 +167,28 @@ def train_tokenizer(
             bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last.get('psnr', 0):.2f}", usage=f"{last.get('batch_usage', 1):.2f}")
             if log:
                 log(step + 1, last)
+        if on_checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            on_checkpoint(step + 1, checkpoint_state(tok, opt, step + 1, device, last, acc, n_acc))
     elapsed = time.perf_counter() - t0
     if not in_memory and hasattr(stream, "close"):
         stream.close()  # stops a prefetching thread
     tok.eval()
-    return {**last, "train_time_s": elapsed, "images_per_s": cfg.steps * cfg.batch_size / max(elapsed, 1e-9)}
+    done = cfg.steps - start  # this run's steps: a resumed run's rate counts only its own
+    return {**last, "train_time_s": elapsed, "images_per_s": done * cfg.batch_size / max(elapsed, 1e-9)}
+
+
+def checkpoint_state(tok: Tokenizer, opt: torch.optim.Optimizer, step: int, device: torch.device,
+                     last: dict[str, float], acc: dict[str, float], n_acc: int) -> dict[str, Any]:
+    """What :func:`train_tokenizer` resumes from (CPU copies): ``model`` (weights and the
+    quantiser's buffers), ``optimizer``, ``step``, ``rng``, and the log's ``last`` / ``acc`` /
+    ``n_acc`` (stats accumulated since the last log line)."""
+    from arvision.train.common import to_cpu
+
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return {"model": {k: v.detach().cpu().clone() for k, v in tok.state_dict().items()}, "optimizer": to_cpu(opt.state_dict()),
+            "step": step, "rng": rng, "last": dict(last), "acc": dict(acc), "n_acc": n_acc}
 
 
 def _replica_means(stats: dict[str, float], reduce: Reduce, device: torch.device) -> dict[str, float]:
