@@ -50,10 +50,12 @@ def main() -> None:
             torch.manual_seed(0)
             return build_tokenizer(cfg, channels=3, resolution=32)
 
-        curves: dict[str, list] = {"whole": [], "resumed": []}
-        whole = fresh()
-        train_tokenizer(whole, shuffled_batches(split, cfg.batch_size, 0, 4096), cfg, seed=0, device=device, progress=False,
-                        log=lambda s, m: curves["whole"].append((s, m["loss"])))
+        curves: dict[str, list] = {"whole": [], "whole_again": [], "resumed": []}
+        runs = {}
+        for name in ("whole", "whole_again"):  # twice: how far two runs never stopped differ here
+            runs[name] = fresh()
+            train_tokenizer(runs[name], shuffled_batches(split, cfg.batch_size, 0, 4096), cfg, seed=0, device=device, progress=False,
+                            log=lambda s, m, name=name: curves[name].append((s, m["loss"])))
         saved = {}
 
         class Stop(Exception):
@@ -72,14 +74,20 @@ def main() -> None:
         resumed = fresh()
         train_tokenizer(resumed, shuffled_batches(split, cfg.batch_size, 0, 4096, skip=saved["step"]), cfg, seed=0, device=device,
                         progress=False, log=lambda s, m: curves["resumed"].append((s, m["loss"])), state=saved)
-    a, b = whole.state_dict(), resumed.state_dict()
-    diffs = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point()}
-    la, lb = np.array([v for _, v in curves["whole"]]), np.array([v for _, v in curves["resumed"]])
+    def compare(x, y, cx, cy) -> dict:
+        a, b = x.state_dict(), y.state_dict()
+        diffs = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point()}
+        top = sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+        la, lb = np.array([v for _, v in cx]), np.array([v for _, v in cy])
+        return {"bitwise_equal": all(torch.equal(a[k], b[k]) for k in a), "largest_weight_diffs": dict(top),
+                "max_loss_diff": float(np.abs(la - lb).max()), "last_loss": [float(la[-1]), float(lb[-1])],
+                "curve_steps_equal": [t for t, _ in cx] == [t for t, _ in cy]}
+
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "commit": os.environ.get("ARVISION_COMMIT"),
-        "steps": args.steps, "stopped_at": saved["step"], "curve_steps_equal": [s for s, _ in curves["whole"]] == [s for s, _ in curves["resumed"]],
-        "max_weight_diff": max(diffs.values()), "max_loss_diff": float(np.abs(la - lb).max()), "last_loss": [float(la[-1]), float(lb[-1])],
-        "bitwise_equal": all(torch.equal(a[k], b[k]) for k in a),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+        "commit": os.environ.get("ARVISION_COMMIT"), "steps": args.steps, "stopped_at": saved["step"],
+        "resumed_vs_whole": compare(runs["whole"], resumed, curves["whole"], curves["resumed"]),
+        "whole_again_vs_whole": compare(runs["whole"], runs["whole_again"], curves["whole"], curves["whole_again"]),
     }
     print(json.dumps(result), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
