@@ -369,9 +369,11 @@ def run_pipeline(root: Path, force: bool = False, lock: RunLock | None = None) -
 
 
 def _on_sigterm(server_pid: int | None):
-    """SIGTERM to ``arvision run``: end the way Ctrl-C does. The running stage (and the processes
-    it started) get the SIGTERM too, which a stage handles as Ctrl-C (SIGINT may be ignored in
-    a process started in the background); with no stage running, the flow is interrupted."""
+    """SIGTERM to ``arvision run``: end the way Ctrl-C does. The running stage and DVC get the
+    SIGTERM too, which a stage handles as Ctrl-C (SIGINT may be ignored in a process started in
+    the background); with no stage running, the flow is interrupted. What a stage started
+    (Ray's daemons and workers) is the stage's to stop: killed under it, Ray ended the stage
+    with status 1 before it could end its runs (``ray.shutdown`` at the stage's exit stops them)."""
 
     def handler(signum, frame) -> None:
         import psutil
@@ -387,7 +389,7 @@ def _on_sigterm(server_pid: int | None):
         # when SHELL is unset) dies of SIGTERM at once, and DVC would return before the stage
         # has ended its MLflow run and removed its partial output. The shell is left to end
         # when its command does.
-        targets = [p for p in kids if not _is_waiting_shell(p)] or kids
+        targets = [p for p in kids if not _is_waiting_shell(p) and not _under_a_stage(p)] or kids
         for p in targets:
             try:
                 p.send_signal(signal.SIGTERM)
@@ -400,6 +402,27 @@ def _on_sigterm(server_pid: int | None):
 
 
 _SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "fish"}
+
+
+def _is_stage(proc) -> bool:
+    """A stage's own process: ``python -m stages.<name>``."""
+    import psutil
+
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return False
+    return any(a == "-m" and b.startswith("stages.") for a, b in zip(cmd, cmd[1:]))
+
+
+def _under_a_stage(proc) -> bool:
+    """Whether a stage's process is among ``proc``'s ancestors."""
+    import psutil
+
+    try:
+        return any(_is_stage(parent) for parent in proc.parents())
+    except psutil.Error:
+        return False
 
 
 def _is_waiting_shell(proc) -> bool:
