@@ -155,6 +155,8 @@ def _train_worker(config: dict[str, Any]) -> None:
         report({"step": step}, {**st, "curve": curve})
 
     skip = int(resumed["step"]) if resumed else 0
+    if skip and rank == 0:
+        print(f"tokenizer: resuming from the checkpoint at step {skip} of {cfg.steps}", flush=True)
     batches = shuffled_batches(config["split_dir"], config["batch"], seed, config["buffer"], part=(rank, world), skip=skip)
     stats = train_tokenizer(tok, batches, cfg, seed=seed, device=device, log=on_log, progress=rank == 0, model=model,
                             reduce=reduce, state=resumed, on_checkpoint=on_checkpoint)
