@@ -165,7 +165,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     hashes: list[Any] = [None] * world
     dist.all_gather_object(hashes, state_hash(state))
     metrics = {"step": cfg.steps, **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}
-    report(metrics, {"model": state, "curve": curve, "stats": stats, "replica_hashes": hashes, "world": world, "done": True})
+    report(metrics, {"model": state, "curve": curve, "stats": stats, "replica_hashes": hashes, "world": world, "done": True,
+                     "resumed_from": skip})
 
 
 def fit_tokenizer(
@@ -180,7 +181,8 @@ def fit_tokenizer(
 ) -> dict[str, Any]:
     """Train a tokenizer on ``tokenizer_cfg.num_workers`` Ray Train workers from the prepared
     train split ``split_dir``; return ``{"model": state dict (CPU), "curve": [{"step", ...}],
-    "stats": train_tokenizer's result, "replica_hashes": [one a rank], "world"}``. Resources:
+    "stats": train_tokenizer's result, "replica_hashes": [one a rank], "world", "resumed_from": the
+    step its last start resumed from (0: none)}``. Resources:
     ``ray.cpus_per_worker``, a GPU a worker per :func:`use_gpu`, ``ray.address``; a lost worker
     restarts the run ``ray.max_failures`` times from its last checkpoint. ``run``'s folder (Ray's
     run folder) is kept: the same run again resumes there (the stage removes it once its
