@@ -83,24 +83,15 @@ def _cfg(**kw) -> TokenizerConfig:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray instance for the module, sized for two one-CPU workers. Ray Train's
-    controller checks its workers (and takes up their reports) every 0.2 s instead of 2 s: a
-    report waits for it, and these runs report every few steps."""
-    import os
-
+    """One local Ray instance for the module, sized for two one-CPU workers (Ray Train's
+    controller checks its workers every 0.2 s here: tests/conftest.py)."""
     import ray
 
     from arvision.cluster import init_ray
 
-    before = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     init_ray(RayConfig(num_workers=2, cpus_per_worker=1), ROOT)
     yield
     ray.shutdown()
-    if before is None:
-        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = before
 
 
 @pytest.fixture
