@@ -290,27 +290,12 @@ def test_a_checkpoint_the_tokenizer_cannot_load_is_dropped(tmp_path, caplog):
     assert (root / "models" / "tokenizer" / "config.json").exists()
 
 
-def test_a_finished_ray_run_run_again_gives_its_result_without_training(tmp_path, ray_session):
-    """Two workers, checkpoints every 2 of 6 steps; the same run name again (the stage re-run
-    before it could save, say) restores the finished run's result: the same state, curve and
-    stats, its training time included (nothing trained again)."""
-    from arvision.train.ray_tokenizer import fit_tokenizer
-
-    paths = _prepared(tmp_path)
-    cfg = _cfg(num_workers=2, checkpoint_every=2)
-    kw = dict(tokenizer_cfg=cfg, ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1), seed=0,
-              split_dir=paths.prepared / "train", channels=3, resolution=RES)
-    first = fit_tokenizer(**kw, run=TrainRun(tmp_path / "ray", "same", root=ROOT))
-    again = fit_tokenizer(**kw, run=TrainRun(tmp_path / "ray", "same", root=ROOT))
-    assert all(torch.equal(first["model"][k], again["model"][k]) for k in first["model"])
-    assert first["curve"] == again["curve"] and [r["step"] for r in first["curve"]] == list(range(1, 7))
-    assert first["stats"] == again["stats"]
-
-
 def test_a_lost_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, ray_session):
     """A worker killed (SIGKILL) after the first checkpoints: Ray Train restarts the group
     (``ray.max_failures: 1``) from the last checkpoint, each rank's stream skips what it had
-    consumed, and the result is bit for bit the run no worker was lost in."""
+    consumed, and the result is bit for bit the run no worker was lost in. The same run name
+    again (the stage re-run before it could save, say) restores the finished run's result:
+    the same state, curve and stats, its training time included (nothing trained again)."""
     import signal
     import threading
     import time
@@ -344,3 +329,6 @@ def test_a_lost_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, ray
     assert whole["resumed_from"] == 0 and lost["resumed_from"] > 0  # the new group went on from a checkpoint
     assert all(torch.equal(whole["model"][k], lost["model"][k]) for k in whole["model"])
     assert lost["curve"] == whole["curve"] and [r["step"] for r in lost["curve"]] == list(range(20, 201, 20))
+    again = fit_tokenizer(**kw, ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1), run=TrainRun(tmp_path / "ray", "lost", root=ROOT))
+    assert all(torch.equal(again["model"][k], lost["model"][k]) for k in lost["model"])
+    assert again["curve"] == lost["curve"] and again["stats"] == lost["stats"] and again["resumed_from"] == lost["resumed_from"]
