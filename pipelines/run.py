@@ -380,16 +380,14 @@ def _on_sigterm(server_pid: int | None):
 
         kids = [p for p in psutil.Process().children(recursive=True) if p.pid != server_pid]
         if server_pid is not None:
-            try:
-                server_kids = {p.pid for p in psutil.Process(server_pid).children(recursive=True)}
-            except psutil.Error:
-                server_kids = set()
+            server_kids = _descendants(server_pid)
             kids = [p for p in kids if p.pid not in server_kids]
         # DVC runs a stage as `$SHELL -c CMD`; a shell that did not exec its command (dash,
         # when SHELL is unset) dies of SIGTERM at once, and DVC would return before the stage
         # has ended its MLflow run and removed its partial output. The shell is left to end
         # when its command does.
-        targets = [p for p in kids if not _is_waiting_shell(p) and not _under_a_stage(p)] or kids
+        started = set().union(*(_descendants(p.pid) for p in kids if _is_stage(p)))  # a stage's own: its to stop
+        targets = [p for p in kids if not _is_waiting_shell(p) and p.pid not in started] or kids
         for p in targets:
             try:
                 p.send_signal(signal.SIGTERM)
@@ -415,14 +413,14 @@ def _is_stage(proc) -> bool:
     return any(a == "-m" and b.startswith("stages.") for a, b in zip(cmd, cmd[1:]))
 
 
-def _under_a_stage(proc) -> bool:
-    """Whether a stage's process is among ``proc``'s ancestors."""
+def _descendants(pid: int) -> set[int]:
+    """The pids of process ``pid``'s descendants (none when it has gone)."""
     import psutil
 
     try:
-        return any(_is_stage(parent) for parent in proc.parents())
+        return {c.pid for c in psutil.Process(pid).children(recursive=True)}
     except psutil.Error:
-        return False
+        return set()
 
 
 def _is_waiting_shell(proc) -> bool:

@@ -64,8 +64,10 @@ def _train_run(params: Params, paths: Paths, tracker: Tracker, manifest: dict) -
     return TrainRun(paths.cache / "ray", name, tracker.run_id, tracking_uri(paths.root) if tracker.run_id else None, paths.root)
 
 
-def _train_here(tok, params: Params, paths: Paths, run: TrainRun, device, log, rows: int) -> dict[str, float]:
-    """Train in this process, checkpointing into ``run``'s folder and resuming from it."""
+def _train_here(tok, params: Params, paths: Paths, run: TrainRun, device, log, curve: list[dict[str, float]],
+                rows: int) -> dict[str, float]:
+    """Train in this process, checkpointing into ``run``'s folder and resuming from it. ``log``
+    logs a step's stats and appends them to ``curve``, which checkpoints carry."""
     cfg = params.tokenizer
     ckpt = run.storage / run.name / CHECKPOINT
     state = None
@@ -81,23 +83,18 @@ def _train_here(tok, params: Params, paths: Paths, run: TrainRun, device, log, r
         logger.info("tokenizer: resuming from the checkpoint at step %d of %d (%s)", state["step"], cfg.steps, ckpt)
         for row in state["curve"]:  # this stage run's MLflow run and curve hold the whole curve
             log(row["step"], {k: v for k, v in row.items() if k != "step"})
-    curve = list((state or {}).get("curve", []))
-
-    def logged(step: int, m: dict[str, float]) -> None:
-        log(step, m)
-        curve.append({"step": step, **m})
 
     def save(step: int, st: dict[str, Any]) -> None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_name(f".{CHECKPOINT}.tmp")
-        torch.save({**st, "curve": curve}, tmp)
+        torch.save({**st, "curve": list(curve)}, tmp)
         tmp.replace(ckpt)  # whole or not at all
 
     buffer = shuffle_buffer_rows(cfg.batch_size, tok.resolution ** 2 * tok.channels)
     source = shuffled_batches(paths.prepared / "train", min(cfg.batch_size, rows), params.seed, buffer,
                               skip=int(state["step"]) if state else 0)
     try:
-        return train_tokenizer(tok, source, cfg, seed=params.seed, device=device, log=logged, state=state, on_checkpoint=save)
+        return train_tokenizer(tok, source, cfg, seed=params.seed, device=device, log=log, state=state, on_checkpoint=save)
     finally:
         source.close()
 
@@ -143,7 +140,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     elif cfg.num_workers:
         trained = _train_on_ray(tok, params, paths, run, manifest, curve)
     else:
-        trained = _train_here(tok, params, paths, run, device, log, len(train_x))
+        trained = _train_here(tok, params, paths, run, device, log, curve, len(train_x))
     tok.eval()
     val = evaluate_tokenizer(tok, val_x if len(val_x) else train_x, device=device)
     # codebook usage counted on train too: there every scale (even msvq's 1×1) sees enough

@@ -59,6 +59,21 @@ def to_cpu(tree: Any) -> Any:
     return copy.deepcopy(tree)
 
 
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """torch's global RNG states a resumed run restores: the CPU's, and ``device``'s on a GPU."""
+    st: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def set_rng_state(st: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(st["cpu"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
 def endless_indices(n: int, batch_size: int, seed: int, skip: int = 0) -> Iterator[Tensor]:
     """Endless batches of row indices into ``n`` rows: epoch ``e`` is the permutation drawn by a
     generator seeded ``seed + e``, cut into full batches (the remainder waits for the next

@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from arvision.config import PriorConfig
-from arvision.train.common import autocast, lr_factor, to_cpu, warmup_cosine
+from arvision.train.common import autocast, lr_factor, rng_state, set_rng_state, to_cpu, warmup_cosine
 
 __all__ = [
     "train_prior", "compile_model", "checkpoint_state", "final_weights", "kept_weights", "ema_model", "val_loss", "lr_at",
@@ -168,19 +168,6 @@ def _load_full_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    st: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(st["cpu"])
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
-
-
 def _ema_state_dict(model: nn.Module, ema: EMA) -> dict[str, Tensor]:
     """The raw model's state dict (CPU) with the EMA weights in place of the parameters."""
     if _is_fsdp(model):
@@ -218,7 +205,7 @@ def checkpoint_state(
     opt_sd = to_cpu(get_optimizer_state_dict(model, optimizer, options=_FULL))
     return {
         "model": _full_state_dict(model), "ema": ema_sd, "optimizer": opt_sd, "step": step,
-        "rng": _rng_state(device), "micro_batches": micro_batches, **_copy_validation(validation or _new_validation()),
+        "rng": rng_state(device), "micro_batches": micro_batches, **_copy_validation(validation or _new_validation()),
     }
 
 
@@ -248,7 +235,7 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None
         ema.shadow = [p.detach().float().clone() for p in ema.params]
     _load_full_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    _set_rng_state(state["rng"], device)
+    set_rng_state(state["rng"], device)
 
 
 def _world_size() -> int:

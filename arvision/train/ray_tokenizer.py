@@ -98,6 +98,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     from arvision.data.feed import shuffled_batches
     from arvision.tokenizers import build_tokenizer
+    from arvision.train.common import to_cpu
     from arvision.train.tokenizer import TrainingLoss, train_tokenizer
 
     ctx = ray.train.get_context()
@@ -126,15 +127,6 @@ def _train_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics, checkpoint=None)
 
-    resumed = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # a restarted group, or the stage re-run: go on from the last checkpoint
-        with ckpt.as_directory() as d:
-            resumed = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        if resumed.get("done"):  # the run had finished: its result again, no training
-            report({"step": cfg.steps}, resumed)
-            return
-
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
         from arvision.tracking import MlflowTracker
@@ -148,8 +140,16 @@ def _train_worker(config: dict[str, Any]) -> None:
             if tracker is not None:
                 tracker.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
 
-    for row in (resumed or {}).get("curve", []):  # the stage's MLflow run and curve hold the whole curve
-        on_log(row["step"], {k: v for k, v in row.items() if k != "step"})
+    resumed = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # a restarted group, or the stage re-run: go on from the last checkpoint
+        with ckpt.as_directory() as d:
+            resumed = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        for row in resumed["curve"]:  # the stage's MLflow run and curve hold the whole curve
+            on_log(row["step"], {k: v for k, v in row.items() if k != "step"})
+        if resumed.get("done"):  # the run had finished: its result again, no training
+            report({"step": cfg.steps}, resumed)
+            return
 
     def on_checkpoint(step: int, st: dict[str, Any]) -> None:
         report({"step": step}, {**st, "curve": curve})
@@ -161,7 +161,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     stats = train_tokenizer(tok, batches, cfg, seed=seed, device=device, log=on_log, progress=rank == 0, model=model,
                             reduce=reduce, state=resumed, on_checkpoint=on_checkpoint)
     batches.close()
-    state = {k: v.detach().cpu().clone() for k, v in tok.state_dict().items()}
+    state = to_cpu(tok.state_dict())
     hashes: list[Any] = [None] * world
     dist.all_gather_object(hashes, state_hash(state))
     metrics = {"step": cfg.steps, **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}

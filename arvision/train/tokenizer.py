@@ -30,7 +30,7 @@ from arvision.metrics.image import psnr, ssim
 from arvision.tokenizers import images_to_tensor, tensor_to_images
 from arvision.tokenizers.interface import Reduce, Tokenizer
 from arvision.tokenizers.quantizer import counts_perplexity
-from arvision.train.common import autocast, encode_images, endless_indices, warmup_cosine
+from arvision.train.common import autocast, encode_images, endless_indices, rng_state, set_rng_state, to_cpu, warmup_cosine
 
 LogFn = Callable[[int, dict[str, float]], None]
 
@@ -128,9 +128,7 @@ def train_tokenizer(
     if state:
         tok.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if cuda and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        set_rng_state(state["rng"], device)
         last, acc, n_acc = dict(state["last"]), dict(state["acc"]), int(state["n_acc"])
     schedule = warmup_cosine(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
                              last_step=start - 1)
@@ -182,13 +180,8 @@ def checkpoint_state(tok: Tokenizer, opt: torch.optim.Optimizer, step: int, devi
     """What :func:`train_tokenizer` resumes from (CPU copies): ``model`` (weights and the
     quantiser's buffers), ``optimizer``, ``step``, ``rng``, and the log's ``last`` / ``acc`` /
     ``n_acc`` (stats accumulated since the last log line)."""
-    from arvision.train.common import to_cpu
-
-    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return {"model": {k: v.detach().cpu().clone() for k, v in tok.state_dict().items()}, "optimizer": to_cpu(opt.state_dict()),
-            "step": step, "rng": rng, "last": dict(last), "acc": dict(acc), "n_acc": n_acc}
+    return {"model": to_cpu(tok.state_dict()), "optimizer": to_cpu(opt.state_dict()), "step": step,
+            "rng": rng_state(device), "last": dict(last), "acc": dict(acc), "n_acc": n_acc}
 
 
 def _replica_means(stats: dict[str, float], reduce: Reduce, device: torch.device) -> dict[str, float]:
