@@ -72,10 +72,10 @@ def _train_here(tok, params: Params, paths: Paths, run: TrainRun, device, log, c
     ckpt = run.storage / run.name / CHECKPOINT
     state = None
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        try:  # a checkpoint this code cannot load (another version's model) is dropped, not fatal
+        try:  # a checkpoint this code cannot read or load (damaged, another model) is dropped, not fatal
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
             tok.load_state_dict(state["model"])
-        except (RuntimeError, KeyError) as e:
+        except Exception as e:
             logger.warning("tokenizer: dropping the checkpoint at %s, which this tokenizer cannot load (%s); "
                            "training from the start", ckpt, str(e).splitlines()[0])
             state = None

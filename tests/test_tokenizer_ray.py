@@ -271,9 +271,11 @@ def test_interrupted_stage_resumes_to_the_same_tokenizer(tmp_path, monkeypatch, 
     assert not list((cut / ".arvision" / "ray").glob("tokenizer-*"))
 
 
-def test_a_checkpoint_the_tokenizer_cannot_load_is_dropped(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["another model", "not a checkpoint"])
+def test_a_checkpoint_the_tokenizer_cannot_load_is_dropped(tmp_path, caplog, damage):
     """A checkpoint of another model (e.g. left by another version of the code under the same
-    run name) is not fatal: the stage says so and trains from the start."""
+    run name), or a file that is no checkpoint at all, is not fatal: the stage says so and
+    trains from the start."""
     import logging
 
     import stages.tokenizer as stage
@@ -283,7 +285,10 @@ def test_a_checkpoint_the_tokenizer_cannot_load_is_dropped(tmp_path, caplog):
     params = parse_params({"seed": 0, "tokenizer": _cfg(steps=2).model_dump(mode="json")})
     run = stage._train_run(params, Paths(root), NullTracker(), {"content_hash": "synthetic"})
     (run.storage / run.name).mkdir(parents=True)
-    torch.save({"model": {"not": torch.zeros(1)}, "step": 1}, run.storage / run.name / stage.CHECKPOINT)
+    if damage == "another model":
+        torch.save({"model": {"not": torch.zeros(1)}, "step": 1}, run.storage / run.name / stage.CHECKPOINT)
+    else:
+        (run.storage / run.name / stage.CHECKPOINT).write_bytes(b"half a file")
     with caplog.at_level(logging.WARNING, logger="arvision"):
         stage.run(params, Paths(root), NullTracker())
     assert "dropping the checkpoint" in caplog.text and "training from the start" in caplog.text
