@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from arvision.errors import UserError
-from arvision.tokenizers.interface import Tokenizer, recon_loss
+from arvision.tokenizers.interface import Tokenizer, quantiser_fp32, recon_loss
 
 if TYPE_CHECKING:
     from arvision.config import TokenizerConfig
@@ -118,19 +118,29 @@ class ConvTokenizer(Tokenizer):
         """Codes → ``z_q (B, Z, h, w)``, the same values ``_quantize`` gives in eval mode."""
         raise NotImplementedError
 
+    def _quantize_fp32(self, z_BZhw: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
+        """:meth:`_quantize` with autocast off: encoder and decoder may run in bf16, the
+        quantiser never does (see :func:`quantiser_fp32`)."""
+        with quantiser_fp32(z_BZhw):
+            return self._quantize(z_BZhw.float())
+
+    def _dequantize_fp32(self, codes_BL: Tensor) -> Tensor:
+        with quantiser_fp32(codes_BL):
+            return self._dequantize(codes_BL.long())
+
     # interface ------------------------------------------------------------
     def encode(self, x_BCHW: Tensor) -> Tensor:
-        return self._quantize(self.encoder(x_BCHW).float())[1]
+        return self._quantize_fp32(self.encoder(x_BCHW))[1]
 
     def decode(self, codes_BL: Tensor) -> Tensor:
-        return self.decoder(self._dequantize(codes_BL.long())).float().clamp(-1, 1)
+        return self.decoder(self._dequantize_fp32(codes_BL)).float().clamp(-1, 1)
 
     def reconstruct(self, x_BCHW: Tensor) -> Tensor:
-        z_q = self._quantize(self.encoder(x_BCHW).float())[0]
+        z_q = self._quantize_fp32(self.encoder(x_BCHW))[0]
         return self.decoder(z_q).float().clamp(-1, 1)
 
     def training_loss(self, x_BCHW: Tensor) -> tuple[Tensor, dict[str, float], Tensor]:
-        z_q, codes, aux, stats = self._quantize(self.encoder(x_BCHW).float())
+        z_q, codes, aux, stats = self._quantize_fp32(self.encoder(x_BCHW))
         recon = self.decoder(z_q)
         loss, rstats = recon_loss(recon, x_BCHW)
         return loss + aux, {**rstats, **stats, "aux_loss": float(aux.detach())}, recon

@@ -22,6 +22,14 @@ if TYPE_CHECKING:  # only for the hints: the tokenizer modules import without py
 Reduce = Callable[[Tensor], Tensor]
 
 
+def quantiser_fp32(x: Tensor) -> torch.autocast:
+    """A region where autocast is off on ``x``'s device: the quantiser's lookup, its recorded
+    statistics (EMA counts, residual moments, whitening) and its codes are computed in fp32
+    whatever the caller's autocast (bf16 training on CUDA). Distances in bf16 pick other codes,
+    and an fp32 buffer updated from a bf16 tensor fails (``lerp_``) or loses its precision."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class Tokenizer(nn.Module):
     """Images ↔ integer codes. Subclasses set the attributes and implement ``encode``,
     ``decode``, ``reconstruct`` and ``training_loss``; kinds whose quantiser keeps state

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from arvision.errors import UserError
 from arvision.tokenizers.conv import Z_CHANNELS, ConvTokenizer, flatten_latent
-from arvision.tokenizers.interface import Reduce
+from arvision.tokenizers.interface import Reduce, quantiser_fp32
 from arvision.tokenizers.quantizer import VectorQuantizer, replica_mean
 from arvision.tokenizers.resize import bicubic_resize
 
@@ -224,20 +224,22 @@ class MSVQTokenizer(ConvTokenizer):
         """``(B, L - scales[0]², embed_dim)``: for each scale k ≥ 1, f_hat after the scales < k,
         area-downsampled to (s_k, s_k), flattened row-major; concatenated over k."""
         f_hat, outs = None, []
-        for k, c in enumerate(self._split(codes_BL.long())[:-1]):
-            f_hat, nxt = self.next_scale_input(k, f_hat, c)
-            outs.append(nxt)
+        with quantiser_fp32(codes_BL):  # the prior trains under bf16 autocast; the code space is fp32
+            for k, c in enumerate(self._split(codes_BL.long())[:-1]):
+                f_hat, nxt = self.next_scale_input(k, f_hat, c)
+                outs.append(nxt)
         return torch.cat(outs, 1)
 
     def next_scale_input(self, k: int, f_hat: Tensor | None, codes_k: Tensor) -> tuple[Tensor, Tensor | None]:
         """Add scale k's codes ``(B, s_k²)`` into ``f_hat (B, embed_dim, S, S)`` (None = zeros);
         return ``(f_hat, next)`` with ``next (B, s_{k+1}², embed_dim)`` the input for scale k+1,
         or None after the last scale."""
-        h = self._scale_vectors(k, codes_k.long())
-        f_hat = h if f_hat is None else f_hat + h
-        if k + 1 >= len(self.scales):
-            return f_hat, None
-        return f_hat, rearrange(self._down(f_hat, self.scales[k + 1]), "b z h w -> b (h w) z")
+        with quantiser_fp32(codes_k):  # the VAR prior samples and trains under bf16 autocast
+            h = self._scale_vectors(k, codes_k.long())
+            f_hat = h if f_hat is None else f_hat.float() + h
+            if k + 1 >= len(self.scales):
+                return f_hat, None
+            return f_hat, rearrange(self._down(f_hat, self.scales[k + 1]), "b z h w -> b (h w) z")
 
     def decode_fhat(self, f_hat: Tensor) -> Tensor:
         """Image ``(B, C, H, W)`` in [-1, 1] from the final f_hat ``(B, embed_dim, S, S)``."""
