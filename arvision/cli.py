@@ -90,14 +90,19 @@ def cmd_run(args) -> int:
     from arvision.config import check_batches, load_params
 
     root = Path.cwd()
+    from pipelines.lock import RunLock
+
+    lock = RunLock(root)
+    if args.config:  # params.yaml is not rewritten under a run in progress
+        lock.acquire()
+        for preset in args.config:  # a bad preset ends the process, and with it the lock
+            _apply_preset(root, Path(preset))
     params = load_params(root / "params.yaml")  # every parameter checked before any work
     check_batches(params, root)
     if not (root / "dvc.yaml").exists():
         raise UserError(f"{root} has no dvc.yaml: run arvision from the project root")
-    from pipelines.lock import RunLock
-
-    lock = RunLock(root)
-    lock.acquire()  # before the slow imports: a second run in this repo is told at once
+    if not args.config:
+        lock.acquire()  # before the slow imports: a second run in this repo is told at once
     from pipelines.run import run_pipeline
 
     results, parent, seconds = run_pipeline(root, force=args.force, lock=lock)
@@ -197,6 +202,18 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _apply_preset(root: Path, preset: Path) -> None:
+    """``--config FILE``: FILE's keys merged into params.yaml (which DVC reads), said key by key."""
+    from arvision.presets import apply_preset
+
+    if not (root / "params.yaml").exists():
+        raise UserError(f"{root} has no params.yaml: run arvision from the project root")
+    changed = apply_preset(root / "params.yaml", preset)
+    print(f"params.yaml: applied {preset} ({len(changed)} key{'s' if len(changed) != 1 else ''} changed)")
+    for key, old, new in changed:
+        print(f"  {key}: {old!r} -> {new!r}")
+
+
 def cmd_check(args) -> int:
     from arvision.config import check_batches, load_params
 
@@ -226,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the pipeline (only changed stages run)")
     r.add_argument("--force", action="store_true", help="re-run every stage even if unchanged")
+    r.add_argument("--config", action="append", metavar="FILE",
+                   help="a preset (e.g. configs/gpu/token-64.yaml) merged into params.yaml first, comments kept; repeatable")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("sample", help="draw images from a trained generator")
     s.add_argument("source", help="models:/arvision-generator@champion (or another MLflow model URI), or a directory like models/")

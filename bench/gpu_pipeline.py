@@ -7,6 +7,10 @@ the tokens are encoded in bf16, the prior trains under Ray Train's ``TorchTraine
 worker (bf16 autocast, fused AdamW), and evaluate samples with the KV cache on the GPU.
 
     PYTHONPATH=. python3 bench/gpu_pipeline.py --root /tmp/gpu_run [--out $OUT]
+    PYTHONPATH=. python3 bench/gpu_pipeline.py --config configs/gpu/token-64.yaml --tag token-64 --out $OUT
+
+``--config`` applies a preset over ``params.yaml`` as ``arvision run --config`` does; ``--tag``
+prefixes the files written under ``--out`` (several runs in one call).
 
 Needs Ray and pydantic on the machine (``scripts/device_wheels.sh`` makes wheels to carry).
 """
@@ -34,6 +38,8 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/arvision_gpu_run")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     ap.add_argument("--set", nargs="*", default=[], help="overrides like prior.steps=2000")
+    ap.add_argument("--config", action="append", default=[], help="a preset applied over params.yaml first (repeatable)")
+    ap.add_argument("--tag", default="gpu", help="prefix of the files written under --out")
     args = ap.parse_args()
 
     import torch
@@ -43,11 +49,16 @@ def main() -> None:
     from stages import evaluate, features, prepare, prior, tokenizer, tokens
     from stages.common import Paths
 
+    from arvision.presets import _merge, read_preset
+
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for preset in args.config:
+        raw = _merge(raw, read_preset(Path(preset)))
     raw["tokenizer"]["device"] = raw["tokens"]["device"] = raw["evaluate"]["device"] = raw["features"]["device"] = "cuda"
     raw["ray"]["use_gpu"] = True
     raw["ray"]["cpus_per_worker"] = 4
-    raw["data"]["path"] = str(REPO / "arvision" / "data" / "emoji")
+    if raw["data"]["source"] == "emoji":
+        raw["data"]["path"] = str(REPO / "arvision" / "data" / "emoji")
     for item in args.set:
         key, value = item.split("=", 1)
         section, name = key.split(".")
@@ -77,13 +88,14 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_pipeline.md").write_text(report + "\n")
-        (out / "gpu_pipeline.json").write_text(json.dumps(results, indent=2))
+        total = sum(v["seconds"] for v in results.values())
+        (out / f"{args.tag}_pipeline.md").write_text(f"{' '.join(sys.argv[1:])}\n\ntotal {total:.0f} s\n\n{report}\n")
+        (out / f"{args.tag}_pipeline.json").write_text(json.dumps({"argv": sys.argv[1:], "total_s": total, "params": params.model_dump(mode="json"), "stages": results}, indent=2))
         for f in [root / "reports" / "samples.png", root / "reports" / "memorisation.png", root / "reports" / "curves.png",
                   root / "reports" / "report.md", root / "models" / "tokenizer" / "recon.png",
                   root / "metrics" / "prior_val_curve.csv"]:
             if f.exists():
-                shutil.copy(f, out / f"gpu_{f.parent.name}_{f.name}")
+                shutil.copy(f, out / f"{args.tag}_{f.parent.name}_{f.name}")
 
 
 if __name__ == "__main__":
