@@ -179,6 +179,22 @@ def test_gpt_save_load_roundtrip(tmp_path):
     assert again.config == model.config and again.num_classes == CLASSES
 
 
+def test_prior_saved_before_drop_path_loads(tmp_path):
+    """A config.json written before ``drop_path`` existed (no such key) loads with drop-path off."""
+    import json
+
+    model = _gpt([(4, 4)], vocab=40)
+    save_prior(model, tmp_path / "prior")
+    path = tmp_path / "prior" / "config.json"
+    payload = json.loads(path.read_text())
+    assert payload["config"].pop("drop_path") == 0.0
+    path.write_text(json.dumps(payload))
+    again = load_prior(tmp_path / "prior")
+    assert all(layer.drop_path.p == 0.0 for layer in again.layers)
+    codes, labels = torch.randint(0, 40, (2, 16)), torch.tensor([1, 3])
+    torch.testing.assert_close(again(codes, labels), model(codes, labels), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- sampling helpers
 
 
