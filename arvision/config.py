@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -32,8 +32,9 @@ class _Section(BaseModel):
         Pydantic's lax mode takes either for the other; the rest of lax coercion stays (YAML
         reads ``1e-3`` as a string, which must still pass as a float).
         """
-        is_bool_field = cls.model_fields[info.field_name].annotation is bool
-        if isinstance(value, bool) and not is_bool_field:
+        annotation = cls.model_fields[info.field_name].annotation
+        is_bool_field = annotation is bool
+        if isinstance(value, bool) and not (is_bool_field or bool in get_args(annotation)):
             raise ValueError(f"expected a value of type {_type_name(cls, info.field_name)}, not a boolean")
         if is_bool_field and not isinstance(value, bool):
             raise ValueError("expected true or false")
@@ -140,6 +141,8 @@ class PriorConfig(_Section):
     kind: str = "gpt"  # a kind of the prior registry (arvision.sizes.SIZES): gpt | var
     size: str = "tiny"  # a name of the size registry (arvision.priors.SIZES)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # stochastic depth: the last block's rate, rising linearly from 0 at the first (VAR, timm)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     class_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # for classifier-free guidance
     steps: int = Field(1200, ge=1)
     batch_size: int = Field(64, ge=1)  # per worker, per micro-batch
@@ -151,7 +154,8 @@ class PriorConfig(_Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)  # 0 disables the EMA
-    compile: bool = False
+    # regional torch.compile of each block: auto = on CUDA, off on CPU (arvision.train.loop.use_compile)
+    compile: Union[bool, Literal["auto"]] = "auto"
     strategy: Literal["ddp", "fsdp"] = "ddp"
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(500, ge=1)
@@ -159,6 +163,14 @@ class PriorConfig(_Section):
     eval_every: int = Field(100, ge=0)
     keep: Literal["best", "last"] = "best"  # best: the weights with the lowest val loss
     early_stop_patience: int = Field(0, ge=0)  # stop after this many evals without improvement (0: off)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_setting(cls, value: Any) -> Any:
+        # exactly these three: pydantic would otherwise take "yes", "1" or "on" as true
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError(f"expected auto, true or false, got {value!r}")
 
     @field_validator("kind")
     @classmethod

@@ -63,6 +63,37 @@ def test_bad_choice_lists_allowed_values():
     assert "tokenizer.kind" in msg and "'msvq'" in msg and "vqgan" in msg
 
 
+@pytest.mark.parametrize("value", ["auto", True, False])
+def test_prior_compile_is_auto_true_or_false(value):
+    """``auto`` (the default: compile on CUDA only) and the booleans of older params files."""
+    raw = _raw()
+    raw["prior"]["compile"] = value
+    assert parse_params(raw).prior.compile == value
+    del raw["prior"]["compile"]
+    assert parse_params(raw).prior.compile == "auto"
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "1", 1, 0, "Auto", None])
+def test_prior_compile_rejects_anything_else(value):
+    raw = _raw()
+    raw["prior"]["compile"] = value
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    msg = str(e.value)
+    assert "prior.compile" in msg and "auto, true or false" in msg
+
+
+@pytest.mark.parametrize("value,ok", [(0.0, True), (0.1, True), (0.99, True), (1.0, False), (-0.1, False)])
+def test_prior_drop_path_is_a_rate_below_one(value, ok):
+    raw = _raw()
+    raw["prior"]["drop_path"] = value
+    if ok:
+        assert parse_params(raw).prior.drop_path == value
+    else:
+        with pytest.raises(ParamsError, match=r"prior\.drop_path"):
+            parse_params(raw)
+
+
 def test_unknown_prior_size_lists_sizes():
     raw = _raw()
     raw["prior"]["size"] = "huge"

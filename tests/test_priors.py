@@ -1,6 +1,8 @@
 """The priors: KV-cache decoding equals a full forward pass (gpt, and var with its block-causal
-mask), seeded sampling is reproducible, guidance at scale 1 equals conditional sampling,
-top-k / top-p filtering, the size registry's parameter counts, and save / load."""
+mask; with drop-path and dropout too, which the cached paths skip), seeded sampling is
+reproducible, guidance at scale 1 equals conditional sampling, top-k / top-p filtering,
+stochastic depth (off: bit-identical; on: training changes, eval and sampling do not), the size
+registry's parameter counts, and save / load."""
 
 
 import pytest
@@ -13,27 +15,30 @@ from arvision.priors.sampling import filter_logits, guide, pick, sample_gpt, sam
 CLASSES = 5
 
 
-def _gpt(layout, vocab=64, seed=0, class_dropout=0.1):
+def _gpt(layout, vocab=64, seed=0, class_dropout=0.1, dropout=0.0, drop_path=0.0):
     torch.manual_seed(seed)
-    cfg = PriorConfig(kind="gpt", size="tiny", dropout=0.0, class_dropout=class_dropout)
+    cfg = PriorConfig(kind="gpt", size="tiny", dropout=dropout, class_dropout=class_dropout, drop_path=drop_path)
     return build_prior(cfg, vocab_size=vocab, layout=layout, num_classes=CLASSES).eval()
 
 
 # --------------------------------------------------------------------------- gpt
 
 
+@pytest.mark.parametrize("drop", [0.0, 0.3], ids=["plain", "drop-path+dropout"])
 @pytest.mark.parametrize("bucket", [None, 4], ids=["whole-cache", "bucketed"])
 @pytest.mark.parametrize("layout", [[(4, 4)], [(3, 5)], [(2, 3, 4)]], ids=["grid", "oblong", "rq"])
-def test_gpt_kv_cache_matches_full_forward(layout, bucket):
+def test_gpt_kv_cache_matches_full_forward(layout, bucket, drop):
     """Decoding through the cache (reading all of it, or only its filled buckets) gives the
-    logits of a full forward pass."""
-    model = _gpt(layout, vocab=50)  # 50: the head is padded to 64, logits must not be
+    logits of a full forward pass in eval mode. With drop-path and dropout, the cached path
+    gives them even in training mode: prefill and decode steps never regularise."""
+    model = _gpt(layout, vocab=50, dropout=drop, drop_path=drop)  # 50: the head is padded to 64, logits must not be
     model.decode_bucket = bucket
     L = model.seq_len
     codes = torch.randint(0, 50, (3, L))
     labels = torch.tensor([0, 4, CLASSES])  # the last: the null class
     full = model(codes, labels)
     assert full.shape == (3, L, 50)
+    model.train(drop > 0)
     model.setup_caches(3)
     k = 5
     pre = model.prefill(labels, codes[:, : k - 1])  # class token + k-1 codes → logits for x_0..x_{k-1}
@@ -45,6 +50,81 @@ def test_gpt_kv_cache_matches_full_forward(layout, bucket):
         step = model.decode_step(codes[:, i - 1 : i], pos, kv_len)
         torch.testing.assert_close(step, full[:, i], rtol=1e-5, atol=1e-5)
         pos += 1
+
+
+def _no_drop_path(model):
+    """``model`` with every DropPath module replaced by an identity: the blocks as they were
+    before stochastic depth existed."""
+    for blk in getattr(model, "layers", None) or model.blocks:
+        blk.drop_path = torch.nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gpt", "var"])
+def test_drop_path_zero_is_bit_identical(kind):
+    """drop_path 0 (the default) draws no random numbers and changes no op: the same weights,
+    training-mode outputs (with dropout on, so the RNG stream matters) and gradients as the
+    blocks without it, bit for bit."""
+    build = (lambda: _gpt([(4, 4)], dropout=0.2)) if kind == "gpt" else (lambda: _var(dropout=0.2))
+    a, b = build().train(), _no_drop_path(build()).train()
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    codes = torch.randint(0, 48, (4, a.seq_len))
+    labels = torch.tensor([0, 1, 2, 3])
+    out = []
+    for m in (a, b):
+        torch.manual_seed(5)
+        loss = m(codes, labels, return_loss=True)
+        loss.backward()
+        out.append((loss.detach(), [p.grad for p in m.parameters()]))
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(x, y) for x, y in zip(out[0][1], out[1][1]))
+
+
+@pytest.mark.parametrize("kind", ["gpt", "var"])
+def test_drop_path_changes_training_not_eval_or_sampling(kind):
+    """drop_path > 0: training-mode outputs change (and vary with the seed); eval mode is
+    deterministic and equals the no-drop model's forward; sampling gives the no-drop model's
+    codes."""
+    if kind == "gpt":
+        plain, dropped = _gpt([(4, 4)], vocab=48), _gpt([(4, 4)], vocab=48, drop_path=0.5)
+    else:
+        tok = _scale_tokenizer()
+        plain, dropped = _var(tok=tok), _var(tok=tok, drop_path=0.5)
+    rates = [blk.drop_path.p for blk in getattr(dropped, "layers", None) or dropped.blocks]
+    assert rates[0] == 0.0 and rates[-1] == 0.5 and rates == sorted(rates)  # linear over depth
+    codes = torch.randint(0, 48, (8, plain.seq_len))
+    labels = torch.arange(8) % CLASSES
+    ref = plain.eval()(codes, labels)
+    torch.testing.assert_close(dropped.eval()(codes, labels), ref, rtol=0, atol=0)
+    dropped.train()
+    plain.train()
+    torch.manual_seed(1)
+    train_1 = dropped(codes, labels)
+    torch.manual_seed(1)
+    train_plain = plain(codes, labels)
+    torch.manual_seed(2)
+    train_2 = dropped(codes, labels)
+    assert not torch.allclose(train_1, train_plain) and not torch.allclose(train_1, train_2)
+    kw = dict(cfg_scale=2.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    a = dropped.sample(labels[:4], **kw)
+    kw["generator"] = torch.Generator().manual_seed(3)
+    assert torch.equal(a, plain.sample(labels[:4], **kw))
+
+
+def test_drop_path_drops_whole_samples_and_rescales():
+    from arvision.priors.blocks import DropPath, drop_path_rates
+
+    assert drop_path_rates(0.3, 4) == pytest.approx([0.0, 0.1, 0.2, 0.3]) and drop_path_rates(0.3, 1) == [0.0]
+    dp = DropPath(0.25).train()
+    x_BLC = torch.ones(4000, 3, 2)
+    y_BLC = dp(x_BLC)
+    per_sample_B = y_BLC.flatten(1)
+    assert torch.all(per_sample_B == per_sample_B[:, :1])  # one decision per sample
+    assert set(per_sample_B[:, 0].tolist()) == {0.0, torch.tensor(1 / 0.75).item()}  # kept: scaled by 1/(1-p)
+    assert abs((per_sample_B[:, 0] == 0).float().mean().item() - 0.25) < 0.03
+    assert abs(y_BLC.mean().item() - 1.0) < 0.05  # expected value kept
+    assert dp.eval()(x_BLC) is x_BLC
 
 
 def test_gpt_is_causal():
@@ -99,6 +179,22 @@ def test_gpt_save_load_roundtrip(tmp_path):
     assert again.config == model.config and again.num_classes == CLASSES
 
 
+def test_prior_saved_before_drop_path_loads(tmp_path):
+    """A config.json written before ``drop_path`` existed (no such key) loads with drop-path off."""
+    import json
+
+    model = _gpt([(4, 4)], vocab=40)
+    save_prior(model, tmp_path / "prior")
+    path = tmp_path / "prior" / "config.json"
+    payload = json.loads(path.read_text())
+    assert payload["config"].pop("drop_path") == 0.0
+    path.write_text(json.dumps(payload))
+    again = load_prior(tmp_path / "prior")
+    assert all(layer.drop_path.p == 0.0 for layer in again.layers)
+    codes, labels = torch.randint(0, 40, (2, 16)), torch.tensor([1, 3])
+    torch.testing.assert_close(again(codes, labels), model(codes, labels), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- sampling helpers
 
 
@@ -149,6 +245,20 @@ def test_registry_param_counts(kind, size):
     assert abs(n - stated) / stated < 0.01, f"{kind}/{size}: {n / 1e6:.2f}M, registry says {stated / 1e6}M"
 
 
+def test_one_gpu_sizes_sit_between_small_and_the_paper_sizes():
+    """gpt ``medium`` and var ``d8`` / ``d12`` (one GPU, 64² data) lie between the CPU sizes and
+    LlamaGen B / VAR-d16, and the var ones follow VAR's rule: width 64·depth, heads = depth."""
+    gpt, var = SIZES["gpt"], SIZES["var"]
+    assert gpt["small"]["params"] < gpt["medium"]["params"] < gpt["B"]["params"]
+    assert var["tiny"]["params"] < var["d8"]["params"] < var["d12"]["params"] < var["d16"]["params"]
+    for name in ("d8", "d12"):
+        depth = var[name]["depth"]
+        assert (var[name]["width"], var[name]["heads"]) == (64 * depth, depth)
+    # the counts test_registry_param_counts checks, stated here too so a registry edit shows
+    assert param_count("gpt", "medium") == 58_196_992
+    assert param_count("var", "d8") == 41_315_904 and param_count("var", "d12") == 133_186_960
+
+
 def test_gpt_b_is_111m():
     n = param_count("gpt", "B", vocab_size=16384, layout=[(16, 16)], num_classes=1000)
     assert 110e6 < n < 112e6
@@ -184,10 +294,10 @@ def _scale_tokenizer(vocab=48, embed_dim=8):
     return tok
 
 
-def _var(vocab=48, seed=0, tok=None):
+def _var(vocab=48, seed=0, tok=None, dropout=0.0, drop_path=0.0):
     tok = tok or _scale_tokenizer(vocab)
     torch.manual_seed(seed)
-    cfg = PriorConfig(kind="var", size="tiny", dropout=0.0, class_dropout=0.1)
+    cfg = PriorConfig(kind="var", size="tiny", dropout=dropout, class_dropout=0.1, drop_path=drop_path)
     model = build_prior(cfg, vocab_size=vocab, layout=[(s, s) for s in SCALES], num_classes=CLASSES, tokenizer=tok)
     with torch.no_grad():  # open the adaLN-zero gates, so every block shapes the output
         for blk in model.blocks:
@@ -210,12 +320,16 @@ def test_tokenizer_teacher_forcing_matches_next_scale_chain():
     torch.testing.assert_close(torch.cat(parts, 1), tf)
 
 
-def test_var_kv_cache_matches_full_forward():
-    model = _var()
+@pytest.mark.parametrize("drop", [0.0, 0.3], ids=["plain", "drop-path+dropout"])
+def test_var_kv_cache_matches_full_forward(drop):
+    """Scale-by-scale cached logits equal the eval forward; with drop-path and dropout, even in
+    training mode (the cached path never regularises)."""
+    model = _var(dropout=drop, drop_path=drop)
     codes = torch.randint(0, 48, (3, model.seq_len))
     labels = torch.tensor([0, 3, CLASSES])
     full = model(codes, labels)
     assert full.shape == (3, 30, 48)
+    model.train(drop > 0)
     torch.testing.assert_close(model.cached_logits(codes, labels), full, rtol=1e-5, atol=1e-5)
 
 

@@ -20,9 +20,9 @@ def _cfg(**kw):
     return PriorConfig(**base)
 
 
-def _model(seed=0, class_dropout=0.0):
+def _model(seed=0, class_dropout=0.0, drop_path=0.0):
     torch.manual_seed(seed)
-    cfg = PriorConfig(kind="gpt", size="tiny", dropout=0.0, class_dropout=class_dropout)
+    cfg = PriorConfig(kind="gpt", size="tiny", dropout=0.0, class_dropout=class_dropout, drop_path=drop_path)
     return build_prior(cfg, vocab_size=VOCAB, layout=[(SIDE, SIDE)], num_classes=CLASSES)
 
 
@@ -139,6 +139,51 @@ def test_compile_is_regional():
     model = _model()
     assert compile_model(model) is model and model.fused_loss  # each block compiled in place + fused loss (CUDA only)
     assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None for layer in model.layers)
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    from arvision.train.loop import use_compile
+
+    assert use_compile("auto", torch.device("cuda")) and not use_compile("auto", CPU)
+    assert use_compile(True, CPU) and not use_compile(False, torch.device("cuda"))
+    assert PriorConfig().compile == "auto"
+
+
+def test_compiled_training_saves_plain_keys(tmp_path, monkeypatch):
+    """``compile: true`` on CPU through the loop: the blocks are compiled in place and run
+    compiled, and checkpoints and the saved prior carry the plain state-dict keys (no
+    ``_orig_mod.``), so they load into an uncompiled model. Dynamo traces each block for real;
+    only the backend is eager (Inductor's C++ build on CPU takes ~25 s)."""
+    from arvision.priors import load_prior, save_prior
+
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, **{**kw, "backend": "eager"}))
+    model = _model(drop_path=0.2)  # the random drop inside the compiled blocks too
+    keys = list(model.state_dict())
+    ckpts = {}
+    train_prior(model, _batches(4), _cfg(steps=2, compile=True), device=CPU, progress=False,
+                on_checkpoint=lambda s, st: ckpts.__setitem__(s, st))
+    assert all(layer._compiled_call_impl is not None for layer in model.layers)
+    assert list(model.state_dict()) == keys
+    for part in ("model", "ema"):
+        assert list(ckpts[2][part]) == keys, part
+    save_prior(model, tmp_path / "prior")
+    assert list(torch.load(tmp_path / "prior" / "weights.pt", weights_only=True)) == keys
+    again = load_prior(tmp_path / "prior")
+    codes, labels = _batch(0, 3)
+    torch.testing.assert_close(again(codes, labels), model.eval()(codes, labels), rtol=0, atol=0)
+
+
+def test_drop_path_changes_training():
+    """The same run with drop_path 0.3 takes other steps than with 0 (same data, same seed)."""
+    losses = {}
+    for rate in (0.0, 0.3):
+        torch.manual_seed(3)
+        logs = []
+        train_prior(_model(drop_path=rate), _batches(8), _cfg(steps=4, ema_decay=0.0), device=CPU, progress=False,
+                    on_log=lambda s, m: logs.append(m["loss"]))
+        losses[rate] = logs
+    assert losses[0.0][0] != losses[0.3][0] and len(losses[0.3]) == 4
 
 
 # ---------------------------------------------------------------- validation while training

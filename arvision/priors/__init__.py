@@ -61,7 +61,7 @@ def build_prior(cfg: PriorConfig, *, vocab_size: int, layout: list, num_classes:
     """
     config: dict[str, Any] = dict(
         kind=cfg.kind, vocab_size=int(vocab_size), layout=[list(x) for x in layout], num_classes=int(num_classes),
-        dropout=cfg.dropout, class_dropout=cfg.class_dropout, **_arch(cfg.kind, cfg.size),
+        dropout=cfg.dropout, class_dropout=cfg.class_dropout, drop_path=cfg.drop_path, **_arch(cfg.kind, cfg.size),
     )
     if cfg.kind == "var":
         if tokenizer is None:

@@ -1,5 +1,10 @@
 """Building blocks shared by the priors: the :class:`Prior` base, RMSNorm, SwiGLU, 2D rotary
-embeddings, and a causal self-attention with a gpt-fast style static KV cache.
+embeddings, a causal self-attention with a gpt-fast style static KV cache, and stochastic
+depth (:class:`DropPath`, :func:`drop_path_rates`).
+
+Regularisation (``dropout``, ``drop_path``) acts in training forwards only: eval mode and every
+cached path (prefill, decode step, VAR's scale steps) skip it whatever the module's mode, so
+sampling is deterministic given its generator.
 
 Letter legend (shape suffixes): B - batch, R - rows (batch, doubled under classifier-free
 guidance), L - sequence, T - new tokens in one call, S - cache length, H - heads, D - head dim,
@@ -126,9 +131,11 @@ class SwiGLU(nn.Module):
             w1, w3 = state_dict.pop(prefix + "w1.weight"), state_dict.pop(prefix + "w3.weight")
             state_dict[prefix + "w13.weight"] = torch.cat([w1, w3])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, regularise: bool = True) -> Tensor:
+        """``regularise`` False (cached decoding): no dropout, even in training mode."""
         gate, up = self.w13(x).split(self.hidden, dim=-1)  # each (…, hidden)
-        return self.drop(self.w2(F.silu(gate) * up))
+        y = self.w2(F.silu(gate) * up)
+        return self.drop(y) if regularise else y
 
 
 def swiglu_hidden(dim: int, multiple_of: int = 256) -> int:
@@ -228,26 +235,64 @@ class CausalSelfAttention(nn.Module):
             if kv_len is not None:  # decoding reads only the filled part of the cache (a bucket)
                 k_BHSD, v_BHSD = k_BHSD[:, :, :kv_len], v_BHSD[:, :, :kv_len]
             y = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask)
-        y_BTC = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_drop(self.wo(y_BTC))
+        y_BTC = self.wo(y.transpose(1, 2).reshape(B, T, C))
+        return self.resid_drop(y_BTC) if input_pos_T is None else y_BTC  # cached: no dropout
+
+
+# --------------------------------------------------------------------------- stochastic depth
+
+
+def drop_path_rates(max_rate: float, depth: int) -> list[float]:
+    """Per-block drop-path rates rising linearly from 0 (first block) to ``max_rate`` (last), as
+    VAR and timm schedule them (``linspace(0, max_rate, depth)``): early blocks, which every
+    later one builds on, are dropped least. One block: 0."""
+    return [max_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): in training, drop a residual branch for a whole
+    sample with probability ``p`` and scale the kept ones by ``1 / (1 - p)``, so the branch's
+    expected value is unchanged and eval (identity) needs no rescaling. ``p`` 0: identity, no
+    random numbers drawn (results bit-identical to a model without it)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x_BLC: Tensor) -> Tensor:
+        if not self.training or self.p <= 0.0:
+            return x_BLC
+        keep = 1.0 - self.p
+        mask_B11 = x_BLC.new_empty((x_BLC.shape[0],) + (1,) * (x_BLC.dim() - 1)).bernoulli_(keep)
+        return x_BLC * mask_B11.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm LLaMA block: ``x + attn(norm(x))``, then ``x + swiglu(norm(x))``."""
+    """Pre-norm LLaMA block: ``x + drop_path(attn(norm(x)))``, then ``x + drop_path(swiglu(norm(x)))``.
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0, eps: float = 1e-5) -> None:
+    Cached calls (``input_pos_T`` given: prefill, decode step) skip dropout and drop-path.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, eps: float = 1e-5, drop_path: float = 0.0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(dim, eps)
         self.attention = CausalSelfAttention(dim, heads, dropout)
         self.ffn_norm = RMSNorm(dim, eps)
         self.feed_forward = SwiGLU(dim, swiglu_hidden(dim), dropout)
+        self.drop_path = DropPath(drop_path)  # no parameters: state dicts unchanged
 
     def forward(
         self, x: Tensor, rope_TP2: Tensor, mask: Tensor | None = None, input_pos_T: Tensor | None = None,
         kv_len: int | None = None,
     ) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), rope_TP2, mask, input_pos_T, kv_len)
-        return x + self.feed_forward(self.ffn_norm(x))
+        if input_pos_T is not None:  # cached decoding: no regularisation, whatever the mode
+            x = x + self.attention(self.attention_norm(x), rope_TP2, mask, input_pos_T, kv_len)
+            return x + self.feed_forward(self.ffn_norm(x), regularise=False)
+        x = x + self.drop_path(self.attention(self.attention_norm(x), rope_TP2, mask))
+        return x + self.drop_path(self.feed_forward(self.ffn_norm(x)))
 
 
 def init_linear_embedding(module: nn.Module, std: float = 0.02) -> None:

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from arvision.priors import sampling
 from arvision.priors.blocks import (
-    DecoderBlock, KVCache, Prior, RMSNorm, init_linear_embedding, pad_vocab, residual_scale, rope_2d_table,
+    DecoderBlock, KVCache, Prior, RMSNorm, drop_path_rates, init_linear_embedding, pad_vocab, residual_scale,
+    rope_2d_table,
 )
 
 
@@ -42,6 +43,7 @@ class GPTArch:
     n_head: int
     dropout: float
     class_dropout: float
+    drop_path: float = 0.0  # stochastic depth, the last block's rate (linear from 0); 0 in older configs
 
 
 class GPT(Prior):
@@ -67,7 +69,9 @@ class GPT(Prior):
         self.cls_embedding = nn.Embedding(num_classes + 1, dim)  # last row: the null class
         self.depth_embedding = nn.Embedding(depth, dim) if depth > 1 else None
         self.drop = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(DecoderBlock(dim, n_head, dropout) for _ in range(n_layer))
+        self.layers = nn.ModuleList(
+            DecoderBlock(dim, n_head, dropout, drop_path=rate) for rate in drop_path_rates(arch.drop_path, n_layer)
+        )
         self.norm = RMSNorm(dim)
         self.output = nn.Linear(dim, pad_vocab(vocab_size), bias=False)
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from arvision.priors import sampling
-from arvision.priors.blocks import Prior, pad_vocab
+from arvision.priors.blocks import DropPath, Prior, drop_path_rates, pad_vocab
 
 
 class VARAttention(nn.Module):
@@ -74,14 +74,17 @@ class VARAttention(nn.Module):
         else:
             p = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q_BHlD, k_BHlD, v_BHlD, attn_mask=mask, dropout_p=p, scale=1.0)
-        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, l, C)))
+        y_BlC = self.proj(y.transpose(1, 2).reshape(B, l, C))
+        return self.proj_drop(y_BlC) if cache_span is None else y_BlC  # sampling: no dropout
 
 
 class AdaLNBlock(nn.Module):
     """VAR's block: LayerNorm without affine, modulated by the class: 6 vectors per block
-    (gates γ₁ γ₂, scales, shifts); gates start near zero (adaLN-zero)."""
+    (gates γ₁ γ₂, scales, shifts); gates start near zero (adaLN-zero). Drop-path acts on the
+    gated branches (as VAR's ``drop_path(attn(…) · γ₁)``); the cached sampling path
+    (``cache_span`` given) skips it and dropout, whatever the mode."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, drop_path: float = 0.0) -> None:
         super().__init__()
         self.width = width
         self.ln = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -89,14 +92,20 @@ class AdaLNBlock(nn.Module):
         hidden = round(width * mlp_ratio)
         self.ffn = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width), nn.Dropout(dropout))
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.drop_path = DropPath(drop_path)  # no parameters: state dicts unchanged
 
     def modulation(self, cond_BC: Tensor) -> Tensor:
         return self.ada_lin(cond_BC).view(-1, 1, 6, self.width)  # (B, 1, 6, C)
 
     def forward(self, x_BlC: Tensor, ada_B16C: Tensor, mask: Any = None, cache_span: tuple[int, int] | None = None) -> Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)  # each (B, 1, C)
-        x_BlC = x_BlC + self.attn(self.ln(x_BlC) * (scale1 + 1) + shift1, mask, cache_span) * gamma1
-        return x_BlC + self.ffn(self.ln(x_BlC) * (scale2 + 1) + shift2) * gamma2
+        attn_BlC = self.attn(self.ln(x_BlC) * (scale1 + 1) + shift1, mask, cache_span) * gamma1
+        if cache_span is not None:  # sampling: no drop-path, and the FFN without its dropout
+            x_BlC = x_BlC + attn_BlC
+            fc1, act, fc2, _ = self.ffn
+            return x_BlC + fc2(act(fc1(self.ln(x_BlC) * (scale2 + 1) + shift2))) * gamma2
+        x_BlC = x_BlC + self.drop_path(attn_BlC)
+        return x_BlC + self.drop_path(self.ffn(self.ln(x_BlC) * (scale2 + 1) + shift2) * gamma2)
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,7 @@ class VARArch:
     dropout: float
     class_dropout: float
     mlp_ratio: float = 4.0  # VAR's; not a size setting
+    drop_path: float = 0.0  # stochastic depth, the last block's rate (linear from 0); 0 in older configs
 
 
 class VAR(Prior):
@@ -149,7 +159,9 @@ class VAR(Prior):
         self.pos_1LC = nn.Parameter(torch.empty(1, self.seq_len, width))
         self.lvl_embed = nn.Embedding(len(self.scales), width)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(AdaLNBlock(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(width, heads, mlp_ratio, dropout, drop_path=rate) for rate in drop_path_rates(arch.drop_path, depth)
+        )
         self.head_ln = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.head_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.head = nn.Linear(width, pad_vocab(vocab_size))

@@ -16,8 +16,8 @@ validation loss comes from a callable (``evaluate``, e.g. :func:`val_loss` over 
   (:func:`final_weights`, :func:`ema_model`). The shadow weights follow ``model.parameters()``,
   FSDP shards included; ``torch.optim.swa_utils.AveragedModel`` would deep-copy the wrapped
   model instead.
-- bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; ``cfg.compile``: regional
-  ``torch.compile`` (:func:`compile_model`).
+- bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; ``cfg.compile`` (``auto``: on
+  CUDA only, :func:`use_compile`): regional ``torch.compile`` (:func:`compile_model`).
 - Full state dicts (weights, optimizer) through ``torch.distributed.checkpoint.state_dict``:
   the same code for a plain, DDP, FSDP or compiled model.
 - Validation every ``eval_every`` steps and at the end (0 = off): ``evaluate`` scores the
@@ -49,8 +49,8 @@ from arvision.config import PriorConfig
 from arvision.train.common import autocast, lr_factor, rng_state, set_rng_state, to_cpu, warmup_cosine
 
 __all__ = [
-    "train_prior", "compile_model", "checkpoint_state", "final_weights", "kept_weights", "ema_model", "val_loss", "lr_at",
-    "unwrap", "make_optimizer",
+    "train_prior", "compile_model", "use_compile", "checkpoint_state", "final_weights", "kept_weights", "ema_model",
+    "val_loss", "lr_at", "unwrap", "make_optimizer",
 ]
 
 
@@ -81,6 +81,16 @@ def compile_model(model: nn.Module) -> nn.Module:
     if hasattr(raw, "fused_loss"):
         raw.fused_loss = True
     return model
+
+
+def use_compile(setting: bool | str, device: torch.device) -> bool:
+    """Whether ``prior.compile`` (``"auto"``, true, false) compiles on ``device``: ``"auto"``
+    compiles on CUDA, where the fused blocks and loss pay for their compile within the first
+    few hundred steps, and not on CPU, where the compile (a C++ toolchain, minutes) costs more
+    than the short CPU runs it would speed up. true / false force it either way."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(setting)
 
 
 def _is_fsdp(model: nn.Module) -> bool:
@@ -325,7 +335,7 @@ def train_prior(
     micro_batches = int(state.get("micro_batches", step * accum)) if state else 0
     scheduler = warmup_cosine(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                               min_lr_ratio=cfg.min_lr_ratio, last_step=step - 1)
-    fwd = compile_model(model) if cfg.compile else model
+    fwd = compile_model(model) if use_compile(cfg.compile, device) else model
     eval_model = model if _is_fsdp(model) else raw  # FSDP must gather shards; DDP's raw model needs no collective
     can_skip_sync = hasattr(model, "no_sync") and model is not raw
     world = _world_size()
