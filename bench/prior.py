@@ -449,6 +449,28 @@ def gpt_train_regional_coordtune_b128(ctx: Ctx) -> dict:
     return _gpt_train(ctx, "regional", 128, coordinate_tuning=True)
 
 
+# The one-GPU presets' priors (configs/gpu/*.yaml), for the prior stage's steady-state tokens/s
+# against the bare loop's at the same model and batch (bench/gpu_pipeline.py gives the stage's)
+@item("cuda", "gpt_train", "gpt-medium train b128, 16x16 codes of 1024 (preset token-64), `regional`", "tokens_per_s", "tok/s")
+def gpt_medium_train_token64(ctx: Ctx) -> dict:
+    model = gpt_model(ctx.device, size="medium", vocab=1024, side=16, num_classes=64)
+    return measure_training(model, 128, 256, 1024, ctx.device, "regional", steps=ctx.args.gpt_steps, windows=4, num_classes=64)
+
+
+@item("cuda", "gpt_train", "gpt-small train b64, 32x32 palette indices of 16 (preset pixel-32), `regional`", "tokens_per_s", "tok/s")
+def gpt_small_train_pixel32(ctx: Ctx) -> dict:
+    model = gpt_model(ctx.device, size="small", vocab=16, side=32, num_classes=64)
+    return measure_training(model, 64, 1024, 16, ctx.device, "regional", steps=ctx.args.gpt_steps, windows=4, num_classes=64)
+
+
+@item("cuda", "var_train", "var-d8 train b128, 8 scales to 16x16, 1024 codes (preset scale-64), `regional`", "tokens_per_s", "tok/s")
+def var_d8_train_scale64(ctx: Ctx) -> dict:
+    model = var_model(ctx.device, size="d8", vocab=1024, scales=(1, 2, 3, 4, 6, 8, 12, 16), num_classes=64)
+    res = measure_training(model, 128, model.seq_len, 1024, ctx.device, "regional", steps=ctx.args.var_steps, windows=3, num_classes=64)
+    res["images_per_s"] = res["tokens_per_s"] / model.seq_len
+    return res
+
+
 @item("cuda", "gpt_train", "gpt-B train b64, compile `regional`", "tokens_per_s", "tok/s", REF_GPT_TRAIN_B64, None, MM)
 def gpt_train_regional_b64(ctx: Ctx) -> dict:
     return _gpt_train(ctx, "regional", 64)

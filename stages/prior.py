@@ -101,6 +101,9 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         "stopped_early": int(bool(state.get("stopped_early", False))),
         "seq_len": sum(int(torch.tensor(x).prod()) for x in meta["layout"]),
     }
+    rates = [float(r["tokens_per_s"]) for r in curve[1:] if "tokens_per_s" in r]  # the first window holds compile and warm-up
+    if rates:
+        metrics["tokens_per_s"] = float(sorted(rates)[len(rates) // 2])  # steady state: the median log window
     if val_curve:
         metrics.update(val_loss_best=float(state["best_val_loss"]), val_loss_last=float(val_curve[-1][1]),
                        best_step=int(state["best_step"]))
