@@ -369,8 +369,8 @@ def test_prior_feed_keeps_codes_narrow_and_batches_as_before(tmp_path):
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 60000, (5000, 16)).astype(np.uint16)
     labels = rng.integers(-1, 3, 5000).astype(np.int32)
-    held, held_labels = _read_shard(_FakeShard(codes, labels))
-    assert held.dtype == np.uint16 and held_labels.dtype == np.int32 and held.nbytes == codes.nbytes
+    held, held_labels, held_views = _read_shard(_FakeShard(codes, labels))  # no view column: all view 0
+    assert held.dtype == np.uint16 and held_labels.dtype == np.int32 and held.nbytes == codes.nbytes and not held_views.any()
     want_c, want_l = torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(np.maximum(labels, 0).astype(np.int64))
     got = _batches(_FakeShard(codes, labels), 64, seed=3, skip=2)
     for idx in list(zip(range(100), endless_indices(5000, 64, 3, skip=2))):

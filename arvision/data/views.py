@@ -92,3 +92,28 @@ def expand_views(ids: list[str], images_BHWC: np.ndarray, labels_B: np.ndarray, 
     out_ids = [i for i in ids for _ in range(v)]
     return (out_ids, np.ascontiguousarray(images_BVHWC.reshape(-1, *images_BHWC.shape[1:])),
             np.repeat(np.asarray(labels_B), v), np.tile(np.arange(v, dtype=np.int32), len(ids)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading views back: the prior draws one view of each image an epoch.
+
+
+def image_rows(view_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The images of token rows laid out as :func:`expand_views` writes them (each image's views
+    together, in order): ``(first row int64 (G,), views int64 (G,))`` of each of the G images. An
+    image starts where the view index does not rise; rows of data without views (all 0) are one
+    image each. A worker's share that begins in the middle of an image's views starts an image there."""
+    n = len(view_N)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    v = np.asarray(view_N, np.int64)
+    starts_G = np.flatnonzero(np.concatenate([[True], v[1:] <= v[:-1]]))
+    counts_G = np.diff(np.append(starts_G, n))
+    return starts_G.astype(np.int64), counts_G.astype(np.int64)
+
+
+def view_picks(counts_G: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """Which of its ``counts_G[g]`` views image ``g`` contributes in ``epoch``: int64 ``(G,)``, drawn
+    by a generator seeded ``(seed, epoch)`` (image g takes the g-th draw), so a run and its resume
+    see the same views and each epoch others."""
+    return np.random.default_rng([int(seed), int(epoch)]).integers(0, np.asarray(counts_G, np.int64)).astype(np.int64)
