@@ -226,7 +226,7 @@ def encode_split_ray(params: Params, paths: Paths, split_dir: Path, writer: Shar
         with tqdm(total=split_rows(split_dir), desc=desc, unit="img", leave=False) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 writer.write(codes_table(batch["id"], batch["label"], batch["codes"], writer.schema, batch["view"]))
-                bar.update(len(batch["id"]))
+                bar.update(int((batch["view"] == 0).sum()))  # images, not their views
         if log.isEnabledFor(logging.DEBUG):
             log.debug("tokens on Ray Data, %s:\n%s", split_dir.name, ds.stats())
     return writer.rows
