@@ -107,6 +107,9 @@ class TokenizerConfig(_Section):
     # 0: train in the stage's process; N >= 1: on N Ray Train workers (DDP; resources from the
     # ray section), each drawing batch_size / N of the global batch. palette is fitted in-process.
     num_workers: int = Field(0, ge=0)
+    # mirror a random half of every training batch (seeded by seed and step: the same flips on
+    # resume); palette ignores it (a colour palette does not change under a flip)
+    hflip: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "TokenizerConfig":
@@ -133,6 +136,17 @@ class TokensConfig(_Section):
     batch_size: int = Field(256, ge=1)
     shard_size: int = Field(4096, ge=16)  # rows per Parquet shard
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # augmented views of each train image, encoded next to it (arvision/data/views.py): a row per
+    # (image, view) and a ``view`` column; the prior draws one view per image each epoch
+    hflip: bool = False  # view 1: the horizontal mirror
+    crops: int = Field(0, ge=0, le=64)  # this many random resized crops after it, seeded by image id and view
+    crop_scale: list[float] = Field(default_factory=lambda: [0.8, 1.0])  # share of the area a crop keeps: [lowest, highest]
+
+    @model_validator(mode="after")
+    def _check(self) -> "TokensConfig":
+        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(f"tokens.crop_scale must be [lowest, highest] with 0 < lowest <= highest <= 1, got {self.crop_scale}")
+        return self
 
 
 class PriorConfig(_Section):

@@ -10,6 +10,13 @@ Data instead: CPU tasks decode the PNGs (:func:`~arvision.data.parquet_io.decode
 (:data:`ACTORS_PER_GPU` on each GPU where there are GPUs, else one a CPU) encodes, and the
 driver writes their codes in order. Both
 paths encode the same batches (rows ``[k·b, (k+1)·b)`` of the split) and give the same files.
+
+Augmentation (``tokens.hflip``, ``tokens.crops``): each train image is encoded with its views
+(:mod:`arvision.data.views`, made from the decoded uint8 batch just before encoding, in both
+paths), one row per (image, view), the image's views together and in order, with an int32
+``view`` column (0: the image itself) and the views named in the schema metadata
+(``arvision.tokens.views``). The val split holds view 0 only (same schema). Without views the
+shards are as before: no ``view`` column.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from arvision.config import Params
 from arvision.data.parquet_io import (
     ShardWriter, decode_png_batch, iter_image_batches, read_parquet_files, shard_paths, split_rows,
 )
+from arvision.data.views import ViewSpec, expand_views
 from arvision.tokenizers import load_tokenizer
 from arvision.tracking import Tracker
 from arvision.train.common import encode_images
@@ -52,13 +60,12 @@ def batches_per_call(batch_size: int, image_bytes: int) -> int:
 RAY_MIN_ROWS = 20_000
 
 
-def token_schema(vocab_size: int, seq_len: int, metadata: dict[str, str]) -> pa.Schema:
-    """``id``, ``label`` (int32), ``codes`` (fixed-size list of uint16, or int32 past 65,536 codes)."""
+def token_schema(vocab_size: int, seq_len: int, metadata: dict[str, str], views: bool = False) -> pa.Schema:
+    """``id``, ``label`` (int32), ``codes`` (fixed-size list of uint16, or int32 past 65,536 codes),
+    and with ``views`` (augmented data) ``view`` (int32, 0: the image itself)."""
     code_type = pa.uint16() if vocab_size <= 65536 else pa.int32()
-    return pa.schema(
-        [("id", pa.string()), ("label", pa.int32()), ("codes", pa.list_(code_type, seq_len))],
-        metadata={k: v.encode() for k, v in metadata.items()},
-    )
+    fields = [("id", pa.string()), ("label", pa.int32()), ("codes", pa.list_(code_type, seq_len))]
+    return pa.schema(fields + ([("view", pa.int32())] if views else []), metadata={k: v.encode() for k, v in metadata.items()})
 
 
 def code_dtype(vocab_size: int) -> type:
@@ -66,24 +73,50 @@ def code_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 65536 else np.int32
 
 
-def codes_table(ids, labels: np.ndarray, codes: np.ndarray, schema: pa.Schema) -> pa.Table:
-    """One batch of rows of the token schema; ``codes`` ``(b, L)`` already of :func:`code_dtype`."""
+def codes_table(ids, labels: np.ndarray, codes: np.ndarray, schema: pa.Schema, views: np.ndarray | None = None) -> pa.Table:
+    """One batch of rows of the token schema; ``codes`` ``(b, L)`` already of :func:`code_dtype`;
+    ``views`` ``(b,)`` for a schema with a ``view`` column (None: all view 0)."""
     seq_len = schema.field("codes").type.list_size
     flat = pa.array(np.ascontiguousarray(codes).reshape(-1), type=schema.field("codes").type.value_type)
-    return pa.Table.from_arrays(
-        [pa.array(list(ids), pa.string()), pa.array(np.asarray(labels, np.int32), pa.int32()),
-         pa.FixedSizeListArray.from_arrays(flat, seq_len)],
-        schema=schema,
-    )
+    columns = [pa.array(list(ids), pa.string()), pa.array(np.asarray(labels, np.int32), pa.int32()),
+               pa.FixedSizeListArray.from_arrays(flat, seq_len)]
+    if "view" in schema.names:
+        columns.append(pa.array(np.zeros(len(columns[0]), np.int32) if views is None else np.asarray(views, np.int32), pa.int32()))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
-def encode_split(tok, split_dir: Path, writer: ShardWriter, *, batch_size: int, device, desc: str = "") -> int:
-    """In-process: encode ``split_dir`` batch by batch into ``writer``; returns the rows written."""
+def encode_views(tok, ids, images: np.ndarray, labels: np.ndarray, views: ViewSpec, *, batch_size: int, device,
+                 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Both paths' encoding: each ``batch_size`` images of uint8 ``images`` ``(n, H, W, C)`` with
+    their views (:func:`~arvision.data.views.expand_views`), encoded ``batch_size`` at a time →
+    ``(ids, labels, view int32, codes int64 (n·v, L))``, the rows of each image together. The
+    chunks are cut from the image batch the same way in both paths, so the codes agree."""
+    if views.n_views == 1:  # the codes exactly as before augmentation existed
+        codes = encode_images(tok, images, batch_size=batch_size, device=device)
+        return list(ids), np.asarray(labels), np.zeros(len(ids), np.int32), codes.numpy()
+    out_ids: list[str] = []
+    out_labels, out_views, out_codes = [], [], []
+    for a in range(0, len(ids), batch_size):
+        v_ids, v_images, v_labels, v_views = expand_views(list(ids[a : a + batch_size]), images[a : a + batch_size],
+                                                          labels[a : a + batch_size], views)
+        out_ids += v_ids
+        out_labels.append(v_labels)
+        out_views.append(v_views)
+        out_codes.append(encode_images(tok, v_images, batch_size=batch_size, device=device).numpy())
+    if not out_codes:
+        return [], np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, tok.seq_len), np.int64)
+    return out_ids, np.concatenate(out_labels), np.concatenate(out_views), np.concatenate(out_codes)
+
+
+def encode_split(tok, split_dir: Path, writer: ShardWriter, *, batch_size: int, device, desc: str = "",
+                 views: ViewSpec = ViewSpec()) -> int:
+    """In-process: encode ``split_dir`` batch by batch (with ``views`` of each image) into
+    ``writer``; returns the rows written."""
     np_type = code_dtype(tok.vocab_size)
     with tqdm(total=split_rows(split_dir), desc=desc, unit="img", leave=False) as bar:
         for ids, images, labels in iter_image_batches(split_dir, batch_size):
-            codes = encode_images(tok, images, batch_size=batch_size, device=device)
-            writer.write(codes_table(ids, labels, codes.numpy().astype(np_type), writer.schema))
+            r_ids, r_labels, r_views, codes = encode_views(tok, ids, images, labels, views, batch_size=batch_size, device=device)
+            writer.write(codes_table(r_ids, r_labels, codes.astype(np_type), writer.schema, r_views))
             bar.update(len(ids))
     return writer.rows
 
@@ -103,10 +136,11 @@ def inference_ready(tok, device) -> Any:
 
 class EncodeActor:
     """A Ray Data actor: loads the tokenizer once, then turns decoded batches (``id``, ``label``,
-    ``pixels``) into ``id``, ``label``, ``codes`` (b, L) of :func:`code_dtype`."""
+    ``pixels``) into ``id``, ``label``, ``codes`` (b·v, L) of :func:`code_dtype` and ``view``, each
+    image with its ``views`` (:func:`encode_views`, as the in-process path)."""
 
-    def __init__(self, tokenizer_dir: str, device: str, batch_size: int):
-        self.device, self.batch_size = device, batch_size
+    def __init__(self, tokenizer_dir: str, device: str, batch_size: int, views: ViewSpec = ViewSpec()):
+        self.device, self.batch_size, self.views = device, batch_size, views
         self.tok = inference_ready(load_tokenizer(Path(tokenizer_dir)), device)
         self.np_type = code_dtype(self.tok.vocab_size)
         if device == "cuda":  # kernels load and cuDNN autotunes now, while the first blocks are read and decoded
@@ -114,18 +148,21 @@ class EncodeActor:
             encode_images(self.tok, np.zeros(shape, np.uint8), batch_size=batch_size, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        codes = encode_images(self.tok, batch["pixels"], batch_size=self.batch_size, device=self.device)
-        return {"id": batch["id"], "label": batch["label"].astype(np.int32), "codes": codes.numpy().astype(self.np_type)}
+        ids, labels, views, codes = encode_views(self.tok, batch["id"], batch["pixels"], batch["label"].astype(np.int32),
+                                                 self.views, batch_size=self.batch_size, device=self.device)
+        return {"id": np.asarray(ids, dtype=object), "label": labels.astype(np.int32), "codes": codes.astype(self.np_type), "view": views}
 
 
 def tokens_dataset(
     params: Params, paths: Paths, split_dir: Path, *, actors_per_gpu: int = ACTORS_PER_GPU, calls_of: int | None = None,
+    views: ViewSpec = ViewSpec(),
 ):
     """The Ray Data pipeline of a split: one read task a shard → blocks of exactly
     ``tokens.batch_size`` rows → PNG decoding in CPU tasks → :class:`EncodeActor` pool
     (``actors_per_gpu`` actors on each GPU where the cluster has GPUs, each call ``calls_of``
     batches, by default about :data:`CALL_BYTES` of pixels; else one actor a CPU, leaving two
-    for reading and the driver, a batch a call). Call inside :func:`ray_data_context`."""
+    for reading and the driver, a batch a call), each image with its ``views``. Call inside
+    :func:`ray_data_context`."""
     import ray
     import ray.data
 
@@ -157,7 +194,8 @@ def tokens_dataset(
     calls_of = calls_of or 1  # CPU actors compute as long as they copy: a batch a call keeps them all busy
     return ds.map_batches(
         EncodeActor, fn_constructor_kwargs={"tokenizer_dir": str(paths.tokenizer.resolve()),
-                                            "device": "cuda" if use_gpu else "cpu", "batch_size": cfg.batch_size},
+                                            "device": "cuda" if use_gpu else "cpu", "batch_size": cfg.batch_size,
+                                            "views": views},
         batch_size=cfg.batch_size * calls_of, batch_format="numpy", **resources,
     )
 
@@ -187,8 +225,8 @@ def encode_split_ray(params: Params, paths: Paths, split_dir: Path, writer: Shar
         ds = tokens_dataset(params, paths, split_dir, **options)
         with tqdm(total=split_rows(split_dir), desc=desc, unit="img", leave=False) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                writer.write(codes_table(batch["id"], batch["label"], batch["codes"], writer.schema))
-                bar.update(len(batch["id"]))
+                writer.write(codes_table(batch["id"], batch["label"], batch["codes"], writer.schema, batch["view"]))
+                bar.update(int((batch["view"] == 0).sum()))  # images, not their views
         if log.isEnabledFor(logging.DEBUG):
             log.debug("tokens on Ray Data, %s:\n%s", split_dir.name, ds.stats())
     return writer.rows
@@ -215,20 +253,26 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         "arvision.tokenizer.model_uri": reg.get("model_uri", ""),
         "arvision.tokenizer.dvc_hash": dvc_hashes(paths.root, ["models/tokenizer"]).get("models/tokenizer", ""),
     }
-    schema = token_schema(tok.vocab_size, tok.seq_len, meta)
+    views = ViewSpec.of(cfg)
+    if views.n_views > 1:  # without views the shards stay as they were (no view column)
+        meta["arvision.tokens.views"] = views.metadata()
+    schema = token_schema(tok.vocab_size, tok.seq_len, meta, views=views.n_views > 1)
     counts = {}
     with atomic_dir(paths.tokens) as out:
         for split in ("train", "val"):
             split_dir = paths.prepared / split
             writer = ShardWriter(out / split, schema, cfg.shard_size)
+            split_views = views if split == "train" else ViewSpec()  # val: view 0 only
             if use_ray(params, split_rows(split_dir)):
-                encode_split_ray(params, paths, split_dir, writer, desc=f"tokens/{split}")
+                encode_split_ray(params, paths, split_dir, writer, desc=f"tokens/{split}", views=split_views)
             else:
                 tok = inference_ready(tok, device)  # once: a second call finds it ready
-                encode_split(tok, split_dir, writer, batch_size=cfg.batch_size, device=device, desc=f"tokens/{split}")
+                encode_split(tok, split_dir, writer, batch_size=cfg.batch_size, device=device, desc=f"tokens/{split}",
+                             views=split_views)
             writer.close()
             counts[split] = writer.rows
-    return {"train_sequences": counts["train"], "val_sequences": counts["val"], "seq_len": tok.seq_len, "vocab_size": tok.vocab_size}
+    return {"train_sequences": counts["train"], "val_sequences": counts["val"], "views": views.n_views,
+            "seq_len": tok.seq_len, "vocab_size": tok.vocab_size}
 
 
 def main() -> None:

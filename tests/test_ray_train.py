@@ -88,6 +88,26 @@ def test_two_workers_match_one_worker_with_double_batch(tmp_path):
     assert l1[-1] < l1[0] and l2[-1] < l2[0]
 
 
+def test_views_of_the_same_codes_train_as_the_images_alone(tmp_path):
+    """Token data with a ``view`` column (two rows an image) read through Ray Data: the feed draws
+    one view per image per epoch, so when both views hold the image's codes the run is the run on
+    the images alone (old shards without a view column), step for step."""
+    import ray
+
+    plain = _tokens(tmp_path / "plain")
+    table = _table(256)
+    doubled = table.take(np.repeat(np.arange(256), 2))
+    doubled = doubled.append_column("view", pa.array(np.tile([0, 1], 256).astype(np.int32)))
+    views = tmp_path / "views" / "tokens"
+    write_shards(doubled, views / "train", 128)
+    try:
+        want = _fit(tmp_path, plain, workers=1, batch=32, name="plain")
+        got = _fit(tmp_path, views, workers=1, batch=32, name="views")
+    finally:
+        ray.shutdown()
+    assert [r["loss"] for r in got["curve"]] == [r["loss"] for r in want["curve"]]
+
+
 def _ray(*args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "ray"), *args], capture_output=True, text=True, env=env, timeout=180)
 

@@ -369,8 +369,8 @@ def test_prior_feed_keeps_codes_narrow_and_batches_as_before(tmp_path):
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 60000, (5000, 16)).astype(np.uint16)
     labels = rng.integers(-1, 3, 5000).astype(np.int32)
-    held, held_labels = _read_shard(_FakeShard(codes, labels))
-    assert held.dtype == np.uint16 and held_labels.dtype == np.int32 and held.nbytes == codes.nbytes
+    held, held_labels, held_views = _read_shard(_FakeShard(codes, labels))  # no view column: all view 0
+    assert held.dtype == np.uint16 and held_labels.dtype == np.int32 and held.nbytes == codes.nbytes and not held_views.any()
     want_c, want_l = torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(np.maximum(labels, 0).astype(np.int64))
     got = _batches(_FakeShard(codes, labels), 64, seed=3, skip=2)
     for idx in list(zip(range(100), endless_indices(5000, 64, 3, skip=2))):
@@ -434,3 +434,155 @@ def test_prefetched_keeps_order_raises_the_producers_error_and_stops_when_closed
     while any(t.name == "arvision-prefetch" and t.is_alive() for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "arvision-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+# ---------------------------------------------------------------------------------- augmented views
+
+
+def _views_params(batch_size: int = 16, shard_size: int = 50):
+    return parse_params({"tokens": {"batch_size": batch_size, "shard_size": shard_size, "device": "cpu",
+                                    "hflip": True, "crops": 1, "crop_scale": [0.5, 0.9]}})
+
+
+def test_tokens_views_rows_codes_and_bytes(tmp_path):
+    """hflip + 1 crop: the train split holds 3 rows per image, in order, the mirror's codes are the
+    tokenizer's codes of the mirrored image and the crop's those of its crop; val holds view 0 only;
+    a second run writes the same bytes."""
+    import pyarrow.parquet as pq
+
+    from arvision.data.parquet_io import read_split
+    from arvision.data.views import ViewSpec, view_images
+    from arvision.tokenizers import load_tokenizer
+    from stages import tokens
+
+    paths = prepared(tmp_path / "p", 37, 9, shard_size=16)  # batches of 16 across shards of 16 → 3 per image → shards of 50
+    with_tokenizer(paths)
+    params = _views_params()
+    m = tokens.run(params, paths, NullTracker())
+    assert (m["train_sequences"], m["val_sequences"], m["views"]) == (3 * 37, 9, 3)
+    first = files(paths.tokens)
+    assert [k for k in first if k.startswith("train")] == ["train/part-00000.parquet", "train/part-00001.parquet",
+                                                           "train/part-00002.parquet"]
+    tokens.run(params, paths, NullTracker())
+    assert files(paths.tokens) == first  # byte-identical
+
+    train, val = read_split(paths.tokens / "train"), read_split(paths.tokens / "val")
+    md = pq.read_schema(paths.tokens / "train" / "part-00000.parquet").metadata
+    assert json.loads(md[b"arvision.tokens.views"]) == {"names": ["image", "hflip", "crop1"], "crop_scale": [0.5, 0.9]}
+    ids, images, labels = load_images(paths.prepared / "train")
+    assert train.column("id").to_pylist() == [i for i in ids for _ in range(3)]
+    assert train.column("view").to_pylist() == [0, 1, 2] * 37
+    assert train.column("label").to_pylist() == np.repeat(labels, 3).tolist()
+    assert val.column("view").to_pylist() == [0] * 9 and val.column("id").to_pylist() == load_images(paths.prepared / "val")[0]
+
+    tok = load_tokenizer(paths.tokenizer, device=CPU)
+    codes = train.column("codes").combine_chunks().flatten().to_numpy().reshape(train.num_rows, -1)
+    spec = ViewSpec.of(params.tokens)
+    for view in range(3):
+        want = encode_images(tok, view_images(ids, images, view, spec), batch_size=16, device=CPU).numpy()
+        np.testing.assert_array_equal(codes[view::3], want)
+    np.testing.assert_array_equal(view_images(ids, images, 1, spec), images[:, :, ::-1])
+    assert not np.array_equal(view_images(ids, images, 2, spec), images)  # a crop, not the image
+
+
+def test_encode_actor_with_views_gives_the_in_process_rows(tmp_path):
+    """An actor call of several batches (as GPU actors take them) encodes batch by batch with the
+    views, as the in-process path does (the Ray path's files then equal the in-process ones)."""
+    from arvision.data.views import ViewSpec
+    from arvision.tokenizers import load_tokenizer
+    from stages.tokens import EncodeActor, encode_views
+
+    paths = prepared(tmp_path / "p", 40, 0)
+    with_tokenizer(paths)
+    ids, images, labels = load_images(paths.prepared / "train")
+    spec = ViewSpec(hflip=True, crops=2)
+    got = EncodeActor(str(paths.tokenizer), "cpu", 16, views=spec)(
+        {"id": np.asarray(ids, object), "pixels": images, "label": labels})
+    tok = load_tokenizer(paths.tokenizer, device=CPU)
+    parts = [encode_views(tok, ids[a : a + 16], images[a : a + 16], labels[a : a + 16], spec, batch_size=16, device=CPU)
+             for a in range(0, 40, 16)]  # what encode_split writes, batch by batch
+    assert list(got["id"]) == sum((p[0] for p in parts), [])
+    np.testing.assert_array_equal(got["view"], np.concatenate([p[2] for p in parts]))
+    np.testing.assert_array_equal(got["codes"], np.concatenate([p[3] for p in parts]).astype(np.uint16))
+
+
+class _ViewShard(_FakeShard):
+    def __init__(self, codes: np.ndarray, labels: np.ndarray, view: np.ndarray):
+        super().__init__(codes, labels)
+        self.view = view
+
+    def iter_batches(self, batch_size: int, batch_format: str):
+        for i, b in zip(range(0, len(self.codes), batch_size), super().iter_batches(batch_size, batch_format)):
+            yield {**b, "view": self.view[i : i + batch_size]}
+
+
+def test_prior_feed_draws_one_view_per_image_per_epoch_seeded_and_resumable(tmp_path):
+    from arvision.data.views import image_rows
+    from arvision.train.ray import _batches, _val_batches
+
+    n, v, bs = 50, 3, 8  # 6 batches an epoch (the last 2 images wait for the next epoch's order)
+    image_N, view_N = np.repeat(np.arange(n), v), np.tile(np.arange(v), n)
+    codes = np.stack([image_N, view_N], 1).astype(np.uint16)  # each row says which (image, view) it is
+    labels = (image_N % 3).astype(np.int32)
+
+    def draws(seed: int, skip: int = 0, batches: int = 18) -> list[np.ndarray]:
+        it = _batches(_ViewShard(codes, labels, view_N.astype(np.int32)), bs, seed=seed, skip=skip)
+        return [next(it)[0].numpy() for _ in range(batches)]
+
+    run = draws(3)
+    epochs = [np.concatenate(run[e * 6 : (e + 1) * 6]) for e in range(3)]
+    for e, rows in enumerate(epochs):
+        images = rows[:, 0]
+        assert len(set(images)) == len(images) == 48  # one pass over the images: each at most once
+        order = next(x for k, x in enumerate(endless_indices(n, bs, 3)) if k == 6 * e)  # the images drawn as rows were
+        assert images[:bs].tolist() == order.tolist()
+    picked = [dict(zip(r[:, 0], r[:, 1])) for r in epochs]
+    common = set(picked[0]) & set(picked[1])
+    assert any(picked[0][i] != picked[1][i] for i in common)  # other views in another epoch
+    assert {x for p in picked for x in p.values()} == {0, 1, 2}
+    assert all(np.array_equal(a, b) for a, b in zip(draws(3), run))  # seeded
+    assert not all(np.array_equal(a, b) for a, b in zip(draws(4), run))
+    assert all(np.array_equal(a, b) for a, b in zip(draws(3, skip=7, batches=11), run[7:]))  # a resume goes on exactly
+
+    # a worker's share that begins inside an image's views: that part is an image of its own
+    starts, counts = image_rows(np.array([1, 2, 0, 1, 2, 0, 0, 1]))
+    assert starts.tolist() == [0, 2, 5, 6] and counts.tolist() == [2, 3, 1, 2]
+
+    # the val loss scores view 0 only
+    table = pa.Table.from_arrays([pa.array(labels), pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1)), 2),
+                                  pa.array(view_N.astype(np.int32))], names=["label", "codes", "view"])
+    write_shards(table, tmp_path / "val", 64)
+    got = torch.cat([b[0] for b in _val_batches(str(tmp_path / "val"), 16)])
+    assert got[:, 1].eq(0).all() and got[:, 0].tolist() == list(range(n))
+
+
+def test_tokenizer_hflip_is_seeded_and_resumes_exactly():
+    from arvision.train.tokenizer import random_hflips
+
+    x = torch.from_numpy(blobs(32))
+    flipped = [b for b in random_hflips(iter([x] * 4), seed=0)]
+    same = [(b == x).flatten(1).all(1) for b in flipped]
+    mirror = [(b == x.flip(2)).flatten(1).all(1) for b in flipped]
+    assert all((s | m).all() for s, m in zip(same, mirror))  # each image as it was or mirrored
+    assert 0 < sum(int(m.sum()) for m in mirror) < 4 * 32
+    assert all(torch.equal(a, b) for a, b in zip(random_hflips(iter([x] * 4), seed=0), flipped))
+    assert all(torch.equal(a, b) for a, b in zip(random_hflips(iter([x] * 2), seed=0, start=2), flipped[2:]))
+
+    cfg = tiny_tokenizer_cfg(hflip=True, steps=4, checkpoint_every=2)
+    images = blobs(40)
+
+    def trained(state=None):
+        torch.manual_seed(0)
+        tok = build_tokenizer(cfg, channels=3, resolution=RES)
+        ckpts = {}
+        train_tokenizer(tok, images, cfg, seed=0, device=CPU, progress=False, state=state,
+                        on_checkpoint=lambda s, st: ckpts.__setitem__(s, st))
+        return tok, ckpts
+
+    whole, ckpts = trained()
+    resumed, _ = trained(state=ckpts[2])
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    torch.manual_seed(0)
+    plain = build_tokenizer(tiny_tokenizer_cfg(steps=4), channels=3, resolution=RES)
+    train_tokenizer(plain, images, tiny_tokenizer_cfg(steps=4), seed=0, device=CPU, progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), plain.state_dict().values()))

@@ -25,34 +25,44 @@ if TYPE_CHECKING:
 
 from arvision.cluster import TrainRun, init_ray
 from arvision.config import PriorConfig, RayConfig
-from arvision.data.parquet_io import split_rows
+from arvision.data.parquet_io import shard_paths, split_rows
 from arvision.train.common import endless_indices
 
 STATE_FILE = "state.pt"
 log = logging.getLogger("arvision")
 
 
-def _read_shard(shard) -> tuple["np.ndarray", "np.ndarray"]:
-    """All rows of a Ray Data shard as ``codes (N, L)`` and ``labels (N,)`` numpy arrays in the
-    narrowest dtype they arrive in (codes as stored: uint16, or int32 past 65,536 codes; labels
-    int32), unlabelled rows (label -1) as class 0: a quarter of int64's memory. :func:`_batches`
-    widens each batch to int64 as it goes."""
+def _read_shard(shard) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """All rows of a Ray Data shard as ``codes (N, L)``, ``labels (N,)`` and ``view (N,)`` numpy
+    arrays in the narrowest dtype they arrive in (codes as stored: uint16, or int32 past 65,536
+    codes; labels, view int32; view 0 for shards without a ``view`` column), unlabelled rows
+    (label -1) as class 0: a quarter of int64's memory. :func:`_batches` widens each batch to
+    int64 as it goes."""
     import numpy as np
 
-    codes_parts, label_parts = [], []
+    codes_parts, label_parts, view_parts = [], [], []
     for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
         codes = batch["codes"]
         if codes.dtype == object:  # fixed-size lists may arrive as arrays of arrays
             codes = np.stack(codes)
         codes_parts.append(codes)
         label_parts.append(batch["label"])
+        view_parts.append(batch["view"].astype(np.int32) if "view" in batch else np.zeros(len(codes), np.int32))
     codes = np.concatenate(codes_parts) if codes_parts else np.zeros((0, 0), np.int64)
     labels = np.maximum(np.concatenate(label_parts), 0) if label_parts else np.zeros(0, np.int32)  # unlabelled (-1) → 0
-    return codes, labels
+    view = np.concatenate(view_parts) if view_parts else np.zeros(0, np.int32)
+    return codes, labels, view
 
 
 def _batches(shard, batch_size: int, seed: int, skip: int = 0):
     """Endless (codes, labels) batches from this worker's Ray Data shard, reshuffled each epoch.
+
+    An epoch is one pass over the images, not the rows: with augmented token data (a row per
+    (image, view), ``tokens.hflip`` / ``tokens.crops``) each image contributes one of its views,
+    drawn by :func:`arvision.data.views.view_picks` seeded ``(seed, epoch)``, so ``prior.steps``
+    means as many passes as without views and a resumed run (``skip``) draws the same views. The
+    images are permuted as rows were (:func:`endless_indices` over the images); data without
+    views gives the batches it always gave.
 
     The shard is streamed once through Ray Data and kept in memory as compact integer arrays
     (token data is small: 1M images × 256 uint16 codes is 512 MB; the dtype as stored, each
@@ -63,11 +73,25 @@ def _batches(shard, batch_size: int, seed: int, skip: int = 0):
     """
     import numpy as np
 
-    codes, labels = _read_shard(shard)
-    if len(codes) < batch_size:
-        raise RuntimeError(f"the token shard holds {len(codes)} rows, fewer than one batch ({batch_size}); lower prior.batch_size")
-    for idx in endless_indices(len(codes), batch_size, seed, skip=skip):
-        i = idx.numpy()
+    from arvision.data.views import image_rows, view_picks
+
+    codes, labels, view = _read_shard(shard)
+    starts_G, counts_G = image_rows(view)
+    n = len(starts_G)  # images
+    if n < batch_size:
+        raise RuntimeError(f"the token shard holds {n} images, fewer than one batch ({batch_size}); lower prior.batch_size")
+    one_view = bool((counts_G == 1).all())
+    per_epoch = len(range(0, max(1, n - batch_size + 1), batch_size))  # batches endless_indices cuts an epoch into
+    epoch, pick_G = -1, None
+    for k, idx in enumerate(endless_indices(n, batch_size, seed, skip=skip), start=skip):
+        g = idx.numpy()
+        if one_view:
+            i = starts_G[g]
+        else:
+            if k // per_epoch != epoch:  # a new epoch: each image's view for it
+                epoch = k // per_epoch
+                pick_G = view_picks(counts_G, seed, epoch)
+            i = starts_G[g] + pick_G[g]
         yield torch.from_numpy(codes[i].astype(np.int64)), torch.from_numpy(labels[i].astype(np.int64))
 
 
@@ -75,11 +99,16 @@ def _val_batches(split_dir: str, batch_size: int):
     """The whole val split as in-order batches of at most ``batch_size`` rows (unlabelled rows,
     label -1, become class 0), kept in memory (codes as stored, uint16 or int32; each batch
     widened to int64 when evaluated) for every evaluation. Every worker reads all of it with
-    pyarrow: it is small, and a Ray Data pipeline per worker cost seconds of start-up."""
+    pyarrow: it is small, and a Ray Data pipeline per worker cost seconds of start-up. Only view 0
+    (the images themselves) is scored when the split has a ``view`` column."""
     import numpy as np
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    table = pq.read_table(split_dir, columns=["codes", "label"])
+    has_view = "view" in pq.read_schema(shard_paths(split_dir)[0]).names
+    table = pq.read_table(split_dir, columns=["codes", "label"] + (["view"] if has_view else []))
+    if has_view:
+        table = table.filter(pc.equal(table.column("view"), 0))
     codes = table.column("codes").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
     labels = np.maximum(table.column("label").to_numpy(), 0).astype(np.int32)
 
@@ -200,6 +229,7 @@ def fit_prior(
     """Train under Ray Train (in ``run``'s folder, logging to its MLflow run); return the final training state (weights, EMA, train curve and the
     validation bookkeeping of :func:`arvision.train.loop.checkpoint_state`). Validation runs when
     ``prior_cfg.eval_every`` > 0 and ``token_dir/val`` holds rows."""
+    import pyarrow.parquet as pq
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -209,7 +239,9 @@ def fit_prior(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # deterministic order → reproducible on CPU
-    train_ds = ray.data.read_parquet(str(token_dir / "train"), columns=["codes", "label"])
+    # the view column of augmented token data (old shards have none): the feed draws a view per image
+    has_view = "view" in pq.read_schema(shard_paths(token_dir / "train")[0]).names
+    train_ds = ray.data.read_parquet(str(token_dir / "train"), columns=["codes", "label"] + (["view"] if has_view else []))
     validate = prior_cfg.eval_every > 0 and split_rows(token_dir / "val") > 0
     if not validate and prior_cfg.eval_every > 0:
         log.info("prior: no validation: %s is missing or empty (no val curve)", token_dir / "val")

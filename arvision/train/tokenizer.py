@@ -121,6 +121,8 @@ def train_tokenizer(
 
             stream = prefetched(stream)
         batches = (torch.from_numpy(np.ascontiguousarray(b)).to(device) for b in stream)  # uint8 (B, H, W, C)
+    if cfg.hflip:
+        batches = random_hflips(batches, seed, start)
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     last: dict[str, float] = {}
     acc: dict[str, float] = {}
@@ -173,6 +175,16 @@ def train_tokenizer(
     tok.eval()
     done = cfg.steps - start  # this run's steps: a resumed run's rate counts only its own
     return {**last, "train_time_s": elapsed, "images_per_s": done * cfg.batch_size / max(elapsed, 1e-9)}
+
+
+def random_hflips(batches: Iterable[torch.Tensor], seed: int, start: int = 0) -> Iterator[torch.Tensor]:
+    """``batches`` of uint8 ``(B, H, W, C)`` with each image mirrored left-right with probability
+    1/2 (``tokenizer.hflip``). Step ``start + k``'s flips come from a CPU generator seeded
+    ``(seed, step)``, not the global RNG, so they are the same on CPU and GPU and a resumed run
+    (``start``) flips what the uninterrupted one did."""
+    for step, x_BHWC in enumerate(batches, start=start):
+        flip_B = torch.from_numpy(np.random.default_rng([int(seed), step]).random(len(x_BHWC)) < 0.5).to(x_BHWC.device)
+        yield torch.where(flip_B[:, None, None, None], x_BHWC.flip(2), x_BHWC)
 
 
 def checkpoint_state(tok: Tokenizer, opt: torch.optim.Optimizer, step: int, device: torch.device,
