@@ -118,6 +118,13 @@ class ConvTokenizer(Tokenizer):
         """Codes → ``z_q (B, Z, h, w)``, the same values ``_quantize`` gives in eval mode."""
         raise NotImplementedError
 
+    @property
+    def last_layer(self) -> Tensor:
+        """The weight of the decoder's last conv (the one that outputs pixels): where the
+        adversarial loss's adaptive weight compares the gradients of the reconstruction and
+        adversarial losses (:func:`arvision.tokenizers.discriminator.adaptive_weight`)."""
+        return self.decoder.conv_out.weight
+
     # interface ------------------------------------------------------------
     def encode(self, x_BCHW: Tensor) -> Tensor:
         return self._quantize(self.encoder(x_BCHW).float())[1]
