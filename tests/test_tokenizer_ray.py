@@ -103,11 +103,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_two_workers_keep_identical_replicas(tmp_path, ray_session):
+#: the VQGAN recipe on (a discriminator from step 2, feature matching): its gradients are
+#: averaged over the replicas by train_tokenizer's reduce, not by DDP
+ADV = dict(adv_weight=0.5, disc_start=2, disc_layers=2, disc_width=8, perceptual="disc_features")
+
+
+@pytest.mark.parametrize("recipe", [{}, ADV], ids=["plain", "adversarial"])
+def test_two_workers_keep_identical_replicas(tmp_path, ray_session, recipe):
     from arvision.train.ray_tokenizer import fit_tokenizer, state_hash
 
     paths = _prepared(tmp_path)
-    cfg = _cfg(num_workers=2)
+    cfg = _cfg(num_workers=2, **recipe)
     state = fit_tokenizer(
         tokenizer_cfg=cfg, ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1), seed=0, split_dir=paths.prepared / "train",
         channels=3, resolution=RES, run=TrainRun(tmp_path / "ray", "two", root=ROOT),
@@ -128,6 +134,9 @@ def test_two_workers_keep_identical_replicas(tmp_path, ray_session):
     assert [r["step"] for r in state["curve"]] == list(range(1, 7))
     assert sum(r["restarted"] for r in state["curve"]) > 0
     assert all(np.isfinite(r["loss"]) for r in state["curve"])
+    if recipe:  # the discriminator trained from disc_start on, and its loss reached the decoder
+        assert all(r["d_loss"] == 0 for r in state["curve"][:2]) and all(r["d_loss"] > 0 for r in state["curve"][2:])
+        assert all(r["adv_lambda"] > 0 and r["perceptual_loss"] > 0 for r in state["curve"][2:])
 
 
 def _curve(path: Path) -> list[dict[str, str]]:
