@@ -120,7 +120,11 @@ def test_msssim_loss_works_on_small_images(res, scales):
     assert float(msssim_loss(x, x)) == pytest.approx(0.0, abs=1e-6)
     loss = msssim_loss(noisy, x)
     loss.backward()
-    assert 0 < float(loss) < 1 and torch.isfinite(noisy.grad).all()
+    assert 0 < float(loss.detach()) < 1 and torch.isfinite(noisy.grad).all()
+    # under a bf16 autocast (as on CUDA) it is still computed in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = msssim_loss(noisy, x)
+    assert in_autocast.dtype == torch.float32 and float(in_autocast.detach()) == pytest.approx(float(loss.detach()), rel=1e-5)
 
 
 def test_average_grads_is_the_mean_over_replicas():

@@ -8,6 +8,7 @@ their precision.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torchmetrics.functional.image import (
     multiscale_structural_similarity_index_measure,
@@ -72,7 +73,10 @@ def msssim_loss(recon_BCHW: Tensor, x_BCHW: Tensor) -> Tensor:
     betas = MSSSIM_BETAS[:n]
     betas = tuple(b / sum(betas) for b in betas)
     a, b = recon_BCHW.float().add(1).div(2), x_BCHW.float().add(1).div(2)
-    value = multiscale_structural_similarity_index_measure(
-        a, b, data_range=1.0, sigma=MSSSIM_SIGMA, kernel_size=MSSSIM_KERNEL, betas=betas, normalize="relu",
-    )
+    # fp32 under a bf16 autocast too: SSIM's variances are differences of local means of
+    # squares, which bf16's 8-bit mantissa cancels to noise (autocast would run its convs in bf16)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        value = multiscale_structural_similarity_index_measure(
+            a, b, data_range=1.0, sigma=MSSSIM_SIGMA, kernel_size=MSSSIM_KERNEL, betas=betas, normalize="relu",
+        )
     return 1.0 - value
