@@ -84,7 +84,8 @@ class Adversary:
         self.disc: disc_losses.PatchDiscriminator | None = None
         self.opt: torch.optim.Optimizer | None = None
         if cfg.uses_discriminator:
-            self.disc = disc_losses.PatchDiscriminator(channels, cfg.disc_width, cfg.disc_layers, resolution=resolution).to(device)
+            self.disc = disc_losses.PatchDiscriminator(channels, cfg.disc_width, cfg.disc_layers, resolution=resolution)
+            self.disc.to(device)
             if device.type == "cuda":
                 self.disc.to(memory_format=torch.channels_last)
             self.opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
