@@ -60,6 +60,7 @@ def summary(root: Path, results: list[dict], parent_run_id: str | None, seconds:
         ("class acc", f"{ev['class_accuracy']:.0%}" if "class_accuracy" in ev else None),
         ("val bits/dim", ev.get("val_bpd")),
         ("tokenizer PSNR (dB)", ev.get("tokenizer_psnr", tk.get("val_psnr"))),
+        ("tokenizer rFD", ev.get("tokenizer_rfd")),
         ("codebook usage", ev.get("tokenizer_usage", tk.get("val_usage"))),
     ]
     shown = [f"{k} {_fmt(v)}" for k, v in keys if v is not None]

@@ -97,6 +97,18 @@ class TokenizerConfig(_Section):
     warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # the cosine ends at this share of lr
     grad_clip: float = Field(1.0, ge=0.0)
+    # the VQGAN recipe (conv kinds: vq, rq, fsq, msvq), off by default. adv_weight > 0 adds a
+    # PatchGAN discriminator (hinge loss) whose adversarial loss the decoder gets, scaled by
+    # taming's adaptive weight; from step disc_start on (before it neither trains nor counts)
+    adv_weight: float = Field(0.0, ge=0.0)  # 0: off; VQGAN / LlamaGen use 0.5
+    disc_start: int = Field(0, ge=0)  # first step the discriminator trains and its loss counts
+    disc_width: int = Field(64, ge=8)  # channels of the discriminator's first conv
+    disc_layers: int = Field(3, ge=1, le=6)  # its strided convs (pix2pix's n_layers; 32² images take at most 3)
+    disc_lr: Optional[float] = Field(None, gt=0.0, le=1.0)  # its AdamW's lr (betas 0.5, 0.9); None: tokenizer.lr
+    # a perceptual loss that needs no downloaded network: none | disc_features (L1 between the
+    # discriminator's features of images and reconstructions) | msssim (1 - MS-SSIM)
+    perceptual: Literal["none", "disc_features", "msssim"] = "none"
+    perceptual_weight: float = Field(1.0, ge=0.0)
     log_every: int = Field(50, ge=1)
     # a checkpoint every N steps: an interrupted run re-run with the same params and data
     # resumes from the last one (the same weights as an uninterrupted run, on CPU). DVC tracks
@@ -119,6 +131,21 @@ class TokenizerConfig(_Section):
             raise ValueError("tokenizer.fsq_levels must be a non-empty list of integers >= 2")
         if self.scales != sorted(set(self.scales)) or self.scales[0] < 1:
             raise ValueError("tokenizer.scales must be strictly increasing positive integers")
+        if self.kind == "palette" and (self.adv_weight > 0 or self.perceptual != "none"):
+            raise ValueError(
+                "tokenizer.adv_weight / tokenizer.perceptual / tokenizer.kind: a palette is fitted by k-means, not "
+                "trained, so it takes no adversarial or perceptual loss; set tokenizer.adv_weight: 0 and "
+                "tokenizer.perceptual: none, or pick a trained kind (vq, rq, fsq, msvq)"
+            )
+        if self.uses_discriminator and self.steps > 0 and self.disc_start >= self.steps:
+            why = f"tokenizer.adv_weight {self.adv_weight}" if self.adv_weight > 0 else "tokenizer.perceptual disc_features"
+            raise ValueError(
+                f"tokenizer.disc_start / tokenizer.steps: with {why} the discriminator starts at step {self.disc_start}, "
+                f"which training ({self.steps} steps) never reaches; lower tokenizer.disc_start or raise tokenizer.steps"
+            )
+        if self.perceptual != "none" and self.perceptual_weight == 0:
+            raise ValueError(f"tokenizer.perceptual / tokenizer.perceptual_weight: perceptual '{self.perceptual}' with weight 0 "
+                             "computes a loss that counts for nothing; set tokenizer.perceptual: none or a weight > 0")
         n = self.num_workers
         if n > 0 and self.kind != "palette" and self.batch_size % n:
             lower, upper = self.batch_size // n * n, -(-self.batch_size // n) * n
@@ -128,6 +155,12 @@ class TokenizerConfig(_Section):
                 f"evenly over {n} workers; make tokenizer.batch_size a multiple of {n} (e.g. {fits}) or change tokenizer.num_workers"
             )
         return self
+
+    @property
+    def uses_discriminator(self) -> bool:
+        """Whether training builds a discriminator: for the adversarial loss, or for the
+        feature-matching perceptual loss (which reads its features)."""
+        return self.adv_weight > 0 or self.perceptual == "disc_features"
 
 
 class TokensConfig(_Section):
@@ -275,6 +308,14 @@ class Params(_Section):
             problems.append(f"tokenizer.kind / prior.kind: tokenizer 'msvq' needs prior 'var', not '{self.prior.kind}'")
         if self.prior.strategy == "fsdp" and not self.ray.use_gpu:
             problems.append("prior.strategy / ray.use_gpu: 'fsdp' shards over GPUs and needs ray.use_gpu: true; on CPU use 'ddp'")
+        if self.tokenizer.uses_discriminator:
+            from arvision.tokenizers.discriminator import max_layers, patch_side  # imports torch: only with a discriminator
+
+            if patch_side(self.data.resolution, self.tokenizer.disc_layers) < 1:
+                problems.append(
+                    f"tokenizer.disc_layers / data.resolution: {self.tokenizer.disc_layers} strided discriminator layers leave "
+                    f"no patch logit for {self.data.resolution}² images; use at most {max_layers(self.data.resolution)}"
+                )
         # warmup must end inside training (features has no warmup); tokenizer.steps 0 trains nothing
         for name, sec in (("tokenizer", self.tokenizer), ("prior", self.prior)):
             if sec.steps > 0 and sec.warmup_steps >= sec.steps:

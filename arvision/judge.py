@@ -117,6 +117,16 @@ class Yardstick:
         feats = lambda x: embed(self.net, x, batch_size=self.batch_size, device=self.device)  # noqa: E731
         return copy_reference(feats(train_rec), train_rec, feats(val_rec), val_rec)
 
+    def reconstruction_fd(self, recon_ref) -> float:
+        """rFD: the Fréchet distance between the val images' features and their reconstructions'
+        (``recon_ref``'s, from :meth:`reconstruction_reference`: nothing is reconstructed or
+        embedded again), in the same feature space and by the same function as the samples'
+        ``fd``. A tokenizer's floor under the generator: samples decoded from perfect codes
+        score about this. 0 for a lossless tokenizer; blur raises it where PSNR barely moves."""
+        from arvision.metrics.samples import frechet_distance
+
+        return frechet_distance(recon_ref.val_feats, self.val_feats)
+
     def score(self, images_u8: np.ndarray, intended_labels: np.ndarray | None, recon_ref=None, *,
               feats: np.ndarray | None = None, memorisation_check: bool = True,
               ) -> tuple[dict[str, float], dict[str, np.ndarray]]:

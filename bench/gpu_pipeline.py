@@ -79,6 +79,11 @@ def main() -> None:
         results[name] = {"seconds": round(secs, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                          **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         print(f"{name}: {secs:.1f} s {json.dumps(results[name])}", flush=True)
+        if args.out:  # after every stage: a run stopped at its time limit still leaves what it measured
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"{args.tag}_pipeline.json").write_text(json.dumps(
+                {"argv": sys.argv[1:], "total_s": sum(v["seconds"] for v in results.values()),
+                 "params": params.model_dump(mode="json"), "stages": results}, indent=2))
     report = "\n".join(
         ["| stage | seconds | key figures |", "| --- | --- | --- |"]
         + [f"| {k} | {v['seconds']} | " + ", ".join(f"{m}={v[m]:.4g}" if isinstance(v[m], float) else f"{m}={v[m]}"

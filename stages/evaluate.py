@@ -136,6 +136,10 @@ def report_md(metrics: dict[str, Any], floor: dict[str, float], champ: dict[str,
     lines += ["", "The floor is an equal number of training images scored the same way: what a perfect",
               "generator would reach. `copy_rate`: share of samples closer to a training image than",
               "95% of val images are (features; `_pixels`: in pixel space).", ""]
+    if "tokenizer_rfd" in metrics:
+        lines.append(f"Tokenizer on val: PSNR {_fmt(metrics.get('tokenizer_psnr'))} dB, rFD {_fmt(metrics['tokenizer_rfd'])} "
+                     "(`tokenizer_rfd`: its reconstructions against val in the same features as `fd`; samples "
+                     "decoded from perfect codes would score about this).\n")
     if "features_val_accuracy" in metrics:
         lines.append(f"Feature classifier's own val accuracy: {_fmt(metrics['features_val_accuracy'])} "
                      "(class accuracy of samples is read against it).\n")
@@ -195,6 +199,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     speed = {"sample_images_per_s": metrics.pop("sample_images_per_s")}
     tok = evaluate_tokenizer(gen.tokenizer, yard.val_u8, batch_size=cfg.batch_size, device=device)
     metrics.update({f"tokenizer_{k}": v for k, v in tok.items() if k in ("psnr", "ssim", "usage", "perplexity")})
+    metrics["tokenizer_rfd"] = yard.reconstruction_fd(recon_ref)  # the val reconstructions' features, made above
     floor = yard.floor(cfg.num_samples, cfg.seed)
     metrics.update({f"floor_{k}": v for k, v in floor.items()})
     feats_metrics = read_json(paths.metrics / "features.json") if (paths.metrics / "features.json").exists() else {}

@@ -209,3 +209,40 @@ def test_planted_class_accuracy(emoji, judge):
     chance = float((np.bincount(pred, minlength=CLASSES) * np.bincount(y, minlength=CLASSES)).sum()) / len(y) ** 2
     assert abs(shuffled - chance) < 0.08, (shuffled, chance)
     assert right > chance + 0.2, (right, chance)
+
+
+class _IdentityTokenizer:
+    """codes = the images themselves: a lossless tokenizer."""
+
+    def encode(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return x_BCHW
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes
+
+
+class _BlurTokenizer(_IdentityTokenizer):
+    """4× average-pooled codes, decoded by nearest upsampling: what a blurring tokenizer does."""
+
+    def encode(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x_BCHW, 4)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(codes, scale_factor=4, mode="nearest")
+
+
+def test_reconstruction_fd_is_zero_for_a_lossless_tokenizer_and_grows_with_blur(emoji, judge):
+    """``tokenizer_rfd`` (:meth:`Yardstick.reconstruction_fd`), from the reconstruction reference
+    the evaluate stage builds anyway: ~0 when reconstructions are the val images, far above
+    the real-vs-real floor when they are blurred."""
+    from arvision.judge import Yardstick
+
+    net, feats = judge
+    (tx, ty), (vx, vy) = emoji["train"], emoji["val"]
+    yard = Yardstick(net=net, device=torch.device("cpu"), val_u8=vx, val_labels=vy, train_u8=tx, train_labels=ty,
+                     batch_size=64)
+    exact = yard.reconstruction_fd(yard.reconstruction_reference(_IdentityTokenizer()))
+    blurred = yard.reconstruction_fd(yard.reconstruction_reference(_BlurTokenizer()))
+    floor = frechet_distance(feats["held"], feats["val"])  # real unseen images against val
+    assert abs(exact) < 1e-3 * floor, (exact, floor)
+    assert blurred > 2 * floor, (blurred, floor)

@@ -103,11 +103,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_two_workers_keep_identical_replicas(tmp_path, ray_session):
+#: the VQGAN recipe on (a discriminator from step 2, feature matching): its gradients are
+#: averaged over the replicas by train_tokenizer's reduce, not by DDP
+ADV = dict(adv_weight=0.5, disc_start=2, disc_layers=2, disc_width=8, perceptual="disc_features")
+
+
+@pytest.mark.parametrize("recipe", [{}, ADV], ids=["plain", "adversarial"])
+def test_two_workers_keep_identical_replicas(tmp_path, ray_session, recipe):
     from arvision.train.ray_tokenizer import fit_tokenizer, state_hash
 
     paths = _prepared(tmp_path)
-    cfg = _cfg(num_workers=2)
+    cfg = _cfg(num_workers=2, **recipe)
     state = fit_tokenizer(
         tokenizer_cfg=cfg, ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1), seed=0, split_dir=paths.prepared / "train",
         channels=3, resolution=RES, run=TrainRun(tmp_path / "ray", "two", root=ROOT),
@@ -128,6 +134,9 @@ def test_two_workers_keep_identical_replicas(tmp_path, ray_session):
     assert [r["step"] for r in state["curve"]] == list(range(1, 7))
     assert sum(r["restarted"] for r in state["curve"]) > 0
     assert all(np.isfinite(r["loss"]) for r in state["curve"])
+    if recipe:  # the discriminator trained from disc_start on, and its loss reached the decoder
+        assert all(r["d_loss"] == 0 for r in state["curve"][:2]) and all(r["d_loss"] > 0 for r in state["curve"][2:])
+        assert all(r["adv_lambda"] > 0 and r["perceptual_loss"] > 0 for r in state["curve"][2:])
 
 
 def _curve(path: Path) -> list[dict[str, str]]:
@@ -230,16 +239,18 @@ def test_skip_drops_the_first_batches_and_keeps_the_rest(tmp_path, buffer):
             assert np.array_equal(want[0], x) and np.array_equal(want[1], y)
 
 
-@pytest.mark.parametrize("buffer", [4096, 10], ids=["in-memory", "streamed"])
-def test_interrupted_stage_resumes_to_the_same_tokenizer(tmp_path, monkeypatch, buffer):
+@pytest.mark.parametrize("buffer, recipe", [(4096, {}), (10, {}), (10, {**ADV, "disc_start": 3})],
+                         ids=["in-memory", "streamed", "streamed-adversarial"])
+def test_interrupted_stage_resumes_to_the_same_tokenizer(tmp_path, monkeypatch, buffer, recipe):
     """The stage stopped right after its checkpoint at step 4 of 8 (a KeyboardInterrupt, as
     Ctrl-C) leaves that checkpoint and no tokenizer; run again with the same params, it goes on
     from step 4 and saves bit for bit what a run never stopped saves: weights, codebook, curve
-    and val metrics. The checkpoint's folder is gone afterwards."""
+    and val metrics. The checkpoint's folder is gone afterwards. With the VQGAN recipe on, the
+    checkpoint carries the discriminator and its optimizer too."""
     import stages.tokenizer as stage
 
     monkeypatch.setattr(stage, "shuffle_buffer_rows", lambda *a, **k: buffer)
-    cfg = _cfg(steps=8, checkpoint_every=2, log_every=3)  # a checkpoint between two log lines
+    cfg = _cfg(steps=8, checkpoint_every=2, log_every=3, **recipe)  # a checkpoint between two log lines
     params = parse_params({"seed": 0, "tokenizer": cfg.model_dump(mode="json")})
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     for root in (whole, cut):
@@ -260,6 +271,7 @@ def test_interrupted_stage_resumes_to_the_same_tokenizer(tmp_path, monkeypatch, 
         stage.run(params, Paths(cut), NullTracker())
     ckpts = list((cut / ".arvision" / "ray").glob("tokenizer-*/checkpoint.pt"))
     assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=False)["step"] == 4
+    assert ("disc" in torch.load(ckpts[0], weights_only=False)) == bool(recipe)
     assert not (cut / "models" / "tokenizer").exists()
     monkeypatch.setattr(stage, "train_tokenizer", train)
     again = stage.run(params, Paths(cut), NullTracker())

@@ -211,6 +211,7 @@ class CopyReference:
     train_u8: Any  # (N, H, W, C) uint8: an array, or a lazy image sequence walked in slices
     threshold: float  # feature-space L2 distance
     threshold_pixels: float  # pixel-space L2 distance, pixels in [0, 1] (whole image, not per pixel)
+    val_feats: Any = None  # (Nv, D): the features of the val images the thresholds were calibrated on
 
 
 def copy_reference(
@@ -232,6 +233,7 @@ def copy_reference(
         train_u8=train_u8_NHWC if hasattr(train_u8_NHWC, "shape") else np.asarray(train_u8_NHWC),
         threshold=float(torch.quantile(d_val, q)),
         threshold_pixels=float(torch.quantile(d_val_px.double(), q)),
+        val_feats=_stored_feats(val_feats),
     )
 
 

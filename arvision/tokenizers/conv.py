@@ -128,6 +128,13 @@ class ConvTokenizer(Tokenizer):
         with quantiser_fp32(codes_BL):
             return self._dequantize(codes_BL.long())
 
+    @property
+    def last_layer(self) -> Tensor:
+        """The weight of the decoder's last conv (the one that outputs pixels): where the
+        adversarial loss's adaptive weight compares the gradients of the reconstruction and
+        adversarial losses (:func:`arvision.tokenizers.discriminator.adaptive_weight`)."""
+        return self.decoder.conv_out.weight
+
     # interface ------------------------------------------------------------
     def encode(self, x_BCHW: Tensor) -> Tensor:
         return self._quantize_fp32(self.encoder(x_BCHW))[1]

@@ -10,6 +10,10 @@ process; here every Ray Train worker runs it with
 - ``update_quantizer(reduce=all-reduce sum)``: the EMA code counts and vector sums follow the
   global batch, k-means centres and restart vectors are averaged, so every replica keeps the
   same codebook;
+- with ``tokenizer.adv_weight`` / ``perceptual: disc_features``, the discriminator outside DDP
+  (:class:`arvision.train.tokenizer.Adversary`: built from the same seed on every rank, its
+  gradients averaged over the replicas by ``reduce`` before each of its steps), so it stays
+  identical too; its weights and optimizer travel in the checkpoints;
 - its own part of the train split (:func:`arvision.data.feed.shuffled_batches` with
   ``part=(rank, world)``: the rows whose index is ``rank`` modulo ``world``, seed ``seed +
   rank``), ``tokenizer.batch_size / num_workers`` images a step: reproducible on CPU.

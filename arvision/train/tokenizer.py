@@ -3,6 +3,9 @@
 ``palette`` is fitted (k-means); every other kind is trained by AdamW on L1 + MSE plus the
 kind's quantiser loss, with the quantiser's state (EMA codebook, restarts, first-batch
 initialisation) applied by an explicit ``tok.update_quantizer()`` after each training forward.
+Optionally (``tokenizer.adv_weight`` > 0, ``tokenizer.perceptual``) the VQGAN recipe on top: a
+perceptual loss, and a PatchGAN discriminator trained by the hinge loss, whose adversarial
+loss the decoder gets under taming's adaptive weight (:class:`Adversary`).
 Deterministic on CPU for a seed: the global torch RNG is seeded here and batches come from
 :func:`arvision.train.common.endless_indices` (epoch e: a permutation seeded ``seed + e``) over
 an in-memory array, or from a seeded batch stream (the ``tokenizer`` stage's
@@ -26,7 +29,8 @@ import torch
 
 from arvision.config import TokenizerConfig
 from arvision.metrics.codebook import expected_uniform_usage
-from arvision.metrics.image import psnr, ssim
+from arvision.metrics.image import msssim_loss, psnr, ssim
+from arvision.tokenizers import discriminator as disc_losses
 from arvision.tokenizers import images_to_tensor, tensor_to_images
 from arvision.tokenizers.interface import Reduce, Tokenizer
 from arvision.tokenizers.quantizer import counts_perplexity
@@ -49,6 +53,131 @@ class TrainingLoss(torch.nn.Module):
 
     def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         return self.tok.training_loss(x_BCHW)
+
+
+class Adversary:
+    """The discriminator side of a tokenizer's training (``cfg.uses_discriminator``), and the
+    perceptual loss (``cfg.perceptual``): what :func:`train_tokenizer` adds to each step.
+
+    In a step, :meth:`generator_terms` extends the tokenizer's loss before its backward (the
+    perceptual term from the start; from ``cfg.disc_start`` on, ``adv_weight · λ · -E[D(x̂)]``
+    with λ taming's adaptive weight at the decoder's last layer), and after the tokenizer's
+    optimizer step :meth:`discriminator_step` trains D on the hinge loss (from ``disc_start``
+    on) with its own AdamW (``disc_lr`` or ``lr``, betas (0.5, 0.9) as VQGAN, no weight decay,
+    constant lr). The feature-matching loss reads the current D: a fixed random-feature
+    network until ``disc_start``, then the training one.
+
+    Data-parallel replicas keep D identical: it is built from the same seed on every replica,
+    and its gradients are averaged over them with ``reduce`` before its step (one all-reduce
+    of the flattened gradients), so it needs no DDP wrapper. λ is each replica's own (its
+    batch's gradients), as under taming's DDP; the tokenizer's gradients of the weighted
+    loss are then averaged by DDP as usual.
+
+    Stats (per step, so they land in the training curve and MLflow): ``d_loss``,
+    ``logits_real``, ``logits_fake`` (means of D's logits), ``g_adv`` (-E[D(x̂)]),
+    ``adv_lambda`` (``adv_weight · λ``, the weight the adversarial loss had), and
+    ``perceptual_loss``; 0 before ``disc_start``.
+    """
+
+    def __init__(self, cfg: TokenizerConfig, *, channels: int, resolution: int, device: torch.device) -> None:
+        self.cfg = cfg
+        self.disc: disc_losses.PatchDiscriminator | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        if cfg.uses_discriminator:
+            self.disc = disc_losses.PatchDiscriminator(channels, cfg.disc_width, cfg.disc_layers, resolution=resolution)
+            self.disc.to(device)
+            if device.type == "cuda":
+                self.disc.to(memory_format=torch.channels_last)
+            self.opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
+
+    @staticmethod
+    def wanted(cfg: TokenizerConfig) -> bool:
+        """Whether ``cfg`` asks for anything beyond the plain loss (else: no :class:`Adversary`,
+        and training is the plain recipe bit for bit)."""
+        return cfg.uses_discriminator or cfg.perceptual != "none"
+
+    def generator_terms(self, tok: Tokenizer, x_BCHW: torch.Tensor, recon_BCHW: torch.Tensor, loss: torch.Tensor,
+                        step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The tokenizer's loss with the perceptual and adversarial terms added, and their stats.
+        ``loss`` is the tokenizer's own (reconstruction + quantiser); the quantiser's part does
+        not reach the decoder, so at the last layer its gradient is the reconstruction's."""
+        cfg, stats = self.cfg, {}
+        active = self.disc is not None and step >= cfg.disc_start
+        logits_fake = None
+        if self.disc is not None:
+            self.disc.requires_grad_(False)  # the tokenizer's loss trains the tokenizer only
+        try:
+            if cfg.perceptual == "msssim":
+                p_loss = msssim_loss(recon_BCHW, x_BCHW)
+            elif cfg.perceptual == "disc_features":
+                with torch.no_grad():
+                    _, feats_real = self.disc.forward_features(x_BCHW)
+                logits_fake, feats_fake = self.disc.forward_features(recon_BCHW)
+                p_loss = disc_losses.feature_matching_loss(feats_real, feats_fake)
+            if cfg.perceptual != "none":
+                loss = loss + cfg.perceptual_weight * p_loss
+                stats["perceptual_loss"] = float(p_loss.detach())
+            if cfg.adv_weight > 0:
+                g_adv, lam = torch.zeros((), device=loss.device), torch.zeros((), device=loss.device)
+                if active:
+                    if logits_fake is None:
+                        logits_fake = self.disc(recon_BCHW)
+                    g_adv = disc_losses.generator_adv_loss(logits_fake)
+                    lam = cfg.adv_weight * disc_losses.adaptive_weight(loss, g_adv, tok.last_layer)
+                    loss = loss + lam * g_adv
+                stats["g_adv"], stats["adv_lambda"] = float(g_adv.detach()), float(lam)
+        finally:
+            if self.disc is not None:
+                self.disc.requires_grad_(True)
+        return loss, stats
+
+    def discriminator_step(self, x_BCHW: torch.Tensor, recon_BCHW: torch.Tensor, step: int, device: torch.device,
+                           reduce: Reduce | None) -> dict[str, float]:
+        """One hinge-loss step of D on the images and their (detached) reconstructions, from
+        ``disc_start`` on; its stats (zeros before). Call under the step's autocast."""
+        if self.disc is None:
+            return {}
+        if step < self.cfg.disc_start:
+            return {"d_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0}
+        both = torch.cat([x_BCHW, recon_BCHW.detach().to(x_BCHW.dtype)])  # GroupNorm: per-sample, one forward for both
+        logits_real, logits_fake = self.disc(both).float().chunk(2)
+        d_loss = disc_losses.hinge_d_loss(logits_real, logits_fake)
+        self.opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        if reduce is not None:
+            _average_grads(self.disc, reduce, device)
+        self.opt.step()
+        return {"d_loss": float(d_loss.detach()), "logits_real": float(logits_real.detach().mean()),
+                "logits_fake": float(logits_fake.detach().mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint carries: D's weights and its optimizer (``{}`` without a D)."""
+        if self.disc is None:
+            return {}
+        return {"disc": to_cpu(self.disc.state_dict()), "disc_optimizer": to_cpu(self.opt.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.disc is None:
+            return
+        if "disc" not in state:
+            raise ValueError("the checkpoint holds no discriminator (saved by a run without tokenizer.adv_weight or "
+                             "perceptual disc_features): it cannot resume this run")
+        self.disc.load_state_dict(state["disc"])
+        self.opt.load_state_dict(state["disc_optimizer"])
+
+
+def _average_grads(module: torch.nn.Module, reduce: Reduce, device: torch.device) -> None:
+    """``module``'s gradients replaced by their mean over the replicas ``reduce`` sums over: one
+    all-reduce of the flattened gradients and a count."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1).float() for p in params] + [torch.ones(1, device=device)])
+    flat = reduce(flat)
+    flat = flat[:-1] / flat[-1]
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
 
 
 def train_tokenizer(
@@ -124,12 +253,16 @@ def train_tokenizer(
     if cfg.hflip:
         batches = random_hflips(batches, seed, start)
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    # built only when asked for: building a discriminator draws from the seeded RNG
+    adversary = Adversary(cfg, channels=tok.channels, resolution=tok.resolution, device=device) if Adversary.wanted(cfg) else None
     last: dict[str, float] = {}
     acc: dict[str, float] = {}
     n_acc = 0
     if state:
         tok.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if adversary is not None:
+            adversary.load_state_dict(state)
         set_rng_state(state["rng"], device)
         last, acc, n_acc = dict(state["last"]), dict(state["acc"]), int(state["n_acc"])
     schedule = warmup_cosine(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
@@ -146,14 +279,20 @@ def train_tokenizer(
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device):
-            loss, stats, _ = forward(x)
+            loss, stats, recon = forward(x)
             stats.update(tok.update_quantizer(reduce))  # codebook EMA, restarts, first-batch init: before backward
+            if adversary is not None:
+                loss, more = adversary.generator_terms(tok, x, recon, loss, step)
+                stats.update(more)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip))
         opt.step()
         schedule.step()
+        if adversary is not None:  # after the tokenizer's step, on this step's reconstructions
+            with autocast(device):
+                stats.update(adversary.discriminator_step(x, recon, step, device, reduce))
         stats["loss"] = float(loss.detach())
         for k, v in stats.items():
             acc[k] = acc.get(k, 0.0) + v
@@ -168,7 +307,7 @@ def train_tokenizer(
             if log:
                 log(step + 1, last)
         if on_checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            on_checkpoint(step + 1, checkpoint_state(tok, opt, step + 1, device, last, acc, n_acc))
+            on_checkpoint(step + 1, checkpoint_state(tok, opt, step + 1, device, last, acc, n_acc, adversary))
     elapsed = time.perf_counter() - t0
     if not in_memory and hasattr(stream, "close"):
         stream.close()  # stops a prefetching thread
@@ -188,12 +327,15 @@ def random_hflips(batches: Iterable[torch.Tensor], seed: int, start: int = 0) ->
 
 
 def checkpoint_state(tok: Tokenizer, opt: torch.optim.Optimizer, step: int, device: torch.device,
-                     last: dict[str, float], acc: dict[str, float], n_acc: int) -> dict[str, Any]:
+                     last: dict[str, float], acc: dict[str, float], n_acc: int,
+                     adversary: Adversary | None = None) -> dict[str, Any]:
     """What :func:`train_tokenizer` resumes from (CPU copies): ``model`` (weights and the
-    quantiser's buffers), ``optimizer``, ``step``, ``rng``, and the log's ``last`` / ``acc`` /
-    ``n_acc`` (stats accumulated since the last log line)."""
+    quantiser's buffers), ``optimizer``, ``step``, ``rng``, the log's ``last`` / ``acc`` /
+    ``n_acc`` (stats accumulated since the last log line), and with a discriminator ``disc``
+    and ``disc_optimizer`` (:meth:`Adversary.state_dict`)."""
     return {"model": to_cpu(tok.state_dict()), "optimizer": to_cpu(opt.state_dict()), "step": step,
-            "rng": rng_state(device), "last": dict(last), "acc": dict(acc), "n_acc": n_acc}
+            "rng": rng_state(device), "last": dict(last), "acc": dict(acc), "n_acc": n_acc,
+            **(adversary.state_dict() if adversary is not None else {})}
 
 
 def _replica_means(stats: dict[str, float], reduce: Reduce, device: torch.device) -> dict[str, float]:
