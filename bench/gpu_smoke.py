@@ -41,6 +41,12 @@ KINDS: dict[str, tuple[dict, dict]] = {
 }
 
 
+#: ``--recipe``: this round's training options on, where the kind has them: the tokenizer's
+#: VQGAN recipe and mirrored batches, mirrored and cropped token views, dropout and drop-path
+RECIPE_TOKENIZER = dict(hflip=True, adv_weight=0.5, perceptual="msssim", perceptual_weight=1.0)
+RECIPE = dict(tokens=dict(hflip=True, crops=1), prior=dict(dropout=0.1, drop_path=0.1))
+
+
 def gpu_params(overrides: dict[str, dict] | None = None, *, data_path: Path | None = None) -> dict:
     """The demo ``params.yaml`` on one GPU: every stage on CUDA, the prior on one GPU worker,
     then ``overrides`` (section -> {key: value}) merged in."""
@@ -63,6 +69,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: " + ", ".join(KINDS))
     ap.add_argument("--steps", type=int, default=60, help="tokenizer and prior steps per kind")
+    ap.add_argument("--recipe", action="store_true", help="the VQGAN recipe, views, dropout and drop-path on (see RECIPE)")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every kind, like tokenizer.adv_weight=0.5")
     args = ap.parse_args()
 
@@ -102,11 +109,16 @@ def main() -> None:
         over = {sec: dict(v) for sec, v in common.items()}
         over["tokenizer"] = {**over["tokenizer"], **tok_over}
         over["prior"] = {**over["prior"], **prior_over}
+        if args.recipe:
+            for sec, values in RECIPE.items():
+                over[sec] = {**over.get(sec, {}), **values}
+            if kind != "palette":  # a palette is fitted: no discriminator, no batches to mirror
+                over["tokenizer"].update(RECIPE_TOKENIZER, disc_start=n // 3)
         paths = Paths(root / kind)
         for sub in ("data/prepared", "models/features"):
             (paths.root / sub).parent.mkdir(parents=True, exist_ok=True)
             (paths.root / sub).symlink_to(shared.root / sub)
-        row: dict = {"kind": kind, "tokenizer": tok_over["kind"], "prior": prior_over["kind"], "ok": True}
+        row: dict = {"kind": kind, "tokenizer": tok_over["kind"], "prior": prior_over["kind"], "ok": True, "recipe": args.recipe}
         t_kind = time.perf_counter()
         for name, mod in [("tokenizer", tokenizer), ("tokens", tokens), ("prior", prior), ("evaluate", evaluate)]:
             t = time.perf_counter()
@@ -134,7 +146,8 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_smoke.md").write_text(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {n} steps per kind\n\n{table}\n")
+        (out / "gpu_smoke.md").write_text(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {n} steps per kind"
+                                          f"{', --recipe: ' + json.dumps({'tokenizer': RECIPE_TOKENIZER, **RECIPE}) if args.recipe else ''}\n\n{table}\n")
         (out / "gpu_smoke.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": n, "rows": rows}, indent=2))
     sys.exit(0 if all(r["ok"] for r in rows) else 1)
 
