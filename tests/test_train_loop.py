@@ -290,3 +290,19 @@ def test_resume_keeps_validation_bookkeeping(tmp_path):
     for key in ("best_weights", "ema"):
         for k, v in end[key].items():
             torch.testing.assert_close(res[key][k], v, rtol=0, atol=0, msg=f"{key}.{k}")
+
+
+def test_a_nan_loss_stops_training_naming_the_step():
+    """A diverged run (seen on CUDA: a var prior with dropout went NaN at step 10 and trained
+    NaN to the end) stops at the first log line that sees it, with a message, not a curve of NaN."""
+    from arvision.train.loop import TrainingDiverged
+
+    model = _model()
+    with torch.no_grad():  # NaN in every weight's first entry: every forward gives a NaN loss
+        for p in model.parameters():
+            p.view(-1)[0] = float("nan")
+    logs = []
+    with pytest.raises(TrainingDiverged, match=r"the training loss is nan in the 2 steps up to step 2 .*training diverged"):
+        train_prior(model, _batches(8), _cfg(steps=6, log_every=2), device=CPU, progress=False,
+                    on_log=lambda s, m: logs.append(s))
+    assert logs == [2]  # stopped at the first log line

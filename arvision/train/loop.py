@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from typing import Any, Callable, Iterator
 
@@ -46,6 +47,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from arvision.config import PriorConfig
+from arvision.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite: every later step would train garbage, so the
+    run stops at the log line that saw it, naming the step and what to change."""
 from arvision.train.common import autocast, lr_factor, rng_state, set_rng_state, to_cpu, warmup_cosine
 
 __all__ = [
@@ -424,6 +431,12 @@ def train_prior(
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
             if on_log is not None:
                 on_log(step, metrics)
+            if not math.isfinite(metrics["loss"]):
+                raise TrainingDiverged(
+                    f"prior: the training loss is {metrics['loss']} in the {window_steps} steps up to step {step} "
+                    f"(lr {lr:.2e}, grad norm {metrics['grad_norm']:.3g}): training diverged. Lower prior.lr or raise "
+                    "prior.warmup_steps; on CUDA, a var prior with prior.dropout or prior.drop_path > 0 was seen to do "
+                    "this (README, 'Training on a GPU'): set them to 0")
             window_loss.zero_()
             window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
         if on_checkpoint is not None and (step % ckpt_every == 0 or done):
