@@ -81,3 +81,12 @@ def test_results_md_is_generated():
     """bench/RESULTS.md's Prior section is what bench/results/ gives: run `python bench/report.py`."""
     report = _report()
     assert report.render(report.RESULTS_MD, report.RESULTS_DIR) == report.RESULTS_MD.read_text()
+
+
+def test_gpu_results_page_is_generated():
+    """docs/results.md is what bench/results/ gives: run `python3 bench/gpu_report.py`."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_report.py"), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
