@@ -139,6 +139,24 @@ def _assert_same(a: Path, b: Path) -> None:
         assert fa[rel] == fb[rel], rel
 
 
+NEAR_KEYS = ("near_duplicate_groups", "near_duplicate_images", "near_duplicate_largest_group")
+
+
+def _as_before(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` without what near-duplicate grouping added: the yardstick's manifest."""
+    out = {k: v for k, v in manifest.items() if k not in NEAR_KEYS}
+    out["split_rule"] = P.SPLIT_RULE
+    return out
+
+
+def _assert_same_shards(a: Path, b: Path) -> None:
+    """The same shards, byte for byte (the manifests are compared as dicts)."""
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb) and "manifest.json" in fa, (sorted(fa), sorted(fb))
+    for rel in fa:
+        assert rel == "manifest.json" or fa[rel] == fb[rel], rel
+
+
 def _folder(root: Path) -> Path:
     """3 classes of PNGs and JPEGs (one nested), two unlabelled images at the top, duplicates (the
     same file in two classes; the same pixels as PNG and BMP), a corrupt and a truncated file."""
@@ -239,16 +257,25 @@ CASES = ["folder_seed0", "folder_seed3", "emoji_seed0", "emoji_seed3", "parquet"
 
 @pytest.mark.parametrize("name", CASES)
 def test_streaming_prepare_matches_the_in_memory_one(name: str, tmp_path: Path, monkeypatch):
-    """Shards and manifest byte for byte as the former implementation wrote them: with the default
-    spill, and with a tiny one (many spill files, several buckets, each sorted in id ranges)."""
+    """Shards byte for byte as the former implementation wrote them, manifest the same but for the
+    near-duplicate keys: with the default spill, and with a tiny one (many spill files, several
+    buckets, each sorted in id ranges). With no near-duplicate group, grouping changes nothing;
+    without grouping (``data.near_duplicates: false``), never."""
     cfg, seed = _case(name, tmp_path)
     warnings.simplefilter("ignore")
     ref = _reference_prepare(cfg, seed, tmp_path / "ref")
-    assert prepare_dataset(cfg, seed, tmp_path / "new", progress=False, use_ray=False) == ref
-    _assert_same(tmp_path / "ref", tmp_path / "new")
+    off = cfg.model_copy(update={"near_duplicates": False})
+    ref_off = _reference_prepare(off, seed, tmp_path / "ref_off")
+    new = prepare_dataset(cfg, seed, tmp_path / "new", progress=False, use_ray=False)
+    assert new["near_duplicate_groups"] == 0 or name.startswith("emoji")
+    if not new["near_duplicate_groups"]:
+        assert _as_before(new) == ref
+        _assert_same_shards(tmp_path / "ref", tmp_path / "new")
+    assert _as_before(prepare_dataset(off, seed, tmp_path / "off", progress=False, use_ray=False)) == ref_off
+    _assert_same_shards(tmp_path / "ref_off", tmp_path / "off")
     _small_spill(monkeypatch)
-    assert prepare_dataset(cfg, seed, tmp_path / "small", progress=False, use_ray=False) == ref
-    _assert_same(tmp_path / "ref", tmp_path / "small")
+    assert prepare_dataset(cfg, seed, tmp_path / "small", progress=False, use_ray=False) == new
+    _assert_same(tmp_path / "new", tmp_path / "small")
     if name.startswith("balance"):  # _balance did move an image
         assert ref["counts"] == {"train": 2, "val": 1} if name == "balance_to_val" else {"train": 1, "val": 2}
     if name == "one_image":
