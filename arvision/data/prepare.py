@@ -14,7 +14,7 @@ Near-duplicates go to one side (``data.near_duplicates``, on by default): a gene
 copies its training images must not find their near-copies in val, nor the train/val floor be
 made easy by them. Images are grouped, and a group is split by the key of its smallest id, so
 a group of one is split exactly as before. Two images are linked when (a) they share one of
-``NEAR_HASHES`` coarse hashes (the image area-averaged to ``NEAR_HASH_GRID``² per channel,
+``NEAR_HASHES`` coarse hashes (the image area-averaged to ``NEAR_HASH_GRID``², channels averaged,
 quantised in steps of ``NEAR_STEP``/255, each hash on a grid offset by a further
 ``NEAR_STEP / NEAR_HASHES``: offset grids cut the boundary effects of any one), and (b) their
 ``NEAR_GRID``² area-averaged thumbnails are within RMS ``NEAR_RMS + 1``/255 (area averaging
@@ -89,7 +89,7 @@ RAY_MIN_IMAGES = 20_000  # records from which decoding fans out over Ray Data (i
 SPILL_BYTES = 16 << 20  # processed rows held before they are spilled into the buckets
 BUCKET_BYTES = 16 << 20  # the size a bucket aims at: pass 2 sorts one bucket (or id range) in memory
 MAX_BUCKETS = 256  # files one spill writes, at most; beyond, buckets grow and are sorted in id ranges
-NEAR_HASH_GRID = 4  # the hashed thumbnail: 4×4 per channel (8×8 hashes miss half the pairs within RMS 5)
+NEAR_HASH_GRID = 4  # the hashed thumbnail: 4×4, channels averaged (per channel, or 8×8, the hashes miss pairs within RMS 5)
 NEAR_STEP = 64  # its quantisation step, in 1/255: 4-5 levels a cell
 NEAR_HASHES = 4  # hashes an image, on grids offset by NEAR_STEP / NEAR_HASHES
 NEAR_GRID = 8  # the verifying thumbnail: 8×8 per channel, uint8 (64 or 192 bytes an image)
@@ -187,10 +187,11 @@ def near_keys(arr_HWC: np.ndarray) -> tuple[list[int], bytes]:
     thumbnail (uint8 area means, row-major ``(g, g, C)``) that verifies a shared hash."""
     H, W, _ = arr_HWC.shape
     area = H * W
-    sums = _area_sums(arr_HWC, NEAR_HASH_GRID)
+    sums = _area_sums(arr_HWC, NEAR_HASH_GRID).sum(-1, keepdims=True)  # (g, g, 1): the channels' sum
+    per = area * arr_HWC.shape[-1]  # so the mean is over channels too: one grey 4×4, 16 cells to cross
     hashes = []
     for k in range(NEAR_HASHES):
-        levels = (sums + k * NEAR_STEP * area // NEAR_HASHES) // (NEAR_STEP * area)  # floor((mean + offset) / step)
+        levels = (sums + k * NEAR_STEP * per // NEAR_HASHES) // (NEAR_STEP * per)  # floor((mean + offset) / step)
         digest = hashlib.blake2b(bytes([k]) + levels.astype(np.uint8).tobytes(), digest_size=8).digest()
         hashes.append(int.from_bytes(digest, "little", signed=True))
     thumb = (2 * _area_sums(arr_HWC, NEAR_GRID) + area) // (2 * area)  # rounded means
@@ -599,7 +600,7 @@ def _atomic_replace(tmp: Path, final: Path) -> None:
 SPLIT_RULE = ("val iff key % 10000 < val_fraction * 10000; key = int(id, 16) if seed == 0 "
               "else int(sha256(f'{seed}:{id}')[:32], 16)")
 NEAR_RULE = (f"; near-duplicate groups take the key of their smallest id: images linked when they share one of "
-             f"{NEAR_HASHES} hashes of the {NEAR_HASH_GRID}x{NEAR_HASH_GRID} area-mean thumbnail per channel "
+             f"{NEAR_HASHES} hashes of the {NEAR_HASH_GRID}x{NEAR_HASH_GRID} area-mean thumbnail (channels averaged) "
              f"quantised in steps of {NEAR_STEP}/255 (grids offset by {NEAR_STEP // NEAR_HASHES}/255) and their "
              f"{NEAR_GRID}x{NEAR_GRID} thumbnails are within RMS {NEAR_RMS + 1:g}/255 (so images within pixel RMS "
              f"{NEAR_RMS:g}/255 sharing a hash are linked); groups are connected components")
