@@ -21,9 +21,10 @@ quantised in steps of ``NEAR_STEP``/255, each hash on a grid offset by a further
 never increases an RMS distance; +1 covers the thumbnails' rounding to integers, so every pair
 within RMS ``NEAR_RMS`` of each other that shares a hash passes). Groups are the connected
 components (union-find). Measured (``bench/near_duplicates.py``; bench/RESULTS.md, "Near-duplicates
-and the split"): val images with a train image within RMS 5/255, emoji 32² 8 → 0, emoji 64²
-9 → 0, MNIST 20k 0 → 0; 1.9 % / 2.5 % / 1.5 % of images grouped, the largest group 15 / 14 / 32
-(MNIST: "1"s, whose thumbnails are that close).
+and the split"): val images with a train image within RMS 5/255, emoji 32² 7 → 0, emoji 64²
+7 → 0, MNIST 20k 0 → 0; 6.3 % / 6.6 % / 4.6 % of images grouped, the largest group 18 / 18 / 523
+(MNIST: "1"s, whose 8×8 thumbnails chain within RMS 6). The cost: pairs within one hash value,
+so quadratic in the largest such set (MNIST 20k: seconds).
 
 Memory does not grow with the number of images; two passes over a spill on disk:
 
@@ -440,15 +441,16 @@ def _link(groups: _Groups, members: np.ndarray, thumbs_MD: np.ndarray) -> None:
     """Union the pairs of ``members`` (one hash's images) whose thumbnails ``thumbs_MD`` (uint8, in
     ``members``' order) are within RMS ``NEAR_RMS + 1``. Integer thumbnails: the float64 distances
     are exact, so no summation order can change a decision."""
-    t = thumbs_MD.astype(np.float64)
-    D = t.shape[1]
+    M, D = thumbs_MD.shape
     limit = (NEAR_RMS + 1.0) ** 2 * D  # squared L2 over the D cells
-    n2 = (t * t).sum(1)
-    for a in range(0, len(t), 1024):  # (1024, M) distances at a time
-        d2 = n2[a:a + 1024, None] + n2[None, :] - 2.0 * (t[a:a + 1024] @ t.T)
-        for i, j in zip(*np.nonzero(d2 <= limit)):
-            if a + i < j:
-                groups.union(int(members[a + i]), int(members[j]))
+    n2 = np.einsum("md,md->m", thumbs_MD, thumbs_MD, dtype=np.int64).astype(np.float64)
+    for a in range(0, M, 256):  # (256, 1024) distances at a time, as float64 only there: memory bounded
+        ta = thumbs_MD[a:a + 256].astype(np.float64)
+        for c in range(a, M, 1024):
+            d2 = n2[a:a + 256, None] + n2[None, c:c + 1024] - 2.0 * (ta @ thumbs_MD[c:c + 1024].T.astype(np.float64))
+            for i, j in zip(*np.nonzero(d2 <= limit)):
+                if a + i < c + j:
+                    groups.union(int(members[a + i]), int(members[c + j]))
 
 
 @dataclass
