@@ -14,7 +14,9 @@ Near-duplicates go to one side (``data.near_duplicates``, on by default): a gene
 copies its training images must not find their near-copies in val, nor the train/val floor be
 made easy by them. Images are grouped, and a group is split by the key of its smallest id, so
 a group of one is split exactly as before. Two images are linked when (a) they share one of
-``NEAR_HASHES`` coarse hashes (the image area-averaged to ``NEAR_HASH_GRID``², channels averaged,
+``NEAR_HASHES`` coarse hashes, a value held by at most ``NEAR_MAX_SHARED`` images (a value more
+images share is a flat or average image, e.g. noise or blank, not a near-duplicate signal: it is
+not used, so the pair checks and the thumbnails held stay bounded however many images share it) (the image area-averaged to ``NEAR_HASH_GRID``², channels averaged,
 quantised in steps of ``NEAR_STEP``/255, each hash on a grid offset by a further
 ``NEAR_STEP / NEAR_HASHES``: offset grids cut the boundary effects of any one), and (b) their
 ``NEAR_GRID``² area-averaged thumbnails are within RMS ``NEAR_RMS + 1``/255 (area averaging
@@ -23,8 +25,8 @@ within RMS ``NEAR_RMS`` of each other that shares a hash passes). Groups are the
 components (union-find). Measured (``bench/near_duplicates.py``; bench/RESULTS.md, "Near-duplicates
 and the split"): val images with a train image within RMS 5/255, emoji 32² 7 → 0, emoji 64²
 7 → 0, MNIST 20k 0 → 0; 6.3 % / 6.6 % / 4.6 % of images grouped, the largest group 18 / 18 / 523
-(MNIST: "1"s, whose 8×8 thumbnails chain within RMS 6). The cost: pairs within one hash value,
-so quadratic in the largest such set (MNIST 20k: seconds).
+(MNIST: "1"s, whose 8×8 thumbnails chain within RMS 6; measured before ``NEAR_MAX_SHARED``). The cost:
+pairs within one hash value, at most ``NEAR_MAX_SHARED``² per value.
 
 Memory does not grow with the number of images; two passes over a spill on disk:
 
@@ -39,8 +41,9 @@ Memory does not grow with the number of images; two passes over a spill on disk:
    into buckets by id prefix: ids are uniform hashes, so buckets are even, and in id order.
 2. Write. A sweep of the buckets' ids, labels and hashes (no image bytes) settles
    de-duplication, the ``max_images`` cap (the lowest ids), the near-duplicate candidates (images
-   that share a hash; a second sweep reads only their thumbnails, so memory is a few ints per
-   image plus a thumbnail per candidate), the groups, the split and its balance, and the
+   that share a hash value held by at most ``NEAR_MAX_SHARED`` images; further sweeps read only
+   their thumbnails, about ``BUCKET_BYTES`` of them at a time, so memory is a few ints per image),
+   the groups, the split and its balance, and the
    manifest's counts;
    then each bucket in turn (``BUCKET_BYTES`` in memory; a larger one in id ranges) is sorted,
    de-duplicated and streamed into the train and val shards.
@@ -95,6 +98,11 @@ NEAR_STEP = 64  # its quantisation step, in 1/255: 4-5 levels a cell
 NEAR_HASHES = 4  # hashes an image, on grids offset by NEAR_STEP / NEAR_HASHES
 NEAR_GRID = 8  # the verifying thumbnail: 8×8 per channel, uint8 (64 or 192 bytes an image)
 NEAR_RMS = 5.0  # in 1/255: images this close (pixel RMS) and sharing a hash are in one group
+# A hash value shared by more images than this is uninformative and not used for linking: so many
+# images on one coarse 4×4 grey thumbnail are flat/average images (noise averages to mid-grey, blank
+# backgrounds), not near-copies; using it would hold all their thumbnails and check all their pairs
+# at once (memory and time growing with the data set) and chain them into giant groups (MNIST: 523).
+NEAR_MAX_SHARED = 64
 _CHUNK = 512  # records processed into one table
 _SKIPPED_NAMED = 5  # undecodable records named in the warning
 #: A processed record: ``id`` "" when undecodable (``origin`` then names it), else ``origin`` "".
@@ -425,16 +433,28 @@ class _Groups:
         return parent
 
 
-def _hash_runs(near_NK: np.ndarray) -> list[np.ndarray]:
-    """The sets of images that share a hash value, each of two or more (image indices, ascending).
-    ``near_NK``: the images' hashes; hashes of different grids differ (the grid is hashed in)."""
-    N, K = near_NK.shape
-    flat, image = near_NK.ravel(), np.repeat(np.arange(N, dtype=np.int64), K)
-    perm = np.lexsort((image, flat))
-    flat, image = flat[perm], image[perm]
+def _hash_runs(nears: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The sets of images that share a hash value, each of two to ``NEAR_MAX_SHARED`` images (larger
+    sets are uninformative and dropped: see ``NEAR_MAX_SHARED``), as ``(members, bounds)``: set ``r``
+    is ``members[bounds[r]:bounds[r + 1]]`` (image indices, ascending). Flat arrays, not an object a
+    set: a few ints an image. ``nears``: the images' hashes ``(n, NEAR_HASHES)``, bucket by bucket in
+    index order; emptied here, so one copy is held. Hashes of different grids differ (the grid is
+    hashed in)."""
+    flat = np.concatenate(nears).ravel() if nears else np.zeros(0, np.int64)
+    nears.clear()
+    perm = np.argsort(flat, kind="stable")  # stable: within a value, images ascending (row-major)
+    flat = flat[perm]
+    image = perm // NEAR_HASHES
+    del perm
+    same = flat[1:] == flat[:-1]
+    keep = np.r_[True, ~(same & (image[1:] == image[:-1]))]  # one image twice on a value (two grids' hashes collide)
+    flat, image = flat[keep], image[keep]
     starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
-    ends = np.r_[starts[1:], len(flat)]
-    return [np.unique(image[a:b]) for a, b in zip(starts, ends) if b - a >= 2]
+    del flat, same, keep
+    sizes = np.diff(np.r_[starts, len(image)])
+    ok = (sizes >= 2) & (sizes <= NEAR_MAX_SHARED)
+    members = image[np.repeat(ok, sizes)]
+    return members, np.r_[0, np.cumsum(sizes[ok])].astype(np.int64)
 
 
 def _link(groups: _Groups, members: np.ndarray, thumbs_MD: np.ndarray) -> None:
@@ -527,13 +547,22 @@ def _plan(spill: _Spill, seed: int, cfg: DataConfig) -> _Plan:
     bucket_N = np.concatenate(buckets) if buckets else np.zeros(0, np.int32)
     groups = _Groups(plan.kept)
     if cfg.near_duplicates and plan.kept:
-        runs = _hash_runs(np.concatenate(nears))
-        del nears
-        if runs:
-            candidates = np.unique(np.concatenate(runs))  # images that share a hash: read their thumbnails
+        members, bounds = _hash_runs(nears)
+        # The sets in batches whose thumbnails fit in about BUCKET_BYTES (as pass 2's buckets), each
+        # batch's read in a sweep of the spill: the thumbnails held are bounded, not one a candidate.
+        # A set holds <= NEAR_MAX_SHARED images, so any one fits; the groups (roots: smallest
+        # index) do not depend on the order of the unions, so neither does the output.
+        per_batch = max(NEAR_MAX_SHARED, BUCKET_BYTES // (NEAR_GRID * NEAR_GRID * cfg.channels))
+        r, runs = 0, len(bounds) - 1
+        while r < runs:
+            e = max(r + 1, int(np.searchsorted(bounds, bounds[r] + per_batch, "right")) - 1)
+            candidates = np.unique(members[bounds[r]:bounds[e]])  # images that share a hash: their thumbnails
             thumbs = _candidate_thumbs(spill, cfg, candidates)
-            for members in runs:
-                _link(groups, members, thumbs[np.searchsorted(candidates, members)])
+            for k in range(r, e):
+                run = members[bounds[k]:bounds[k + 1]]
+                _link(groups, run, thumbs[np.searchsorted(candidates, run)])
+            del thumbs
+            r = e
     plan.split(bucket_N, groups.roots())
     return plan
 
@@ -603,7 +632,7 @@ SPLIT_RULE = ("val iff key % 10000 < val_fraction * 10000; key = int(id, 16) if 
               "else int(sha256(f'{seed}:{id}')[:32], 16)")
 NEAR_RULE = (f"; near-duplicate groups take the key of their smallest id: images linked when they share one of "
              f"{NEAR_HASHES} hashes of the {NEAR_HASH_GRID}x{NEAR_HASH_GRID} area-mean thumbnail (channels averaged) "
-             f"quantised in steps of {NEAR_STEP}/255 (grids offset by {NEAR_STEP // NEAR_HASHES}/255) and their "
+             f"(a hash value held by more than {NEAR_MAX_SHARED} images is not used) quantised in steps of {NEAR_STEP}/255 (grids offset by {NEAR_STEP // NEAR_HASHES}/255) and their "
              f"{NEAR_GRID}x{NEAR_GRID} thumbnails are within RMS {NEAR_RMS + 1:g}/255 (so images within pixel RMS "
              f"{NEAR_RMS:g}/255 sharing a hash are linked); groups are connected components")
 
