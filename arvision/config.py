@@ -54,6 +54,8 @@ class DataConfig(_Section):
     resolution: int = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 3
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    # near-duplicates (within RMS 5/255, arvision/data/prepare.py) on one side of the split
+    near_duplicates: bool = True
     max_images: Optional[int] = Field(None, ge=2)  # cap, for quick experiments
     shard_size: int = Field(2048, ge=16)  # rows per Parquet shard
     image_column: str = "image"  # parquet source only

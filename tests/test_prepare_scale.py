@@ -139,6 +139,24 @@ def _assert_same(a: Path, b: Path) -> None:
         assert fa[rel] == fb[rel], rel
 
 
+NEAR_KEYS = ("near_duplicate_groups", "near_duplicate_images", "near_duplicate_largest_group")
+
+
+def _as_before(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` without what near-duplicate grouping added: the yardstick's manifest."""
+    out = {k: v for k, v in manifest.items() if k not in NEAR_KEYS}
+    out["split_rule"] = P.SPLIT_RULE
+    return out
+
+
+def _assert_same_shards(a: Path, b: Path) -> None:
+    """The same shards, byte for byte (the manifests are compared as dicts)."""
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb) and "manifest.json" in fa, (sorted(fa), sorted(fb))
+    for rel in fa:
+        assert rel == "manifest.json" or fa[rel] == fb[rel], rel
+
+
 def _folder(root: Path) -> Path:
     """3 classes of PNGs and JPEGs (one nested), two unlabelled images at the top, duplicates (the
     same file in two classes; the same pixels as PNG and BMP), a corrupt and a truncated file."""
@@ -187,6 +205,30 @@ def _tars(d: Path) -> Path:
     return d
 
 
+def _smooth(rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    """A smooth RGB image (a random 3×3 upsampled): a 1-pixel shift or a JPEG re-encode of it stays close."""
+    small = rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def _planted(root: Path, families: int = 6, singles: int = 30) -> Path:
+    """Class ``fK``: an image and three near-copies (noise σ 2, a 1-pixel shift, JPEG q 90);
+    class ``other``: unrelated smooth images."""
+    rng = np.random.default_rng(11)
+    for k in range(families):
+        base = _smooth(rng)
+        noisy = np.clip(base + rng.normal(0, 2, base.shape), 0, 255).astype(np.uint8)
+        shifted = np.concatenate([base[:, :1], base[:, :-1]], axis=1)
+        (root / f"f{k}").mkdir(parents=True)
+        for name, data in (("base.png", _png(base)), ("noisy.png", _png(noisy)), ("shifted.png", _png(shifted)),
+                           ("jpeg.jpg", _encoded(base, "JPEG"))):
+            (root / f"f{k}" / name).write_bytes(data)
+    (root / "other").mkdir()
+    for i in range(singles):
+        (root / "other" / f"{i}.png").write_bytes(_png(_smooth(rng)))
+    return root
+
+
 def _tiny(root: Path, n: int, seed: int) -> Path:
     root.mkdir(parents=True)
     for i, arr in enumerate(_arrays(n, seed=seed)):
@@ -220,6 +262,8 @@ def _case(name: str, tmp: Path) -> tuple[DataConfig, int]:
         return DataConfig(source="folder", path=str(_folder(tmp / "src")), val_fraction=0.25, **small), int(name[-1])
     if name.startswith("emoji"):
         return DataConfig(resolution=16, max_images=300, shard_size=64), int(name[-1])
+    if name == "planted":
+        return DataConfig(source="folder", path=str(_planted(tmp / "src")), resolution=16, val_fraction=0.5, shard_size=16), 3
     if name == "parquet":
         return DataConfig(source="parquet", path=str(_parquet(tmp / "src")), val_fraction=0.2, max_images=70, **small), 0
     if name == "webdataset":
@@ -239,16 +283,25 @@ CASES = ["folder_seed0", "folder_seed3", "emoji_seed0", "emoji_seed3", "parquet"
 
 @pytest.mark.parametrize("name", CASES)
 def test_streaming_prepare_matches_the_in_memory_one(name: str, tmp_path: Path, monkeypatch):
-    """Shards and manifest byte for byte as the former implementation wrote them: with the default
-    spill, and with a tiny one (many spill files, several buckets, each sorted in id ranges)."""
+    """Shards byte for byte as the former implementation wrote them, manifest the same but for the
+    near-duplicate keys: with the default spill, and with a tiny one (many spill files, several
+    buckets, each sorted in id ranges). With no near-duplicate group, grouping changes nothing;
+    without grouping (``data.near_duplicates: false``), never."""
     cfg, seed = _case(name, tmp_path)
     warnings.simplefilter("ignore")
     ref = _reference_prepare(cfg, seed, tmp_path / "ref")
-    assert prepare_dataset(cfg, seed, tmp_path / "new", progress=False, use_ray=False) == ref
-    _assert_same(tmp_path / "ref", tmp_path / "new")
+    off = cfg.model_copy(update={"near_duplicates": False})
+    ref_off = _reference_prepare(off, seed, tmp_path / "ref_off")
+    new = prepare_dataset(cfg, seed, tmp_path / "new", progress=False, use_ray=False)
+    assert new["near_duplicate_groups"] == 0 or name.startswith("emoji")
+    if not new["near_duplicate_groups"]:
+        assert _as_before(new) == ref
+        _assert_same_shards(tmp_path / "ref", tmp_path / "new")
+    assert _as_before(prepare_dataset(off, seed, tmp_path / "off", progress=False, use_ray=False)) == ref_off
+    _assert_same_shards(tmp_path / "ref_off", tmp_path / "off")
     _small_spill(monkeypatch)
-    assert prepare_dataset(cfg, seed, tmp_path / "small", progress=False, use_ray=False) == ref
-    _assert_same(tmp_path / "ref", tmp_path / "small")
+    assert prepare_dataset(cfg, seed, tmp_path / "small", progress=False, use_ray=False) == new
+    _assert_same(tmp_path / "new", tmp_path / "small")
     if name.startswith("balance"):  # _balance did move an image
         assert ref["counts"] == {"train": 2, "val": 1} if name == "balance_to_val" else {"train": 1, "val": 2}
     if name == "one_image":
@@ -305,6 +358,59 @@ def test_the_ray_rule(monkeypatch):
     assert P.bucket_of(ids, 4).tolist() == [0, 2, 3]
 
 
+# --------------------------------------------------------------------------- near-duplicates
+
+
+def _split_of_each(out: Path) -> dict[int, set[str]]:
+    """label → the splits its images went to."""
+    sides: dict[int, set[str]] = {}
+    for split in ("train", "val"):
+        for label in (pq.read_table(f, columns=["label"]).column("label").to_pylist()
+                      for f in sorted((out / split).glob("*.parquet"))):
+            for y in label:
+                sides.setdefault(y, set()).add(split)
+    return sides
+
+
+def test_planted_near_duplicates_land_on_one_side(tmp_path: Path):
+    """An image and its near-copies (noise, a 1-pixel shift, a JPEG re-encode) share a split for
+    every seed, and the manifest counts their groups; without grouping, some family is split (the
+    test has teeth); the same data give the same bytes twice."""
+    cfg, _ = _case("planted", tmp_path)
+    names = json.loads(json.dumps(open_source("folder", cfg.path).class_names))
+    families = [names.index(f"f{k}") for k in range(6)]
+    split_apart = 0
+    for seed in (0, 1, 2, 3, 7):
+        m = prepare_dataset(cfg, seed, tmp_path / f"s{seed}", progress=False, use_ray=False)
+        sides = _split_of_each(tmp_path / f"s{seed}")
+        assert all(len(sides[f]) == 1 for f in families), (seed, sides)
+        assert m["near_duplicate_groups"] >= 6 and m["near_duplicate_images"] >= 24
+        assert m["near_duplicate_largest_group"] >= 4 and m["counts"]["train"] + m["counts"]["val"] == 6 * 4 + 30
+        assert "near-duplicate groups" in m["split_rule"]
+        off = prepare_dataset(cfg.model_copy(update={"near_duplicates": False}), seed, tmp_path / f"off{seed}",
+                              progress=False, use_ray=False)
+        split_apart += sum(len(_split_of_each(tmp_path / f"off{seed}")[f]) == 2 for f in families)
+        assert off["near_duplicate_groups"] == 0 and "near-duplicate" not in off["split_rule"]
+    assert split_apart > 0
+    prepare_dataset(cfg, 7, tmp_path / "again", progress=False, use_ray=False)
+    _assert_same(tmp_path / "s7", tmp_path / "again")
+
+
+def test_near_keys_area_means_and_offset_grids():
+    """The thumbnail is the exact area mean (also when the size is not a multiple of the grid);
+    a constant image's hashes differ between grids; a change of one level at a grid boundary
+    keeps at least one hash."""
+    arr = np.full((20, 20, 3), 100, np.uint8)
+    hashes, thumb = P.near_keys(arr)
+    assert len(set(hashes)) == P.NEAR_HASHES and np.frombuffer(thumb, np.uint8).tolist() == [100] * (P.NEAR_GRID ** 2 * 3)
+    ramp = np.repeat(np.arange(20, dtype=np.uint8)[None, :, None] * 10, 20, axis=0)  # (20, 20, 1) columns 0..190
+    means = np.frombuffer(P.near_keys(ramp)[1], np.uint8).reshape(P.NEAR_GRID, P.NEAR_GRID)
+    assert means[0].tolist() == [round(v) for v in np.arange(20).reshape(P.NEAR_GRID, -1).mean(1) * 10] if 20 % P.NEAR_GRID == 0 \
+        else means[0, 0] < means[0, -1]
+    a, b = np.full((16, 16, 1), 63, np.uint8), np.full((16, 16, 1), 65, np.uint8)  # across the first grid's boundary at 64
+    assert set(P.near_keys(a)[0]) & set(P.near_keys(b)[0])
+
+
 # --------------------------------------------------------------------------- Ray Data
 
 
@@ -315,16 +421,19 @@ def test_ray_data_path_writes_the_same_bytes(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr("arvision.data.sources.FOLDER_CHUNK", 7)
     ray_cfg = RayConfig(address="local")  # a fresh local instance, never one another process left running
-    cases = [_case(n, tmp_path / n) for n in ("folder_seed3", "parquet", "webdataset")]
+    cases = [_case(n, tmp_path / n) for n in ("folder_seed3", "parquet", "webdataset", "planted")]
     try:
         for k, (cfg, seed) in enumerate(cases):
-            with pytest.warns(UserWarning) if k != 1 else contextlib.nullcontext() as caught:
+            warns = k in (0, 2)  # undecodable files in the folder and the tar shards
+            with pytest.warns(UserWarning) if warns else contextlib.nullcontext() as caught:
                 local = prepare_dataset(cfg, seed, tmp_path / f"local{k}", progress=False, use_ray=False)
-            with pytest.warns(UserWarning) if k != 1 else contextlib.nullcontext() as caught_ray:
+            with pytest.warns(UserWarning) if warns else contextlib.nullcontext() as caught_ray:
                 on_ray = prepare_dataset(cfg, seed, tmp_path / f"ray{k}", progress=False, use_ray=True, ray_cfg=ray_cfg)
             assert ray.is_initialized() and on_ray == local
             _assert_same(tmp_path / f"local{k}", tmp_path / f"ray{k}")
-            if k != 1:  # the same names, in source order (Ray's own deprecation warnings aside)
+            if k == 3:  # near-duplicate groups computed from the keys Ray's tasks spilled
+                assert local["near_duplicate_groups"] >= 6
+            if warns:  # the same names, in source order (Ray's own deprecation warnings aside)
                 ours = lambda ws: [str(w.message) for w in ws if str(w.message).startswith("prepare:")]  # noqa: E731
                 assert ours(caught_ray) == ours(caught) and len(ours(caught)) == 1
     finally:
