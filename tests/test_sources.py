@@ -284,3 +284,24 @@ def test_folder_symlink_loops_and_dangling_links_skipped_and_named(tmp_path: Pat
                      f"{root / 'cat' / 'up'} (symlink loop)"}
     assert m["class_names"] == ["cat", "dog"] and m["images_in_source"] == 10 and m["skipped"] == 5
     assert _labels_by_id(out) == expected
+
+
+def test_folder_unreadable_image_skipped_and_named(tmp_path: Path, monkeypatch):
+    """A file that cannot be read (``chmod 000`` for a user who is not root; simulated, since
+    root reads it anyway) is skipped, counted and named with the reason; prepare goes on."""
+    root = tmp_path / "d"
+    root.mkdir()
+    for i in range(4):
+        (root / f"{i}.png").write_bytes(_image(900 + i))
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self.name == "2.png":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.warns(UserWarning, match="skipped 1 image") as caught:
+        m, _ = _prep(tmp_path, source="folder", path=str(root))
+    assert f"{root / '2.png'} (unreadable: Permission denied)" in str(caught[0].message)
+    assert m["images_in_source"] == 4 and m["skipped"] == 1

@@ -252,18 +252,21 @@ def _images_under(d: Path, ancestors: tuple[Path, ...], bad: list[tuple[Path, st
     return sorted(files + [f for sub in dirs for f in _images_under(sub, ancestors, bad)])
 
 
-def _read(f: Path) -> bytes:
-    """A file's bytes; empty if it cannot be read (``prepare`` then skips and names it)."""
+def _read(f: Path) -> tuple[bytes, str]:
+    """A file's bytes and ``""``; or empty bytes and why it cannot be read (``prepare`` then
+    skips it and names it with the reason, e.g. "Permission denied")."""
     try:
-        return f.read_bytes()
-    except OSError:
-        return b""
+        return f.read_bytes(), ""
+    except OSError as err:
+        return b"", err.strerror or type(err).__name__
 
 
 def _read_files(items: tuple[tuple[str, int], ...]) -> Iterator[Record]:
-    """Image files ``(path, label)``, read one at a time."""
+    """Image files ``(path, label)``, read one at a time; one that cannot be read is named
+    ``path (unreadable: why)`` with empty data."""
     for f, lab in items:
-        yield f, _read(Path(f)), lab
+        data, why = _read(Path(f))
+        yield (f"{f} (unreadable: {why})" if why else f), data, lab
 
 
 def _read_unreadable(origins: tuple[str, ...]) -> Iterator[Record]:
