@@ -8,6 +8,7 @@ any work starts. Unknown keys are errors too (a typo must not silently fall back
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
@@ -455,12 +456,27 @@ def _source_rows(data: DataConfig, root: Path) -> Optional[int]:
     return None
 
 
-def train_images(params: Params, root: Path) -> tuple[Optional[int], str]:
-    """How many training images ``prepare`` gives with these params, and where that number is from.
+#: KID needs this many images in each set (arvision/metrics/samples.py, kernel_distance)
+KID_MIN_IMAGES = 4
+
+
+def min_split_images(params: Params) -> tuple[int, str]:
+    """The fewest images each split must hold for the pipeline to finish, and who needs them:
+    ``evaluate`` scores samples, and train images (the floor), against val with k-NN radii (more
+    than ``evaluate.nearest_k`` points in each set) and KID (at least :data:`KID_MIN_IMAGES`)."""
+    k = params.evaluate.nearest_k
+    need = max(KID_MIN_IMAGES, k + 1)
+    return need, f"evaluate needs at least {need} in each (more than evaluate.nearest_k {k}, and KID's {KID_MIN_IMAGES})"
+
+
+def split_images(params: Params, root: Path) -> tuple[Optional[dict[str, int]], str]:
+    """How many ``{"train", "val"}`` images ``prepare`` gives with these params, and where that
+    number is from.
 
     ``data/prepared/manifest.json`` when it was made with the same ``seed`` and ``data``
     params; else an estimate from the source's size, ``data.max_images`` and
-    ``data.val_fraction`` (duplicates and undecodable images make the real number smaller).
+    ``data.val_fraction`` (duplicates and undecodable images make the real numbers smaller, and
+    the split by content hash makes them vary a little around the estimate).
     """
     import json
 
@@ -471,19 +487,52 @@ def train_images(params: Params, root: Path) -> tuple[Optional[int], str]:
         except ValueError:
             m = {}
         if m.get("params") == {"seed": params.seed, "data": params.data.model_dump(mode="json")}:
-            return int(m["counts"]["train"]), "data/prepared/manifest.json"
+            return {s: int(m["counts"][s]) for s in ("train", "val")}, "data/prepared/manifest.json"
     n = _source_rows(params.data, root)
     if n is None:
         return None, ""
     why = f"{n} images in the source"
     if params.data.max_images is not None and params.data.max_images < n:
         n, why = params.data.max_images, f"data.max_images {params.data.max_images}"
-    return int(n * (1 - params.data.val_fraction)), f"about: {why}, {1 - params.data.val_fraction:.0%} of them for training"
+    vf = params.data.val_fraction
+    return {"train": int(n * (1 - vf)), "val": int(n * vf)}, f"about: {why}, {vf:.0%} of them for val"
+
+
+def train_images(params: Params, root: Path) -> tuple[Optional[int], str]:
+    """How many training images ``prepare`` gives with these params, and where that number is
+    from (see :func:`split_images`)."""
+    counts, source = split_images(params, root)
+    return (None if counts is None else counts["train"]), source
+
+
+def split_too_small(counts: dict[str, int], need: int, why: str, data: DataConfig, source: str = "") -> Optional[str]:
+    """The message when a split holds fewer than ``need`` images (``why``: who needs them), else None."""
+    if min(counts.values()) >= need:
+        return None
+    enough = math.ceil(need / min(data.val_fraction, 1 - data.val_fraction))  # images for `need` in the smaller split
+    where = f" ({source})" if source else ""
+    cap = f", data.max_images {data.max_images}" if data.max_images is not None else ""
+    return (f"data.val_fraction / data.path: the split gives {counts['val']} val and {counts['train']} train images"
+            f"{where}; {why}; use at least about {enough} images (data.val_fraction {data.val_fraction}{cap}), "
+            "or change data.val_fraction")
+
+
+def check_splits(params: Params, root: Path) -> None:
+    """Neither split is too small for the pipeline (:func:`min_split_images`), by
+    :func:`split_images`' count or estimate; ``prepare`` checks the exact counts again."""
+    counts, source = split_images(params, root)
+    if counts is None:
+        return
+    need, why = min_split_images(params)
+    msg = split_too_small(counts, need, why, params.data, source)
+    if msg:
+        raise ParamsError(msg)
 
 
 def check_batches(params: Params, root: Path) -> None:
-    """A training batch must fit in the data: the prior's per-worker batch is drawn from the
-    worker's share of the training tokens (training images / ``ray.num_workers``)."""
+    """Both splits hold enough images for the pipeline (:func:`check_splits`), and a training
+    batch fits in the data: the prior's per-worker batch is drawn from the worker's share of the
+    training tokens (training images / ``ray.num_workers``)."""
     train, source = train_images(params, root)
     if train is None:
         return
@@ -495,3 +544,4 @@ def check_batches(params: Params, root: Path) -> None:
             f"prior.batch_size / data: a batch of {params.prior.batch_size} per worker is larger than {each} "
             f"training images ({source}); lower prior.batch_size to {max(1, share)} or less, or use more data"
         )
+    check_splits(params, root)

@@ -236,3 +236,18 @@ def test_check_command_catches_what_the_run_would_fail_on(tmp_path):
     _write(tmp_path, raw)
     proc = subprocess.run([sys.executable, "-m", "arvision.cli", "check"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2 and "prior.steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_check_refuses_a_split_too_small_for_the_pipeline(tmp_path):
+    from arvision.config import check_batches
+
+    raw = _full(tmp_path)
+    raw["data"]["max_images"] = 40  # about 4 val images: evaluate needs 6
+    raw["prior"]["batch_size"] = 8
+    params = load_params(_write(tmp_path, raw))
+    with pytest.raises(ParamsError) as e:
+        check_batches(params, tmp_path)
+    assert str(e.value).startswith("data.val_fraction / data.path: the split gives 4 val and 36 train images "
+                                   "(about: data.max_images 40, 10% of them for val); evaluate needs at least 6 in each")
+    raw["evaluate"]["nearest_k"] = 3  # k-NN radii need 4, KID 4
+    check_batches(load_params(_write(tmp_path, raw)), tmp_path)
