@@ -39,7 +39,26 @@ class _Section(BaseModel):
             raise ValueError(f"expected a value of type {_type_name(cls, info.field_name)}, not a boolean")
         if is_bool_field and not isinstance(value, bool):
             raise ValueError("expected true or false")
+        if _mentions_float(annotation) and any(_non_finite(v) for v in (value if isinstance(value, list) else [value])):
+            # before the range checks, which would refuse nan for the wrong reason ("less than 1")
+            raise ValueError(f"expected {'finite numbers' if isinstance(value, list) else 'a finite number'}, "
+                             "not NaN or infinity")
         return value
+
+
+def _mentions_float(annotation: Any) -> bool:
+    """Whether a field's type is, or holds, a float (``float``, ``Optional[float]``, ``list[float]``)."""
+    return annotation is float or any(_mentions_float(a) for a in get_args(annotation))
+
+
+def _non_finite(value: Any) -> bool:
+    """NaN or an infinity, as a number or as the string YAML gives for ``nan`` / ``inf``."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _type_name(cls: type[BaseModel], field: str) -> str:
@@ -214,6 +233,13 @@ class PriorConfig(_Section):
     keep: Literal["best", "last"] = "best"  # best: the weights with the lowest val loss
     early_stop_patience: int = Field(0, ge=0)  # stop after this many evals without improvement (0: off)
 
+    @field_validator("betas")
+    @classmethod
+    def _adam_betas(cls, betas: list[float]) -> list[float]:
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError("expected [beta1, beta2]: exactly two numbers, each in [0, 1) (AdamW's betas)")
+        return betas
+
     @field_validator("compile", mode="before")
     @classmethod
     def _compile_setting(cls, value: Any) -> Any:
@@ -311,6 +337,26 @@ class Params(_Section):
             problems.append(f"tokenizer.kind / prior.kind: tokenizer 'msvq' needs prior 'var', not '{self.prior.kind}'")
         if self.prior.strategy == "fsdp" and not self.ray.use_gpu:
             problems.append("prior.strategy / ray.use_gpu: 'fsdp' shards over GPUs and needs ray.use_gpu: true; on CPU use 'ddp'")
+        tok, res = self.tokenizer, self.data.resolution
+        if tok.kind != "palette":  # the conv kinds: each level after the first halves the image
+            levels, factor = len(tok.channel_mult), 2 ** (len(tok.channel_mult) - 1)
+            if factor > res:
+                problems.append(
+                    f"tokenizer.channel_mult / data.resolution: {levels} levels downsample {factor}x, more than "
+                    f"the {res}-pixel side of the images; use at most {res.bit_length()} levels for data.resolution {res}"
+                )
+            elif res % factor:
+                fits = sorted({r for r in (res // factor * factor, -(-res // factor) * factor) if r >= 8})
+                problems.append(
+                    f"data.resolution / tokenizer.channel_mult: {res} is not divisible by {factor}, the downsampling "
+                    f"of {levels} levels (2**(len(tokenizer.channel_mult)-1)); use data.resolution "
+                    f"{' or '.join(map(str, fits))}, or another number of levels"
+                )
+            elif tok.kind == "msvq" and tok.scales[-1] != res // factor:
+                problems.append(
+                    f"tokenizer.scales / data.resolution: msvq's last scale must be the latent side {res // factor} "
+                    f"(data.resolution {res} / {factor}x downsampling), got {tok.scales}"
+                )
         if self.tokenizer.uses_discriminator:
             from arvision.tokenizers.discriminator import max_layers, patch_side  # imports torch: only with a discriminator
 
@@ -529,10 +575,30 @@ def check_splits(params: Params, root: Path) -> None:
         raise ParamsError(msg)
 
 
+def check_local_ray(params: Params) -> None:
+    """Where a local Ray instance would be started (no ``ray.address``, no ``RAY_ADDRESS``), a
+    worker cannot ask for more CPUs than this machine has: it would run ``ray.cpus_per_worker``
+    torch threads on fewer cores. A cluster's nodes are its own business."""
+    import os
+
+    from arvision.cluster import usable_cores
+
+    if params.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    cores = usable_cores()
+    if params.ray.cpus_per_worker > cores:
+        raise ParamsError(
+            f"ray.cpus_per_worker: {params.ray.cpus_per_worker} CPUs per worker, but this machine has {cores} "
+            f"core{'s' if cores != 1 else ''} for the local Ray instance (no ray.address or RAY_ADDRESS); "
+            f"use at most {cores}, or set ray.address to a cluster"
+        )
+
+
 def check_batches(params: Params, root: Path) -> None:
-    """Both splits hold enough images for the pipeline (:func:`check_splits`), and a training
+    """A local Ray instance fits this machine (:func:`check_local_ray`), both splits hold enough images for the pipeline (:func:`check_splits`), and a training
     batch fits in the data: the prior's per-worker batch is drawn from the worker's share of the
     training tokens (training images / ``ray.num_workers``)."""
+    check_local_ray(params)
     train, source = train_images(params, root)
     if train is None:
         return

@@ -1,5 +1,6 @@
 """params.yaml parses; bad parameters are named with what is allowed, before any work."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,64 @@ def test_check_refuses_a_split_too_small_for_the_pipeline(tmp_path):
                                    "(about: data.max_images 40, 10% of them for val); evaluate needs at least 6 in each")
     raw["evaluate"]["nearest_k"] = 3  # k-NN radii need 4, KID 4
     check_batches(load_params(_write(tmp_path, raw)), tmp_path)
+
+
+@pytest.mark.parametrize("betas", [[0.9, 0.95, 0.99], [1.5, -2], [0.9], [0.9, 1.0]])
+def test_prior_betas_two_numbers_in_0_1(tmp_path, betas):
+    raw = _full(tmp_path)
+    raw["prior"]["betas"] = betas
+    with pytest.raises(ParamsError) as e:
+        load_params(_write(tmp_path, raw))
+    assert f"prior.betas: expected [beta1, beta2]: exactly two numbers, each in [0, 1) (AdamW's betas) (got {betas!r})" \
+        in str(e.value)
+
+
+@pytest.mark.parametrize("key, text", [("prior.lr", "nan"), ("prior.lr", ".nan"), ("prior.lr", ".inf"),
+                                       ("tokenizer.disc_lr", "-.inf"), ("evaluate.temperature", "inf"),
+                                       ("tokens.crop_scale", "[0.8, .nan]")])
+def test_nan_and_infinity_refused_as_such(tmp_path, key, text):
+    raw = _full(tmp_path)
+    section, name = key.split(".")
+    raw[section][name] = yaml.safe_load(text)
+    with pytest.raises(ParamsError) as e:
+        load_params(_write(tmp_path, raw))
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 1 and lines[0].startswith(f"  {key}: expected ") and "finite number" in lines[0] \
+        and "NaN or infinity" in lines[0], lines
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"data": {"resolution": 33}}, "data.resolution / tokenizer.channel_mult: 33 is not divisible by 4, the downsampling "
+     "of 3 levels (2**(len(tokenizer.channel_mult)-1)); use data.resolution 32 or 36, or another number of levels"),
+    ({"tokenizer": {"channel_mult": [1] * 12}}, "tokenizer.channel_mult / data.resolution: 12 levels downsample 2048x, "
+     "more than the 32-pixel side of the images; use at most 6 levels for data.resolution 32"),
+    ({"tokenizer": {"kind": "msvq", "scales": [1, 2, 4]}, "prior": {"kind": "var"}},
+     "tokenizer.scales / data.resolution: msvq's last scale must be the latent side 8"),
+])
+def test_resolution_and_tokenizer_levels_checked_in_params(tmp_path, change, expected):
+    raw = _full(tmp_path)
+    for section, values in change.items():
+        raw[section].update(values)
+    with pytest.raises(ParamsError, match=re.escape(expected)):
+        load_params(_write(tmp_path, raw))
+    raw["tokenizer"]["kind"], raw["prior"]["kind"] = "palette", "gpt"  # no downsampling: any resolution
+    load_params(_write(tmp_path, raw))
+
+
+def test_cpus_per_worker_checked_against_a_local_instance(tmp_path, monkeypatch):
+    from arvision.config import check_local_ray
+
+    monkeypatch.setattr("arvision.cluster.usable_cores", lambda: 2)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    raw = _full(tmp_path)
+    raw["ray"]["cpus_per_worker"] = 64
+    params = load_params(_write(tmp_path, raw))
+    with pytest.raises(ParamsError) as e:
+        check_local_ray(params)
+    assert str(e.value) == ("ray.cpus_per_worker: 64 CPUs per worker, but this machine has 2 cores for the local Ray "
+                            "instance (no ray.address or RAY_ADDRESS); use at most 2, or set ray.address to a cluster")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster's nodes: not this machine's cores
+    check_local_ray(params)
+    monkeypatch.delenv("RAY_ADDRESS")
+    raw["ray"]["address"] = "ray://head:10001"
+    check_local_ray(load_params(_write(tmp_path, raw)))
