@@ -441,12 +441,25 @@ def _check_data_path(data: DataConfig, root: Path) -> None:
         raise ParamsError(f"data.path: '{data.path}' holds no emoji.parquet (data.source 'emoji')")
 
 
+def _written_out(section: str) -> str:
+    """The least that writes ``section`` out with its defaults: ``name: {}`` where DVC tracks the
+    section whole; where it tracks keys one by one, those keys (DVC stops on a missing one)."""
+    from arvision.dag import key_level_sections, missing_tracked_keys
+
+    if section not in Params.model_fields or not isinstance(Params.model_fields[section].default, BaseModel):
+        return f"`{section}: {json.dumps(Params.model_fields[section].default)}`" if section in Params.model_fields else section
+    if section not in key_level_sections():
+        return f"`{section}: {{}}` (its defaults)"
+    keys = {k.split(".", 1)[1]: v for k, v in missing_tracked_keys({}).items() if k.startswith(section + ".")}
+    return f"`{section}: {json.dumps(keys, separators=(', ', ': '))}` (the keys DVC tracks, at their defaults)"
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml``: every section present, every key valid, and
     ``data.path`` (relative to the file's folder, the project root) existing with the right kind."""
     path = Path(path)
     if not path.exists():
-        raise ParamsError(f"{path}: no such file (run from the project root, or pass --params)")
+        raise ParamsError(f"{path}: no such file; run arvision in the project root, the folder holding params.yaml and dvc.yaml")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -459,7 +472,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         if missing:  # a missing section would silently run on defaults
             raise ParamsError(
                 f"{path}: missing section{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
-                "every section must be written out (an empty one, e.g. `features: {}`, takes the defaults)"
+                f"every section must be written out: add {'; '.join(_written_out(k) for k in missing)}"
             )
         raw = {k: ({} if v is None and k != "seed" else v) for k, v in raw.items()}
     params = parse_params(raw, str(path))

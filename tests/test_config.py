@@ -313,3 +313,28 @@ def test_cpus_per_worker_checked_against_a_local_instance(tmp_path, monkeypatch)
     monkeypatch.delenv("RAY_ADDRESS")
     raw["ray"]["address"] = "ray://head:10001"
     check_local_ray(load_params(_write(tmp_path, raw)))
+
+
+def test_missing_params_yaml_advice_names_no_option_that_does_not_exist(tmp_path):
+    with pytest.raises(ParamsError) as e:
+        load_params(tmp_path / "params.yaml")
+    assert str(e.value) == (f"{tmp_path / 'params.yaml'}: no such file; run arvision in the project root, the folder "
+                            "holding params.yaml and dvc.yaml")
+    assert "--params" not in str(e.value)
+
+
+def test_missing_sections_advice_is_what_check_then_accepts(tmp_path):
+    """The advice for each missing section, pasted in as given, passes: `{}` only where DVC tracks
+    the section whole; a section it tracks key by key gets those keys."""
+    raw = _full(tmp_path)
+    for section in ("seed", "features", "ray", "prior"):
+        del raw[section]
+    with pytest.raises(ParamsError) as e:
+        load_params(_write(tmp_path, raw))
+    msg = str(e.value)
+    assert "missing sections seed, prior, ray, features; every section must be written out: add `seed: 0`; `prior: {" in msg
+    assert "`features: {}` (its defaults)" in msg and "`ray: {\"num_workers\": 1, \"use_gpu\": false}`" in msg
+    for fragment in re.findall(r"`([^`]+)`", msg.split("add ", 1)[1]):
+        raw.update(yaml.safe_load(fragment))
+    params = load_params(_write(tmp_path, raw))
+    assert params.features == type(params.features)() and params.ray.num_workers == 1
