@@ -125,12 +125,22 @@ def _labels(text: str) -> list[int]:
         raise UserError(f"--labels must be comma-separated integers, got {text!r}") from None
 
 
+#: the largest pixel enlargement ``arvision sample`` draws a grid with (32x: a 32² image is 1024²)
+MAX_SCALE = 32
+
+
 def _check_sampling_args(args) -> None:
-    """``--n`` at least 1; the sampling knobs in the ranges params.yaml's ``evaluate`` allows."""
+    """``--n`` from 1 to MAX_LABELS (the served model's cap on images per request), ``--scale``
+    from 1 to MAX_SCALE; the sampling knobs in the ranges params.yaml's ``evaluate`` allows."""
     from pydantic import ValidationError
 
-    if args.n < 1:
-        raise UserError(f"--n must be at least 1 image per label (got {args.n})")
+    from arvision.registry import MAX_LABELS
+
+    if not 1 <= args.n <= MAX_LABELS:
+        raise UserError(f"--n must be at least 1 and at most {MAX_LABELS} images per label (the served model's cap "
+                        f"on one request), got {args.n}")
+    if not 1 <= args.scale <= MAX_SCALE:
+        raise UserError(f"--scale must be at least 1 and at most {MAX_SCALE} (the grid's pixel enlargement), got {args.scale}")
     try:
         SamplingConfig(**{name: getattr(args, name) for name in SamplingConfig.model_fields})
     except ValidationError as err:
@@ -179,11 +189,25 @@ def cmd_sample(args) -> int:
     bad = [c for c in labels if not 0 <= c < gen.num_classes]
     if bad:
         raise UserError(f"--labels {','.join(map(str, bad))}: this generator knows classes 0..{gen.num_classes - 1}")
+    if not args.out and not args.images_dir:
+        raise UserError("nothing to write: give --out GRID.png and/or --images-dir DIR")
+    if args.out:  # the grid's size is known before any image is drawn
+        from arvision.viz import MAX_GRID_PIXELS, grid_size
+
+        res = gen.tokenizer.resolution
+        w, h = grid_size(len(labels), args.n, res, res, scale=args.scale, label_width=110)
+        if w * h > MAX_GRID_PIXELS:
+            raise UserError(
+                f"--n / --scale / --labels: a grid of {len(labels)} rows × {args.n} images at {args.scale}x is "
+                f"{w}×{h} = {w * h / 1e6:.0f} Mpx, more than {MAX_GRID_PIXELS / 1e6:.0f} Mpx; lower --scale or --n, "
+                "give fewer --labels, or write --images-dir alone"
+            )
     names = gen.class_names or [str(c) for c in range(gen.num_classes)]
     rows = []
     all_labels = [c for c in labels for _ in range(args.n)]
     images = gen.generate(
-        all_labels, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+        all_labels, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        progress=True,
     )
     for i, c in enumerate(labels):
         rows.append(images[i * args.n : (i + 1) * args.n])
@@ -198,8 +222,6 @@ def cmd_sample(args) -> int:
         for i, (lab, img) in enumerate(zip(all_labels, images)):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{i:04d}_class{lab}.png")
         print(f"wrote {len(images)} images to {d}")
-    if not args.out and not args.images_dir:
-        raise UserError("nothing to write: give --out GRID.png and/or --images-dir DIR")
     return 0
 
 

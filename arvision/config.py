@@ -8,6 +8,7 @@ any work starts. Unknown keys are errors too (a typo must not silently fall back
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
@@ -38,7 +39,26 @@ class _Section(BaseModel):
             raise ValueError(f"expected a value of type {_type_name(cls, info.field_name)}, not a boolean")
         if is_bool_field and not isinstance(value, bool):
             raise ValueError("expected true or false")
+        if _mentions_float(annotation) and any(_non_finite(v) for v in (value if isinstance(value, list) else [value])):
+            # before the range checks, which would refuse nan for the wrong reason ("less than 1")
+            raise ValueError(f"expected {'finite numbers' if isinstance(value, list) else 'a finite number'}, "
+                             "not NaN or infinity")
         return value
+
+
+def _mentions_float(annotation: Any) -> bool:
+    """Whether a field's type is, or holds, a float (``float``, ``Optional[float]``, ``list[float]``)."""
+    return annotation is float or any(_mentions_float(a) for a in get_args(annotation))
+
+
+def _non_finite(value: Any) -> bool:
+    """NaN or an infinity, as a number or as the string YAML gives for ``nan`` / ``inf``."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _type_name(cls: type[BaseModel], field: str) -> str:
@@ -213,6 +233,13 @@ class PriorConfig(_Section):
     keep: Literal["best", "last"] = "best"  # best: the weights with the lowest val loss
     early_stop_patience: int = Field(0, ge=0)  # stop after this many evals without improvement (0: off)
 
+    @field_validator("betas")
+    @classmethod
+    def _adam_betas(cls, betas: list[float]) -> list[float]:
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError("expected [beta1, beta2]: exactly two numbers, each in [0, 1) (AdamW's betas)")
+        return betas
+
     @field_validator("compile", mode="before")
     @classmethod
     def _compile_setting(cls, value: Any) -> Any:
@@ -310,6 +337,26 @@ class Params(_Section):
             problems.append(f"tokenizer.kind / prior.kind: tokenizer 'msvq' needs prior 'var', not '{self.prior.kind}'")
         if self.prior.strategy == "fsdp" and not self.ray.use_gpu:
             problems.append("prior.strategy / ray.use_gpu: 'fsdp' shards over GPUs and needs ray.use_gpu: true; on CPU use 'ddp'")
+        tok, res = self.tokenizer, self.data.resolution
+        if tok.kind != "palette":  # the conv kinds: each level after the first halves the image
+            levels, factor = len(tok.channel_mult), 2 ** (len(tok.channel_mult) - 1)
+            if factor > res:
+                problems.append(
+                    f"tokenizer.channel_mult / data.resolution: {levels} levels downsample {factor}x, more than "
+                    f"the {res}-pixel side of the images; use at most {res.bit_length()} levels for data.resolution {res}"
+                )
+            elif res % factor:
+                fits = sorted({r for r in (res // factor * factor, -(-res // factor) * factor) if r >= 8})
+                problems.append(
+                    f"data.resolution / tokenizer.channel_mult: {res} is not divisible by {factor}, the downsampling "
+                    f"of {levels} levels (2**(len(tokenizer.channel_mult)-1)); use data.resolution "
+                    f"{' or '.join(map(str, fits))}, or another number of levels"
+                )
+            elif tok.kind == "msvq" and tok.scales[-1] != res // factor:
+                problems.append(
+                    f"tokenizer.scales / data.resolution: msvq's last scale must be the latent side {res // factor} "
+                    f"(data.resolution {res} / {factor}x downsampling), got {tok.scales}"
+                )
         if self.tokenizer.uses_discriminator:
             from arvision.tokenizers.discriminator import max_layers, patch_side  # imports torch: only with a discriminator
 
@@ -394,12 +441,25 @@ def _check_data_path(data: DataConfig, root: Path) -> None:
         raise ParamsError(f"data.path: '{data.path}' holds no emoji.parquet (data.source 'emoji')")
 
 
+def _written_out(section: str) -> str:
+    """The least that writes ``section`` out with its defaults: ``name: {}`` where DVC tracks the
+    section whole; where it tracks keys one by one, those keys (DVC stops on a missing one)."""
+    from arvision.dag import key_level_sections, missing_tracked_keys
+
+    if section not in Params.model_fields or not isinstance(Params.model_fields[section].default, BaseModel):
+        return f"`{section}: {json.dumps(Params.model_fields[section].default)}`" if section in Params.model_fields else section
+    if section not in key_level_sections():
+        return f"`{section}: {{}}` (its defaults)"
+    keys = {k.split(".", 1)[1]: v for k, v in missing_tracked_keys({}).items() if k.startswith(section + ".")}
+    return f"`{section}: {json.dumps(keys, separators=(', ', ': '))}` (the keys DVC tracks, at their defaults)"
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml``: every section present, every key valid, and
     ``data.path`` (relative to the file's folder, the project root) existing with the right kind."""
     path = Path(path)
     if not path.exists():
-        raise ParamsError(f"{path}: no such file (run from the project root, or pass --params)")
+        raise ParamsError(f"{path}: no such file; run arvision in the project root, the folder holding params.yaml and dvc.yaml")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -412,7 +472,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         if missing:  # a missing section would silently run on defaults
             raise ParamsError(
                 f"{path}: missing section{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
-                "every section must be written out (an empty one, e.g. `features: {}`, takes the defaults)"
+                f"every section must be written out: add {'; '.join(_written_out(k) for k in missing)}"
             )
         raw = {k: ({} if v is None and k != "seed" else v) for k, v in raw.items()}
     params = parse_params(raw, str(path))
@@ -455,12 +515,27 @@ def _source_rows(data: DataConfig, root: Path) -> Optional[int]:
     return None
 
 
-def train_images(params: Params, root: Path) -> tuple[Optional[int], str]:
-    """How many training images ``prepare`` gives with these params, and where that number is from.
+#: KID needs this many images in each set (arvision/metrics/samples.py, kernel_distance)
+KID_MIN_IMAGES = 4
+
+
+def min_split_images(params: Params) -> tuple[int, str]:
+    """The fewest images each split must hold for the pipeline to finish, and who needs them:
+    ``evaluate`` scores samples, and train images (the floor), against val with k-NN radii (more
+    than ``evaluate.nearest_k`` points in each set) and KID (at least :data:`KID_MIN_IMAGES`)."""
+    k = params.evaluate.nearest_k
+    need = max(KID_MIN_IMAGES, k + 1)
+    return need, f"evaluate needs at least {need} in each (more than evaluate.nearest_k {k}, and KID's {KID_MIN_IMAGES})"
+
+
+def split_images(params: Params, root: Path) -> tuple[Optional[dict[str, int]], str]:
+    """How many ``{"train", "val"}`` images ``prepare`` gives with these params, and where that
+    number is from.
 
     ``data/prepared/manifest.json`` when it was made with the same ``seed`` and ``data``
     params; else an estimate from the source's size, ``data.max_images`` and
-    ``data.val_fraction`` (duplicates and undecodable images make the real number smaller).
+    ``data.val_fraction`` (duplicates and undecodable images make the real numbers smaller, and
+    the split by content hash makes them vary a little around the estimate).
     """
     import json
 
@@ -471,19 +546,72 @@ def train_images(params: Params, root: Path) -> tuple[Optional[int], str]:
         except ValueError:
             m = {}
         if m.get("params") == {"seed": params.seed, "data": params.data.model_dump(mode="json")}:
-            return int(m["counts"]["train"]), "data/prepared/manifest.json"
+            return {s: int(m["counts"][s]) for s in ("train", "val")}, "data/prepared/manifest.json"
     n = _source_rows(params.data, root)
     if n is None:
         return None, ""
     why = f"{n} images in the source"
     if params.data.max_images is not None and params.data.max_images < n:
         n, why = params.data.max_images, f"data.max_images {params.data.max_images}"
-    return int(n * (1 - params.data.val_fraction)), f"about: {why}, {1 - params.data.val_fraction:.0%} of them for training"
+    vf = params.data.val_fraction
+    return {"train": int(n * (1 - vf)), "val": int(n * vf)}, f"about: {why}, {vf:.0%} of them for val"
+
+
+def train_images(params: Params, root: Path) -> tuple[Optional[int], str]:
+    """How many training images ``prepare`` gives with these params, and where that number is
+    from (see :func:`split_images`)."""
+    counts, source = split_images(params, root)
+    return (None if counts is None else counts["train"]), source
+
+
+def split_too_small(counts: dict[str, int], need: int, why: str, data: DataConfig, source: str = "") -> Optional[str]:
+    """The message when a split holds fewer than ``need`` images (``why``: who needs them), else None."""
+    if min(counts.values()) >= need:
+        return None
+    enough = math.ceil(need / min(data.val_fraction, 1 - data.val_fraction))  # images for `need` in the smaller split
+    where = f" ({source})" if source else ""
+    cap = f", data.max_images {data.max_images}" if data.max_images is not None else ""
+    return (f"data.val_fraction / data.path: the split gives {counts['val']} val and {counts['train']} train images"
+            f"{where}; {why}; use at least about {enough} images (data.val_fraction {data.val_fraction}{cap}), "
+            "or change data.val_fraction")
+
+
+def check_splits(params: Params, root: Path) -> None:
+    """Neither split is too small for the pipeline (:func:`min_split_images`), by
+    :func:`split_images`' count or estimate; ``prepare`` checks the exact counts again."""
+    counts, source = split_images(params, root)
+    if counts is None:
+        return
+    need, why = min_split_images(params)
+    msg = split_too_small(counts, need, why, params.data, source)
+    if msg:
+        raise ParamsError(msg)
+
+
+def check_local_ray(params: Params) -> None:
+    """Where a local Ray instance would be started (no ``ray.address``, no ``RAY_ADDRESS``), a
+    worker cannot ask for more CPUs than this machine has: it would run ``ray.cpus_per_worker``
+    torch threads on fewer cores. A cluster's nodes are its own business."""
+    import os
+
+    from arvision.cluster import usable_cores
+
+    if params.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    cores = usable_cores()
+    if params.ray.cpus_per_worker > cores:
+        raise ParamsError(
+            f"ray.cpus_per_worker: {params.ray.cpus_per_worker} CPUs per worker, but this machine has {cores} "
+            f"core{'s' if cores != 1 else ''} for the local Ray instance (no ray.address or RAY_ADDRESS); "
+            f"use at most {cores}, or set ray.address to a cluster"
+        )
 
 
 def check_batches(params: Params, root: Path) -> None:
-    """A training batch must fit in the data: the prior's per-worker batch is drawn from the
-    worker's share of the training tokens (training images / ``ray.num_workers``)."""
+    """A local Ray instance fits this machine (:func:`check_local_ray`), both splits hold enough images for the pipeline (:func:`check_splits`), and a training
+    batch fits in the data: the prior's per-worker batch is drawn from the worker's share of the
+    training tokens (training images / ``ray.num_workers``)."""
+    check_local_ray(params)
     train, source = train_images(params, root)
     if train is None:
         return
@@ -495,3 +623,4 @@ def check_batches(params: Params, root: Path) -> None:
             f"prior.batch_size / data: a batch of {params.prior.batch_size} per worker is larger than {each} "
             f"training images ({source}); lower prior.batch_size to {max(1, share)} or less, or use more data"
         )
+    check_splits(params, root)

@@ -55,8 +55,10 @@ class Generator:
         top_p: float = 1.0,
         seed: int = 0,
         batch_size: int = 256,
+        progress: bool = False,
     ) -> np.ndarray:
-        """Sample one image per label: uint8 ``(B, H, W, C)``. Same seed → same images."""
+        """Sample one image per label: uint8 ``(B, H, W, C)``. Same seed → same images.
+        ``progress``: a bar on stderr, a step a batch of ``batch_size``."""
         from arvision.tokenizers import tensor_to_images
 
         labels_t = torch.as_tensor(list(labels), dtype=torch.long)
@@ -67,7 +69,12 @@ class Generator:
             raise UserError(f"labels {bad} out of range: this model knows classes 0..{self.num_classes - 1}")
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out = []
-        for i in range(0, len(labels_t), batch_size):
+        starts: Sequence[int] = range(0, len(labels_t), batch_size)
+        if progress and len(starts) > 1:
+            from tqdm.auto import tqdm  # only here: the served model's code does not need tqdm
+
+            starts = tqdm(starts, desc=f"sampling {len(labels_t)} images", unit="batch")
+        for i in starts:
             lab = labels_t[i : i + batch_size].to(self.device)
             codes = self.prior.sample(lab, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
             out.append(tensor_to_images(self.tokenizer.decode(codes).float().cpu()))

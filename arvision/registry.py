@@ -121,14 +121,24 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
         n = self.generator.num_classes
         if not 1 <= len(model_input) <= MAX_LABELS:
             raise _invalid(f"give 1 to {MAX_LABELS} labels per request, got {len(model_input)}")
-        try:
-            labels = [int(x) for x in model_input["label"]]
-        except (TypeError, ValueError):
-            raise _invalid(f"labels must be integers in 0..{n - 1}") from None
+        values = list(model_input["label"])
+        odd = next(((i, x) for i, x in enumerate(values) if not _whole_number(x)), None)
+        if odd is not None:  # int() would make 1.5 class 1, and "2" class 2
+            raise _invalid(f"labels must be integers in 0..{n - 1}; label {odd[0]} is {odd[1]!r}")
+        labels = [int(x) for x in values]
         bad = sorted({x for x in labels if not 0 <= x < n})
         if bad:
             raise _invalid(f"labels {bad[:8]} out of range: this model knows classes 0..{n - 1}")
         return labels
+
+
+def _whole_number(x: Any) -> bool:
+    """An integer (any int type but bool), or a float with no fractional part (JSON's 1.0)."""
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, (int, np.integer)):
+        return True
+    return isinstance(x, (float, np.floating)) and float(x).is_integer()
 
 
 def _sampling_settings(params: dict[str, Any] | None) -> dict[str, Any]:

@@ -8,6 +8,15 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+#: the largest grid :func:`image_grid` draws: 64 Mpx, 192 MiB as RGB (and as much again to encode it)
+MAX_GRID_PIXELS = 64 * 2**20
+
+
+def grid_size(rows: int, cols: int, h: int, w: int, *, scale: int = 2, pad: int = 2, label_width: int = 0) -> tuple[int, int]:
+    """``(width, height)`` in pixels of :func:`image_grid`'s picture of ``rows`` × ``cols``
+    images of ``h`` × ``w`` (``label_width``: the margin when rows are named)."""
+    return label_width + cols * (w * scale + pad) + pad, rows * (h * scale + pad) + pad
+
 
 def image_grid(
     rows: Sequence[np.ndarray],
@@ -28,7 +37,10 @@ def image_grid(
     cols = max(len(r) for r in rows)
     cell_h, cell_w = h * scale + pad, w * scale + pad
     left = label_width if row_names else 0
-    canvas = Image.new("RGB", (left + cols * cell_w + pad, len(rows) * cell_h + pad), "white")
+    size = grid_size(len(rows), cols, h, w, scale=scale, pad=pad, label_width=left)
+    if size[0] * size[1] > MAX_GRID_PIXELS:
+        raise ValueError(f"image_grid: {size[0]}x{size[1]} pixels is more than MAX_GRID_PIXELS ({MAX_GRID_PIXELS})")
+    canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
     for r, imgs in enumerate(rows):
         for c, img in enumerate(imgs):

@@ -1,5 +1,6 @@
 """params.yaml parses; bad parameters are named with what is allowed, before any work."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,104 @@ def test_check_command_catches_what_the_run_would_fail_on(tmp_path):
     _write(tmp_path, raw)
     proc = subprocess.run([sys.executable, "-m", "arvision.cli", "check"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2 and "prior.steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_check_refuses_a_split_too_small_for_the_pipeline(tmp_path):
+    from arvision.config import check_batches
+
+    raw = _full(tmp_path)
+    raw["data"]["max_images"] = 40  # about 4 val images: evaluate needs 6
+    raw["prior"]["batch_size"] = 8
+    params = load_params(_write(tmp_path, raw))
+    with pytest.raises(ParamsError) as e:
+        check_batches(params, tmp_path)
+    assert str(e.value).startswith("data.val_fraction / data.path: the split gives 4 val and 36 train images "
+                                   "(about: data.max_images 40, 10% of them for val); evaluate needs at least 6 in each")
+    raw["evaluate"]["nearest_k"] = 3  # k-NN radii need 4, KID 4
+    check_batches(load_params(_write(tmp_path, raw)), tmp_path)
+
+
+@pytest.mark.parametrize("betas", [[0.9, 0.95, 0.99], [1.5, -2], [0.9], [0.9, 1.0]])
+def test_prior_betas_two_numbers_in_0_1(tmp_path, betas):
+    raw = _full(tmp_path)
+    raw["prior"]["betas"] = betas
+    with pytest.raises(ParamsError) as e:
+        load_params(_write(tmp_path, raw))
+    assert f"prior.betas: expected [beta1, beta2]: exactly two numbers, each in [0, 1) (AdamW's betas) (got {betas!r})" \
+        in str(e.value)
+
+
+@pytest.mark.parametrize("key, text", [("prior.lr", "nan"), ("prior.lr", ".nan"), ("prior.lr", ".inf"),
+                                       ("tokenizer.disc_lr", "-.inf"), ("evaluate.temperature", "inf"),
+                                       ("tokens.crop_scale", "[0.8, .nan]")])
+def test_nan_and_infinity_refused_as_such(tmp_path, key, text):
+    raw = _full(tmp_path)
+    section, name = key.split(".")
+    raw[section][name] = yaml.safe_load(text)
+    with pytest.raises(ParamsError) as e:
+        load_params(_write(tmp_path, raw))
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 1 and lines[0].startswith(f"  {key}: expected ") and "finite number" in lines[0] \
+        and "NaN or infinity" in lines[0], lines
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"data": {"resolution": 33}}, "data.resolution / tokenizer.channel_mult: 33 is not divisible by 4, the downsampling "
+     "of 3 levels (2**(len(tokenizer.channel_mult)-1)); use data.resolution 32 or 36, or another number of levels"),
+    ({"tokenizer": {"channel_mult": [1] * 12}}, "tokenizer.channel_mult / data.resolution: 12 levels downsample 2048x, "
+     "more than the 32-pixel side of the images; use at most 6 levels for data.resolution 32"),
+    ({"tokenizer": {"kind": "msvq", "scales": [1, 2, 4]}, "prior": {"kind": "var"}},
+     "tokenizer.scales / data.resolution: msvq's last scale must be the latent side 8"),
+])
+def test_resolution_and_tokenizer_levels_checked_in_params(tmp_path, change, expected):
+    raw = _full(tmp_path)
+    for section, values in change.items():
+        raw[section].update(values)
+    with pytest.raises(ParamsError, match=re.escape(expected)):
+        load_params(_write(tmp_path, raw))
+    raw["tokenizer"]["kind"], raw["prior"]["kind"] = "palette", "gpt"  # no downsampling: any resolution
+    load_params(_write(tmp_path, raw))
+
+
+def test_cpus_per_worker_checked_against_a_local_instance(tmp_path, monkeypatch):
+    from arvision.config import check_local_ray
+
+    monkeypatch.setattr("arvision.cluster.usable_cores", lambda: 2)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    raw = _full(tmp_path)
+    raw["ray"]["cpus_per_worker"] = 64
+    params = load_params(_write(tmp_path, raw))
+    with pytest.raises(ParamsError) as e:
+        check_local_ray(params)
+    assert str(e.value) == ("ray.cpus_per_worker: 64 CPUs per worker, but this machine has 2 cores for the local Ray "
+                            "instance (no ray.address or RAY_ADDRESS); use at most 2, or set ray.address to a cluster")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster's nodes: not this machine's cores
+    check_local_ray(params)
+    monkeypatch.delenv("RAY_ADDRESS")
+    raw["ray"]["address"] = "ray://head:10001"
+    check_local_ray(load_params(_write(tmp_path, raw)))
+
+
+def test_missing_params_yaml_advice_names_no_option_that_does_not_exist(tmp_path):
+    with pytest.raises(ParamsError) as e:
+        load_params(tmp_path / "params.yaml")
+    assert str(e.value) == (f"{tmp_path / 'params.yaml'}: no such file; run arvision in the project root, the folder "
+                            "holding params.yaml and dvc.yaml")
+    assert "--params" not in str(e.value)
+
+
+def test_missing_sections_advice_is_what_check_then_accepts(tmp_path):
+    """The advice for each missing section, pasted in as given, passes: `{}` only where DVC tracks
+    the section whole; a section it tracks key by key gets those keys."""
+    raw = _full(tmp_path)
+    for section in ("seed", "features", "ray", "prior"):
+        del raw[section]
+    with pytest.raises(ParamsError) as e:
+        load_params(_write(tmp_path, raw))
+    msg = str(e.value)
+    assert "missing sections seed, prior, ray, features; every section must be written out: add `seed: 0`; `prior: {" in msg
+    assert "`features: {}` (its defaults)" in msg and "`ray: {\"num_workers\": 1, \"use_gpu\": false}`" in msg
+    for fragment in re.findall(r"`([^`]+)`", msg.split("add ", 1)[1]):
+        raw.update(yaml.safe_load(fragment))
+    params = load_params(_write(tmp_path, raw))
+    assert params.features == type(params.features)() and params.ray.num_workers == 1

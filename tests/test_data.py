@@ -198,11 +198,14 @@ def test_parquet_source(parquet_file: Path, tmp_path: Path):
     imgs = [_png(a) for a in _random_images(4)]
     struct = pa.array([{"bytes": b, "path": None} for b in imgs], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     pq.write_table(pa.table({"image": struct, "label": ["zebra", "ant", "zebra", None]}), d / "0.parquet")
+    with pytest.raises(UserError, match=r"data.label_column: 'label' is null at .*0\.parquet#3 \(1 of 4 rows"):
+        SOURCES["parquet"](str(d))  # a null label is refused, not read as -1 (tests/test_sources.py)
+    pq.write_table(pa.table({"image": struct, "label": ["zebra", "ant", "zebra", "ant"]}), d / "0.parquet")
     src = SOURCES["parquet"](str(d))
-    assert src.class_names == ["ant", "zebra"] and [r[2] for r in src.records()] == [1, 0, 1, -1]
+    assert src.class_names == ["ant", "zebra"] and [r[2] for r in src.records()] == [1, 0, 1, 0]
     assert all(isinstance(r[1], bytes) for r in src.records())
     m, _ = _prep(tmp_path, source="parquet", path=str(d), resolution=8)
-    assert m["num_classes"] == 2 and m["unlabelled"] == 1
+    assert m["num_classes"] == 2 and m["unlabelled"] == 0
 
 
 def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
@@ -265,3 +268,25 @@ def test_write_shards_sizes_metadata_and_empty(tmp_path: Path):
     with pytest.raises(UserError, match="no such directory"):
         read_split(tmp_path / "missing")
     assert parquet_io.WRITE_OPTIONS["compression"] == "zstd"
+
+
+def test_a_split_too_small_for_the_pipeline_stops_prepare(tmp_path: Path):
+    """One image gives 1 train and 0 val: the stage (min_split) stops before writing anything,
+    saying how many images evaluate needs; the library alone (no min_split) still prepares it."""
+    from arvision.config import Params, min_split_images
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png(_random_images(1)[0]))
+    need = min_split_images(Params())
+    assert need == (6, "evaluate needs at least 6 in each (more than evaluate.nearest_k 5, and KID's 4)")
+    with pytest.raises(UserError) as err:
+        prepare_dataset(DataConfig(source="folder", path=str(folder), resolution=8), 0, tmp_path / "out", progress=False,
+                        min_split=need)
+    assert str(err.value) == (
+        "data.val_fraction / data.path: the split gives 0 val and 1 train images (of 1 distinct images); evaluate "
+        "needs at least 6 in each (more than evaluate.nearest_k 5, and KID's 4); use at least about 60 images "
+        "(data.val_fraction 0.1), or change data.val_fraction")
+    assert not (tmp_path / "out").exists()
+    m, _ = _prep(tmp_path, source="folder", path=str(folder), resolution=8)
+    assert m["counts"] == {"train": 1, "val": 0}

@@ -14,6 +14,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from pipeline_project import make_project
@@ -383,3 +384,52 @@ def test_serve_flow_needs_a_prefect_server_and_a_cron(bare):
     assert proc.returncode == 2 and "--cron 'every day': not a cron expression" in proc.stderr
     proc = _arvision(bare, "serve-flow", "--cron", "0 3 * * *")
     assert proc.returncode == 2 and "serve-flow needs a Prefect server" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--n", "100000"], "--n must be at least 1 and at most 256 images per label"),
+    (["--scale", "100000"], "--scale must be at least 1 and at most 32 (the grid's pixel enlargement), got 100000"),
+    (["--scale", "0"], "--scale must be at least 1"),
+])
+def test_sample_bounds_checked_before_loading(tmp_path, capsys, monkeypatch, args, expected):
+    from arvision import cli
+
+    monkeypatch.setattr(cli, "_load", lambda source: pytest.fail("loaded a model for arguments out of bounds"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sample", str(tmp_path), "--out", str(tmp_path / "g.png"), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+class _FakeGenerator:
+    """What ``arvision sample`` reads of a generator: 9 classes of 32² RGB images."""
+
+    num_classes, class_names = 9, None
+    tokenizer = type("Tok", (), {"resolution": 32})()
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def compile_sampling(self) -> bool:
+        return False
+
+    def generate(self, labels, **kw):
+        self.calls.append(kw)
+        return np.zeros((len(labels), 32, 32, 3), np.uint8)
+
+
+def test_sample_grid_too_large_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    from arvision import cli
+
+    gen = _FakeGenerator()
+    monkeypatch.setattr(cli, "_load", lambda source: gen)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sample", str(tmp_path), "--out", str(tmp_path / "g.png"), "--n", "256", "--scale", "32"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: --n / --scale / --labels: a grid of 9 rows × 256 images at 32x is 262768×9236") \
+        and "more than 67 Mpx" in err
+    assert gen.calls == [] and not (tmp_path / "g.png").exists()
+    with pytest.raises(SystemExit) as e:  # the images alone: no grid to bound
+        cli.main(["sample", str(tmp_path), "--images-dir", str(tmp_path / "imgs"), "--n", "2", "--labels", "0"])
+    assert e.value.code == 0 and gen.calls[0]["progress"] is True and len(list((tmp_path / "imgs").iterdir())) == 2

@@ -189,3 +189,20 @@ def test_mlflow_models_serve(model_dir, tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("labels, words", [([0, 1.5], "label 1 is 1.5"), ([True], "label 0 is True"),
+                                           (["2"], "label 0 is '2'"), ([float("nan")], "label 0 is nan")])
+def test_served_model_refuses_labels_that_are_not_integers(labels, words):
+    """``int(1.5)`` would silently draw class 1: the request is refused (HTTP 400 when served)."""
+    import mlflow
+    import pandas as pd
+
+    from arvision.registry import GeneratorPyfunc
+
+    model = GeneratorPyfunc()
+    model.generator = type("Gen", (), {"num_classes": 3})()
+    with pytest.raises(mlflow.exceptions.MlflowException) as err:
+        model._labels(pd.DataFrame({"label": pd.Series(labels, dtype=object)}))
+    assert str(err.value) == f"labels must be integers in 0..2; {words}"
+    assert model._labels(pd.DataFrame({"label": [0.0, 2.0]})) == [0, 2]  # JSON's 2.0 is the integer 2

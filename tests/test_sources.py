@@ -284,3 +284,48 @@ def test_folder_symlink_loops_and_dangling_links_skipped_and_named(tmp_path: Pat
                      f"{root / 'cat' / 'up'} (symlink loop)"}
     assert m["class_names"] == ["cat", "dog"] and m["images_in_source"] == 10 and m["skipped"] == 5
     assert _labels_by_id(out) == expected
+
+
+def test_folder_unreadable_image_skipped_and_named(tmp_path: Path, monkeypatch):
+    """A file that cannot be read (``chmod 000`` for a user who is not root; simulated, since
+    root reads it anyway) is skipped, counted and named with the reason; prepare goes on."""
+    root = tmp_path / "d"
+    root.mkdir()
+    for i in range(4):
+        (root / f"{i}.png").write_bytes(_image(900 + i))
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self.name == "2.png":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.warns(UserWarning, match="skipped 1 image") as caught:
+        m, _ = _prep(tmp_path, source="folder", path=str(root))
+    assert f"{root / '2.png'} (unreadable: Permission denied)" in str(caught[0].message)
+    assert m["images_in_source"] == 4 and m["skipped"] == 1
+
+
+@pytest.mark.parametrize("label_type", [pa.int64(), pa.string()])
+def test_parquet_null_label_refused_with_its_row(tmp_path: Path, label_type):
+    """A null among labels would become -1 (unlabelled) inside labelled data: refused, the row named."""
+    imgs = [_image(950 + i) for i in range(4)]
+    labels = [0, 1, None, 1] if label_type == pa.int64() else ["a", "b", None, "b"]
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"image": imgs, "label": pa.array(labels, label_type)}), f)
+    with pytest.raises(UserError) as err:
+        SOURCES["parquet"](str(f))
+    assert str(err.value) == (f"data.label_column: 'label' is null at {f}#2 (1 of 4 rows have no label); give every row "
+                              "a label, or set data.label_column: null to read the data as unlabelled")
+
+
+def test_parquet_all_null_labels_read_as_unlabelled(tmp_path: Path):
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"image": [_image(960 + i) for i in range(3)], "label": pa.array([None] * 3, pa.int32())}), f)
+    with pytest.warns(UserWarning, match="'label' is null in every row.*read as unlabelled"):
+        src = SOURCES["parquet"](str(f))
+    assert src.class_names == [] and {lab for _, _, lab in src.records()} == {-1}
+    with pytest.warns(UserWarning, match="null in every row"):  # a column of Arrow type null, too
+        pq.write_table(pa.table({"image": [_image(970)], "label": pa.array([None])}), f)
+        assert SOURCES["parquet"](str(f)).class_names == []

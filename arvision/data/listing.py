@@ -12,7 +12,7 @@ Speed: a file's md5 is kept in a local state file (``.arvision/source_state.parq
 shared) keyed by path, size, mtime and inode, so an unchanged folder costs one ``stat`` walk.
 Links: links to files count as the file they point to; links to folders are followed unless
 they lead back to a folder already on the way (a loop), which is skipped and named, as is a
-dangling link, in ``skipped``.
+dangling link or a file that cannot be read (no read permission), in ``skipped``.
 """
 
 from __future__ import annotations
@@ -121,7 +121,11 @@ def source_listing(path: Path, state_file: Path, exclude: frozenset[str] = froze
         if prev and prev[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
             md5 = prev[3]
         else:
-            md5, hashed = _md5(Path(key)), hashed + 1
+            try:
+                md5, hashed = _md5(Path(key)), hashed + 1
+            except OSError as err:  # e.g. no read permission: prepare skips it too, so it is not data
+                skipped.append([rel, f"unreadable ({err.strerror or type(err).__name__})"])
+                continue
         rows.append((key, st.st_size, st.st_mtime_ns, st.st_ino, md5))
         digest.update(f"{rel}\t{st.st_size}\t{md5}\n".encode())
         n, total = n + 1, total + st.st_size

@@ -79,7 +79,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from arvision.cluster import ray_data_pays
-from arvision.config import DataConfig, RayConfig
+from arvision.config import DataConfig, RayConfig, split_too_small
 from arvision.data.parquet_io import PREPARED_SCHEMA, ShardWriter, write_shards
 from arvision.data.sources import Partition, Record, Source, open_source, read_partition
 from arvision.errors import UserError
@@ -666,14 +666,17 @@ def _manifest(cfg: DataConfig, seed: int, source: Source, seen: int, skipped: in
 
 def prepare_dataset(cfg: DataConfig, seed: int, out_dir: Union[str, Path], progress: bool = True, *,
                     use_ray: Optional[bool] = None, ray_cfg: Optional[RayConfig] = None,
-                    root: Optional[Path] = None) -> dict[str, Any]:
+                    root: Optional[Path] = None, min_split: Optional[tuple[int, str]] = None) -> dict[str, Any]:
     """Run ``prepare``: read ``cfg.source``, write ``out_dir/{train,val}/part-*.parquet`` and
     ``out_dir/manifest.json`` (docs/architecture.md, "Prepared data"). Returns the manifest.
 
     ``use_ray``: decode over Ray Data (True), in this process (False), or by :func:`wants_ray`'s
     rule (None); ``ray_cfg`` (default ``RayConfig()``) and ``root`` (the project root, put on the
-    workers' ``PYTHONPATH``) are for :func:`arvision.cluster.init_ray`. Raises UserError for a
-    missing path or column, or a source with no usable image.
+    workers' ``PYTHONPATH``) are for :func:`arvision.cluster.init_ray`. ``min_split``: ``(n, who
+    needs them)``, the fewest images each split must hold (the stage passes
+    :func:`arvision.config.min_split_images`); checked once the split is known, before any shard
+    is written. Raises UserError for a missing path or column, a source with no usable image, or
+    a split smaller than ``min_split``.
     """
     out_dir = Path(out_dir)
     source = open_source(cfg.source, cfg.path, cfg.image_column, cfg.label_column, label_from=cfg.label_from)
@@ -701,6 +704,9 @@ def prepare_dataset(cfg: DataConfig, seed: int, out_dir: Union[str, Path], progr
                 f"data source '{cfg.source}'{where} has no usable image ({seen} found, {skipped.count} could not be decoded)"
             )
         plan = _plan(spill, seed, cfg)
+        too_small = min_split and split_too_small(plan.counts, *min_split, cfg, f"of {plan.kept} distinct images")
+        if too_small:
+            raise UserError(too_small)
         shards = _write_splits(spill, plan, cfg.shard_size, tmp)
         shutil.rmtree(spill.root)
         manifest = _manifest(cfg, seed, source, seen, skipped.count, plan, _content_hash(shards))

@@ -23,6 +23,7 @@ import gzip
 import json
 import stat
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -124,6 +125,28 @@ def _hf_class_names(md: dict, column: str) -> Optional[list[str]]:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
+def _labels_or_none(files: list[Path], label_column: str) -> Optional[pa.ChunkedArray]:
+    """Every row's label in ``label_column``; None when the column is null in every row (the
+    data are then unlabelled, with a warning). A null in some rows only is a UserError naming the
+    first such row: -1 would silently make those images unlabelled among labelled ones."""
+    per_file = [(f, pq.read_table(f, columns=[label_column]).column(label_column)) for f in files]
+    values = pa.chunked_array([c for _, col in per_file for c in col.chunks], per_file[0][1].type)
+    nulls = values.null_count
+    if nulls and nulls == len(values):
+        where = files[0] if len(files) == 1 else files[0].parent
+        warnings.warn(f"data.label_column: '{label_column}' is null in every row of {where}; the data are read as "
+                      "unlabelled (set data.label_column: null to say so)", stacklevel=3)
+        return None
+    if nulls:
+        f, col = next((f, col) for f, col in per_file if col.null_count)
+        row = pc.index(pc.is_null(col), True).as_py()
+        raise UserError(
+            f"data.label_column: '{label_column}' is null at {f}#{row} ({nulls} of {len(values)} rows have no label); "
+            "give every row a label, or set data.label_column: null to read the data as unlabelled"
+        )
+    return values
+
+
 def _parquet_source(path: Path, image_column: str, label_column: Optional[str]) -> Source:
     files = _parquet_files(path)
     schema = pq.read_schema(files[0])
@@ -148,18 +171,18 @@ def _parquet_source(path: Path, image_column: str, label_column: Optional[str]) 
 
     names: list[str] = []
     to_index: Optional[dict] = None  # string labels → index by sorted value
-    if label_column:
-        ltype = schema.field(label_column).type
-        values = pa.chunked_array(
-            [c for f in files for c in pq.read_table(f, columns=[label_column]).column(label_column).chunks], ltype
-        )
+    values = _labels_or_none(files, label_column) if label_column else None
+    if values is None:
+        label_column = None
+    else:
+        ltype = values.type
         if pa.types.is_integer(ltype):
             md = schema.metadata or {}
             top = pc.max(values).as_py()
             names = json.loads(md[CLASS_NAMES_KEY]) if CLASS_NAMES_KEY in md else \
                 _hf_class_names(md, label_column) or _int_names(top)
         elif pa.types.is_string(ltype) or pa.types.is_large_string(ltype):
-            names = sorted(set(values.to_pylist()) - {None})
+            names = sorted(set(values.to_pylist()))
             to_index = {n: i for i, n in enumerate(names)}
         else:
             raise UserError(f"{files[0]}: label column '{label_column}' holds {ltype}; need integers or strings")
@@ -252,18 +275,21 @@ def _images_under(d: Path, ancestors: tuple[Path, ...], bad: list[tuple[Path, st
     return sorted(files + [f for sub in dirs for f in _images_under(sub, ancestors, bad)])
 
 
-def _read(f: Path) -> bytes:
-    """A file's bytes; empty if it cannot be read (``prepare`` then skips and names it)."""
+def _read(f: Path) -> tuple[bytes, str]:
+    """A file's bytes and ``""``; or empty bytes and why it cannot be read (``prepare`` then
+    skips it and names it with the reason, e.g. "Permission denied")."""
     try:
-        return f.read_bytes()
-    except OSError:
-        return b""
+        return f.read_bytes(), ""
+    except OSError as err:
+        return b"", err.strerror or type(err).__name__
 
 
 def _read_files(items: tuple[tuple[str, int], ...]) -> Iterator[Record]:
-    """Image files ``(path, label)``, read one at a time."""
+    """Image files ``(path, label)``, read one at a time; one that cannot be read is named
+    ``path (unreadable: why)`` with empty data."""
     for f, lab in items:
-        yield f, _read(Path(f)), lab
+        data, why = _read(Path(f))
+        yield (f"{f} (unreadable: {why})" if why else f), data, lab
 
 
 def _read_unreadable(origins: tuple[str, ...]) -> Iterator[Record]:
