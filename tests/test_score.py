@@ -79,7 +79,7 @@ def test_val_scores_below_the_floor_and_blurred_images_far_above(project, tmp_pa
 
     np.savez(tmp_path / "blurred.npz", images=np.stack([blur(x) for x in val]), labels=labels)
     b, _ = score_path(root, tmp_path / "blurred.npz")
-    assert b["fd"] > 5 * b["floor_fd"] and b["num_images"] == len(val) and "class_accuracy" in b
+    assert b["fd"] > 4 * b["floor_fd"] and b["num_images"] == len(val) and "class_accuracy" in b
     assert b["floor_fd"] == m["floor_fd"]  # the same number of images: the same floor
 
 
