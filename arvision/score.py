@@ -134,6 +134,22 @@ def _device(name: str):
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
+def _evaluate_params(path: Path):
+    """``path``'s evaluate section (the other sections validated too, but not ``data.path``:
+    scoring reads the prepared data, never the source)."""
+    import yaml
+
+    from arvision.config import parse_params
+
+    if not path.exists():
+        raise UserError(f"{path}: no such file (run from the project root, or pass --project)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_params(raw, str(path)).evaluate
+
+
 def score_path(root: Path, path: Path) -> tuple[dict[str, float], Images]:
     """Score the images at ``path`` against the val split of the project at ``root``, with
     ``params.yaml``'s evaluate settings (``nearest_k``, ``batch_size``, ``max_val_images``,
@@ -141,7 +157,6 @@ def score_path(root: Path, path: Path) -> tuple[dict[str, float], Images]:
     (``num_images``, ``labelled_images``, ``skipped_images``), and the images read."""
     import json
 
-    from arvision.config import load_params
     from arvision.judge import Yardstick
 
     prepared, features = root / "data" / "prepared", root / "models" / "features"
@@ -149,7 +164,7 @@ def score_path(root: Path, path: Path) -> tuple[dict[str, float], Images]:
         raise UserError(f"{root} has no val split and feature net to score against yet "
                         "(data/prepared, models/features): run `arvision run` first")
     manifest = json.loads((prepared / "manifest.json").read_text())
-    cfg = load_params(root / "params.yaml").evaluate
+    cfg = _evaluate_params(root / "params.yaml")
     got = read_images(path, manifest)
     if len(got.images_NHWC) <= cfg.nearest_k:  # precision/recall need k neighbours among the images
         raise UserError(f"{path}: {len(got.images_NHWC)} image(s) could be read"
