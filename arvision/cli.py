@@ -3,6 +3,7 @@
     arvision run                 the whole pipeline (Prefect flow; DVC skips what is unchanged)
     arvision sample SOURCE ...   images from a registered model or the stage outputs
     arvision check               validate params.yaml and the data it names (no stage runs)
+    arvision score PATH          any images (a folder, an .npz) scored against val, beside the floor
     arvision serve-flow --cron C the pipeline on a schedule (a served Prefect deployment)
 
 A mistake of the user's (bad params, unknown model, missing data) prints one clear message
@@ -225,6 +226,19 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from arvision.score import score_path, summary
+
+    path = Path(args.path)
+    metrics, got = score_path(Path(args.project), path)
+    print(summary(path, metrics, got))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
 def _apply_preset(root: Path, preset: Path) -> None:
     """``--config FILE``: FILE's keys merged into params.yaml (which DVC reads), said key by key."""
     from arvision.presets import apply_preset
@@ -282,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
     c = sub.add_parser("check", help="validate params.yaml")
     c.set_defaults(func=cmd_check)
+    sc = sub.add_parser("score", help="score any images (another generator's, a baseline) on evaluate's yardstick")
+    sc.add_argument("path", help="a folder of images (sub-folders named like classes label them) or an .npz with `images`")
+    sc.add_argument("--out", default="", help="write the metrics as JSON (metrics/eval.json's keys)")
+    sc.add_argument("--project", default=".", help="the project whose val split and feature net judge (default: here)")
+    sc.set_defaults(func=cmd_score)
     f = sub.add_parser("serve-flow", help="run the pipeline on a schedule (a served Prefect deployment)")
     f.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (03:00 every day)')
     f.add_argument("--name", default="arvision-scheduled", help="deployment name")

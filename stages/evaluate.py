@@ -70,11 +70,20 @@ def report_files(reports: Path) -> Iterator[Path]:
 MEMORISATION_WARN = 0.15
 
 
-def class_rows(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int) -> list[np.ndarray]:
-    """Up to ``per_class`` samples of each class, one row a class (one row when unlabelled)."""
-    if num_classes <= 1:
-        return [images[:per_class]]
-    return [images[labels == c][:per_class] for c in range(num_classes)]
+def class_rows(gen: Generator, cfg) -> list[np.ndarray]:
+    """The sample grid: ``evaluate.samples_per_class`` samples of every class, one row a class
+    (one row when unlabelled). Drawn for the grid alone, not taken from the scored samples (whose
+    labels follow val's class proportions, so a class rare in val would leave holes): the same
+    sampling settings and ``evaluate.seed``, in a random generator of their own
+    (:func:`arvision.judge.generate`), so the scored samples and their metrics do not change.
+    Cost: classes × samples_per_class samples in one batched call (the demo: 9 × 8 = 72, beside
+    its 500 scored)."""
+    from arvision.judge import generate
+
+    per, rows = cfg.samples_per_class, max(1, gen.num_classes)
+    labels_N = np.repeat(np.arange(rows), per)  # class c's samples at [c * per, (c + 1) * per)
+    images, _ = generate(gen, labels_N, cfg)
+    return [images[c * per : (c + 1) * per] for c in range(rows)]
 
 
 def curves_png(paths: Paths, out: Path) -> bool:
@@ -223,7 +232,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     yardstick = features_hash(paths.features)
     with report_files(paths.reports) as out:
         names = gen.class_names or [str(c) for c in range(gen.num_classes)]
-        rows = class_rows(images, labels, gen.num_classes, cfg.samples_per_class)
+        rows = class_rows(gen, cfg)
         save_grid(out / "samples.png", rows, row_names=names if gen.num_classes > 1 else ["samples"], scale=2)
         from arvision.viz import memorisation_panel
 
