@@ -48,6 +48,12 @@ def test_interval_holds_the_estimate_and_narrows_with_more_samples():
     assert all(large[k] < small[k] for k in small), (small, large)
 
 
+def test_intervals_stay_in_the_metrics_range():
+    same = _gauss(60, 0)  # a set against itself: precision, recall, coverage 1, FD 0
+    ci = S.bootstrap_intervals(S.bootstrap_resamples(same, same, nearest_k=3, resamples=50), S.sample_metrics(same, same, nearest_k=3))
+    assert ci["precision_ci_high"] == ci["coverage_ci_high"] == 1.0 and ci["fd_ci_low"] >= 0.0
+
+
 def test_the_seed_fixes_the_intervals():
     gen, real = _gauss(80, 0), _gauss(70, 1)
     a = S.bootstrap_resamples(gen, real, nearest_k=3, resamples=30, seed=4)

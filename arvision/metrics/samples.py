@@ -319,15 +319,23 @@ def percentile_interval(values_B: np.ndarray, estimate: float | None = None, lev
     return float(low + shift), float(high + shift)
 
 
+#: the range each metric can take: a centred interval is clipped to it (a precision of 0.975
+#: with a spread of ±0.05 reads [0.925, 1], not [.., 1.025]). KID's unbiased estimate can go below 0.
+METRIC_RANGE = {"fd": (0.0, np.inf), "kid": (-np.inf, np.inf), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
+                "density": (0.0, np.inf), "coverage": (0.0, 1.0), "copy_rate": (0.0, 1.0)}
+
+
 def bootstrap_intervals(resampled: dict[str, np.ndarray], estimates: dict[str, float],
                         level: float = CI_LEVEL) -> dict[str, float]:
     """Flat ``<metric>_ci_low`` / ``<metric>_ci_high`` (numbers only: what MLflow and ``dvc
     metrics`` take) from :func:`bootstrap_resamples`' values, each centred on its metric's
-    value in ``estimates`` (:func:`percentile_interval`)."""
+    value in ``estimates`` (:func:`percentile_interval`) and clipped to :data:`METRIC_RANGE`."""
     out = {}
     for k, values_B in resampled.items():
         if len(values_B) and k in estimates:
-            out[f"{k}_ci_low"], out[f"{k}_ci_high"] = percentile_interval(values_B, estimates[k], level)
+            low, high = percentile_interval(values_B, estimates[k], level)
+            lo, hi = METRIC_RANGE.get(k, (-np.inf, np.inf))
+            out[f"{k}_ci_low"], out[f"{k}_ci_high"] = float(np.clip(low, lo, hi)), float(np.clip(high, lo, hi))
     return out
 
 
