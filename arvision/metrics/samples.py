@@ -220,19 +220,32 @@ def _fd_batched(mu1_BD: Tensor, cov1_BDD: Tensor, mu2_BD: Tensor, cov2_BDD: Tens
 RADIUS_RANKS = 64
 
 
-def _kth_radius(d_NN: Tensor, w_BN: Tensor, k: int) -> Tensor:
+def _nearest_others(d_NN: Tensor) -> tuple[Tensor, Tensor]:
+    """Each point's :data:`RADIUS_RANKS` nearest other points: distances and indices ``(N, R)``,
+    nearest first, the point itself left out."""
+    d_self_inf = d_NN.clone()
+    d_self_inf.fill_diagonal_(float("inf"))
+    return d_self_inf.topk(min(RADIUS_RANKS, len(d_NN) - 1), dim=1, largest=False)
+
+
+def _kth_radius(d_sorted_NR: Tensor, order_NR: Tensor, w_BN: Tensor, k: int) -> Tensor:
     """Each point's k-NN radius within each resample: ``(B, N)``, the distance to its k-th
     nearest *other* point counting the resample's multiplicities (a point drawn twice is two
     neighbours, the point's own copies none: they would make every radius of a point drawn
-    twice 0). With all counts 1 this is :func:`_kth_nn_distance`."""
-    d_self_inf = d_NN.clone()
-    d_self_inf.fill_diagonal_(float("inf"))
-    ranks = min(RADIUS_RANKS, len(d_NN) - 1)
-    d_sorted_NR, order_NR = d_self_inf.topk(ranks, dim=1, largest=False)  # R: the nearest others, the point itself left out
+    twice 0). ``d_sorted_NR, order_NR``: :func:`_nearest_others`. With all counts 1 this is
+    :func:`_kth_nn_distance`."""
     cum_BNR = w_BN[:, order_NR].cumsum(-1)  # neighbours drawn up to each rank
     reached_BNR = cum_BNR >= k
-    rank_BN = torch.where(reached_BNR.any(-1), reached_BNR.int().argmax(-1), torch.tensor(ranks - 1))
+    last = torch.tensor(order_NR.shape[1] - 1)
+    rank_BN = torch.where(reached_BNR.any(-1), reached_BNR.int().argmax(-1), last)
     return d_sorted_NR.gather(1, rank_BN.T).T
+
+
+def _within_mean(k_NN: Tensor, c_BN: Tensor) -> Tensor:
+    """Each resample's mean kernel value over pairs of distinct points ``(B,)`` (the U-statistic
+    of MMD², a point's own copies left out as the diagonal is): ``c_BN`` its counts."""
+    pairs_B = c_BN.sum(1) ** 2 - (c_BN * c_BN).sum(1)
+    return (((c_BN @ k_NN) * c_BN).sum(1) - (c_BN * c_BN) @ k_NN.diagonal()) / pairs_B
 
 
 def bootstrap_resamples(gen_feats: Array, real_feats: Array, *, nearest_k: int = 5, resamples: int = 200,
@@ -276,24 +289,20 @@ def _bootstrap_resamples(gen_feats: Array, real_feats: Array, nearest_k: int, re
         kern = lambda a, b: (a @ b.T / d + 1.0) ** 3  # noqa: E731  KID's polynomial kernel (degree 3, gamma 1/d, coef 1)
         k_gg_MM, k_rr_NN, k_gr_MN = kern(gen, gen), kern(real, real), kern(gen, real)
         d_gr_MN = torch.cdist(gen, real)
-        d_gg_MM, d_rr_NN = torch.cdist(gen, gen), torch.cdist(real, real)
+        near_gen, near_real = _nearest_others(torch.cdist(gen, gen)), _nearest_others(torch.cdist(real, real))
+    flags_M = None if copy_flags is None else torch.as_tensor(np.asarray(copy_flags), dtype=torch.float64)
     for b in range(0, resamples, BOOT_CHUNK):
         w, v = w_BM[b : b + BOOT_CHUNK], v_BN[b : b + BOOT_CHUNK]  # (Bc, M), (Bc, N)
         mu_g, cov_g = _weighted_moments(gen, w)
         mu_r, cov_r = _weighted_moments(real, v)
         out["fd"].append(_fd_batched(mu_g, cov_g, mu_r, cov_r))
-        if copy_flags is not None:
-            out["copy_rate"].append(w @ torch.as_tensor(np.asarray(copy_flags), dtype=torch.float64) / m)
+        if flags_M is not None:
+            out["copy_rate"].append(w @ flags_M / m)
         if not knn:
             continue
-
-        def within(k_NN: Tensor, c: Tensor) -> Tensor:  # mean kernel over pairs of distinct points
-            pairs = c.sum(1) ** 2 - (c * c).sum(1)
-            return (((c @ k_NN) * c).sum(1) - (c * c) @ k_NN.diagonal()) / pairs
-
         cross = ((w @ k_gr_MN) * v).sum(1) / (w.sum(1) * v.sum(1))
-        out["kid"].append(within(k_gg_MM, w) + within(k_rr_NN, v) - 2 * cross)
-        r_real, r_gen = _kth_radius(d_rr_NN, v, nearest_k), _kth_radius(d_gg_MM, w, nearest_k)  # (Bc, N), (Bc, M)
+        out["kid"].append(_within_mean(k_gg_MM, w) + _within_mean(k_rr_NN, v) - 2 * cross)
+        r_real, r_gen = _kth_radius(*near_real, v, nearest_k), _kth_radius(*near_gen, w, nearest_k)  # (Bc, N), (Bc, M)
         inside_real = (d_gr_MN[None] <= r_real[:, None, :]) & (v[:, None, :] > 0)  # (Bc, M, N): sample in a drawn real ball
         in_gen = (d_gr_MN[None] <= r_gen[:, :, None]) & (w[:, :, None] > 0)  # real point in a drawn generated ball
         out["precision"].append((w * inside_real.any(2)).sum(1) / m)
