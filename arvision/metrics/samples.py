@@ -171,8 +171,14 @@ def bootstrap_counts(m: int, n: int, resamples: int, seed: int) -> tuple[np.ndar
     seed, are resampled at the same indices, so their resampled values pair up."""
     rng = np.random.default_rng(seed)
     idx_BM, idx_BN = rng.integers(0, m, (resamples, m)), rng.integers(0, n, (resamples, n))
-    count = lambda idx, size: np.stack([np.bincount(i, minlength=size) for i in idx]) if resamples else np.zeros((0, size), np.int64)  # noqa: E731
-    return count(idx_BM, m), count(idx_BN, n)
+
+    def counts(idx_BK: np.ndarray, size: int) -> np.ndarray:  # (B, size): draws of each point
+        rows = np.arange(len(idx_BK))[:, None].repeat(idx_BK.shape[1], 1)
+        out_BK = np.zeros((len(idx_BK), size), np.int64)
+        np.add.at(out_BK, (rows, idx_BK), 1)
+        return out_BK
+
+    return counts(idx_BM, m), counts(idx_BN, n)
 
 
 def _weighted_moments(x_ND: Tensor, w_BN: Tensor) -> tuple[Tensor, Tensor]:
