@@ -9,7 +9,14 @@ The rules (the README states them for users):
   own data's alias instead). It is set when no ``champion`` exists yet.
 - A candidate beats the incumbent only when, re-scored in the same evaluation (same val data,
   same feature network, same sampling seed and labels), its value of ``evaluate.primary`` is
-  lower. Numbers stored by earlier runs are never compared.
+  lower **beyond the bootstrap interval**: the 95 % interval of the paired difference
+  (candidate − incumbent) lies wholly below 0. Paired: both generated sets and val are
+  resampled at the same indices (``evaluate.bootstrap`` resamples seeded by ``evaluate.seed``,
+  :func:`arvision.metrics.samples.bootstrap_counts`), so the noise of val, which both share,
+  cancels; what is left is the two sample sets' own noise. A difference inside that noise keeps
+  the incumbent; so does a tie. Where the primary has no interval (``val_bpd``, a likelihood;
+  ``evaluate.bootstrap: 0``) the plain values are compared. Numbers stored by earlier runs are
+  never compared.
 - A model that copies training images (``copy_rate`` above ``evaluate.max_copy_rate``) is
   disqualified: Fréchet distance rewards memorisation, so it must not crown a copier.
 """
@@ -59,14 +66,26 @@ def incumbent(client, data_hash: str) -> Incumbent | None:
 
 
 def beats(candidate: float, incumbent_value: float | None, *, candidate_qualifies: bool = True,
-          incumbent_qualifies: bool = True) -> bool:
+          incumbent_qualifies: bool = True, diff_ci: tuple[float, float] | None = None) -> bool:
     """Lower is better; a tie keeps the incumbent; no incumbent → the candidate wins. A
-    disqualified candidate never wins; a qualified one always beats a disqualified incumbent."""
+    disqualified candidate never wins; a qualified one always beats a disqualified incumbent.
+    ``diff_ci``: the interval of candidate − incumbent (:func:`difference_interval`); given,
+    the candidate must be lower beyond it: the whole interval below 0."""
     if not candidate_qualifies:
         return False
     if incumbent_value is None or not incumbent_qualifies:
         return True
-    return candidate < incumbent_value
+    return candidate < incumbent_value and (diff_ci is None or diff_ci[1] < 0)
+
+
+def difference_interval(candidate_B, incumbent_B, candidate: float, incumbent_value: float) -> tuple[float, float] | None:
+    """The 95 % interval of candidate − incumbent from their paired bootstrap values ``(B,)``
+    (lower-is-better, :func:`arvision.judge.primary_resamples`), or None when either has none."""
+    if candidate_B is None or incumbent_B is None or not len(candidate_B):
+        return None
+    from arvision.metrics.samples import paired_interval
+
+    return paired_interval(candidate_B, incumbent_B, candidate - incumbent_value)
 
 
 def promote(client, version: str, data_hash: str) -> list[str]:

@@ -3,7 +3,8 @@
 Quality (FD, precision, recall, copies, class accuracy, bits per dim) against sampling speed and
 training cost (parameters, train seconds), for every version of ``arvision-generator`` trained on
 the current data (``data/prepared/manifest.json``'s content hash), with the floor (train images
-scored against val) as a reference row. Writes ``reports/compare.md`` and ``reports/compare.png``.
+scored against val) as a reference row; each value with its 95 % bootstrap interval where the
+version's evaluation made one. Writes ``reports/compare.md`` and ``reports/compare.png``.
 
 Only scores made with the current feature network (``models/features``) are compared; versions
 scored with another one are listed as such, or re-scored with ``--rescore`` (which samples
@@ -30,6 +31,12 @@ def _num(v: Any) -> float | None:
         return float(v)
     except (TypeError, ValueError):
         return None
+
+
+def _keys_with_ci() -> list[str]:
+    """The columns' keys and their bootstrap interval keys (versions evaluated before the
+    intervals have none: their cells show the value alone)."""
+    return [x for k, _, _ in COLUMNS for x in (k, f"{k}_ci_low", f"{k}_ci_high")]
 
 
 def collect(root: Path, data_hash: str, features_hash: str, versions: list[str] | None = None) -> list[dict[str, Any]]:
@@ -64,7 +71,7 @@ def collect(root: Path, data_hash: str, features_hash: str, versions: list[str] 
             "same_yardstick": t.get("features.hash") == features_hash,
             "aliases": [a for a, v in champion.items() if v == str(mv.version)],
         }
-        row.update({k: _num(t[k]) for k, _, _ in COLUMNS if k in t})
+        row.update({k: _num(t[k]) for k in _keys_with_ci() if k in t})
         rows.append(row)
     return rows
 
@@ -97,14 +104,19 @@ def table_md(rows: list[dict[str, Any]], floor: dict[str, float]) -> str:
     def cell(v, fmt):
         return "—" if v is None else format(v, fmt)
 
+    def cell_ci(r: dict[str, Any], k: str, fmt: str) -> str:  # "4.62 [4.31, 4.95]" where the run has the interval
+        low, high = r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high")
+        ci = f" [{format(low, fmt)}, {format(high, fmt)}]" if low is not None and high is not None and r.get(k) is not None else ""
+        return cell(r.get(k), fmt) + ci
+
     for r in rows:
         name = f"v{r['version']}" + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "") + (" *" if r.get("rescored") else "")
         lines.append("| " + " | ".join([name, r["family"] + (f" {r['size']}" if r["size"] else ""),
                                         f"{r['params'] / 1e6:.2f}M", cell(r.get("train_seconds"), ".0f")]
-                                       + [cell(r.get(k), f) for k, _, f in COLUMNS]) + " |")
+                                       + [cell_ci(r, k, f) for k, _, f in COLUMNS]) + " |")
     if floor:
         lines.append("| **floor** (train vs val) | real images | — | — | "
-                     + " | ".join("—" if k in ("copy_rate", "val_bpd", "sample_images_per_s") else cell(floor.get(k), f)
+                     + " | ".join("—" if k in ("copy_rate", "val_bpd", "sample_images_per_s") else cell_ci(floor, k, f)
                                   for k, _, f in COLUMNS) + " |")
     return "\n".join(lines)
 

@@ -310,6 +310,7 @@ class EvaluateConfig(SamplingConfig):
     max_val_images: Optional[int] = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile_sampling: bool = False  # CUDA: compiled sampler in CUDA graphs (pays off for large priors)
+    bootstrap: int = Field(200, ge=0)  # resamples for the 95 % intervals and the champion rule (0: none, plain comparison)
 
 
 class Params(_Section):

@@ -46,6 +46,14 @@ def primary_value(metrics: dict[str, float], primary: str) -> float:
     return PRIMARY_SIGN[primary] * float(metrics[key])
 
 
+def primary_resamples(detail: dict[str, np.ndarray], primary: str) -> np.ndarray | None:
+    """The bootstrap values ``(B,)`` of ``primary`` in :meth:`Yardstick.score`'s ``detail``,
+    lower-is-better as :func:`primary_value`; None when it has none (``val_bpd``, a val
+    likelihood, is not a sample metric; ``evaluate.bootstrap: 0``)."""
+    values_B = detail.get(f"boot_{primary.removeprefix('neg_')}")
+    return None if values_B is None else PRIMARY_SIGN[primary] * np.asarray(values_B, np.float64)
+
+
 def sample_labels(val_labels: np.ndarray, num_classes: int, n: int, seed: int) -> np.ndarray:
     """``n`` class labels in val's class proportions (a seeded shuffle of val's labels, tiled),
     so FD against val compares like with like. Unlabelled data (or a model of one class): 0s."""
@@ -128,8 +136,8 @@ class Yardstick:
         return frechet_distance(recon_ref.val_feats, self.val_feats)
 
     def score(self, images_u8: np.ndarray, intended_labels: np.ndarray | None, recon_ref=None, *,
-              feats: np.ndarray | None = None, memorisation_check: bool = True,
-              ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+              feats: np.ndarray | None = None, memorisation_check: bool = True, bootstrap: int = 0,
+              seed: int = 0) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Sample metrics of ``images_u8`` (uint8 ``(N, H, W, C)``) against val.
 
         Returns ``(metrics, detail)``: metrics as in :data:`SAMPLE_KEYS`, plus ``class_accuracy``
@@ -138,10 +146,18 @@ class Yardstick:
         memorisation panel). A sample is a copy when it is flagged against the training images
         or, with ``recon_ref`` (:meth:`reconstruction_reference`), against their reconstructions.
         ``feats``: the images' features when already computed; ``memorisation_check=False``
-        leaves the copy metrics out (and ``detail`` empty).
+        leaves the copy metrics out (and the copy entries of ``detail``).
+
+        ``bootstrap`` > 0: that many bootstrap resamples of the samples and of val, seeded by
+        ``seed`` (:func:`arvision.metrics.samples.bootstrap_resamples`, on the features made
+        here: nothing embedded again) give each of ``fd``, ``kid``, precision, recall, density,
+        coverage and ``copy_rate`` its 95 % interval, ``<metric>_ci_low`` / ``_ci_high``, and
+        ``detail['boot_<metric>']`` its resampled values ``(B,)``: sets of one size scored with
+        one seed are resampled at the same indices, so two generators' values pair up (the
+        champion rule, :mod:`arvision.champion`).
         """
         from arvision.features import classify, embed
-        from arvision.metrics.samples import class_accuracy, memorisation, sample_metrics
+        from arvision.metrics.samples import class_accuracy, sample_metrics
 
         if feats is None:
             feats = embed(self.net, images_u8, batch_size=self.batch_size, device=self.device)
@@ -149,8 +165,25 @@ class Yardstick:
         if intended_labels is not None and self.labelled and self.is_classifier:
             pred = classify(self.net, images_u8, batch_size=self.batch_size, device=self.device)
             metrics["class_accuracy"] = class_accuracy(pred, np.asarray(intended_labels))
-        if not memorisation_check:
-            return {k: float(v) for k, v in metrics.items()}, {}
+        detail: dict[str, np.ndarray] = {}
+        if memorisation_check:
+            detail = self._memorisation(feats, images_u8, recon_ref, metrics)
+        if bootstrap:
+            from arvision.metrics.samples import bootstrap_intervals, bootstrap_resamples
+
+            flags = detail["copy_score"] >= 1 if memorisation_check else None
+            resampled = bootstrap_resamples(feats, self.val_feats, nearest_k=self.nearest_k, resamples=bootstrap,
+                                            seed=seed, copy_flags=flags)
+            metrics.update(bootstrap_intervals(resampled, metrics))
+            detail.update({f"boot_{k}": v for k, v in resampled.items()})
+        return {k: float(v) for k, v in metrics.items()}, detail
+
+    def _memorisation(self, feats: np.ndarray, images_u8: np.ndarray, recon_ref, metrics: dict[str, float]
+                      ) -> dict[str, np.ndarray]:
+        """The copy check of :meth:`score`: adds the copy metrics to ``metrics``; returns the
+        per-image ``copy_score`` and ``nearest_train``."""
+        from arvision.metrics.samples import memorisation
+
         reports = [memorisation(self.memo, feats, images_u8)]
         if recon_ref is not None:
             reports.append(memorisation(recon_ref, feats, images_u8))
@@ -162,17 +195,16 @@ class Yardstick:
         metrics["copy_rate_pixels"] = float((score_px_RM.max(0) >= 1).mean()) if len(copy_score) else 0.0
         metrics["copy_threshold"], metrics["copy_threshold_pixels"] = reports[0].threshold, reports[0].threshold_pixels
         nearest = np.stack([r.nearest for r in reports])[which_M, np.arange(len(which_M))]
-        detail = {"copy_score": copy_score, "nearest_train": nearest}
-        return {k: float(v) for k, v in metrics.items()}, detail
+        return {"copy_score": copy_score, "nearest_train": nearest}
 
-    def floor(self, n: int, seed: int) -> dict[str, float]:
+    def floor(self, n: int, seed: int, bootstrap: int = 0) -> dict[str, float]:
         """What a perfect generator scores: ``n`` train images (seeded choice, at most all of
-        them) against val, labelled with their own labels. Memorisation is left out: these
-        *are* training images."""
+        them) against val, labelled with their own labels; with ``bootstrap``, intervals as in
+        :meth:`score`. Memorisation is left out: these *are* training images."""
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(len(self.train_u8), size=min(n, len(self.train_u8)), replace=False))
         metrics, _ = self.score(self.train_u8[idx], self.train_labels[idx], feats=self.train_feats[idx],
-                                memorisation_check=False)
+                                memorisation_check=False, bootstrap=bootstrap, seed=seed)
         return metrics
 
 
@@ -281,13 +313,16 @@ def judge(gen, yard: Yardstick, cfg, recon_ref=None) -> tuple[dict[str, float], 
 
     ``recon_ref``: :meth:`Yardstick.reconstruction_reference` of the generator's tokenizer,
     when the caller has it already (generators sharing a tokenizer share it); else computed.
+    ``evaluate.bootstrap`` resamples, seeded by ``evaluate.seed``, give the sample metrics their
+    intervals (:meth:`Yardstick.score`).
     Returns ``(metrics, images, labels, detail)``; ``metrics['sample_images_per_s']`` is the
     sampling speed on this machine (not a result: it depends on the load)."""
     labels = sample_labels(yard.val_labels, gen.num_classes, cfg.num_samples, cfg.seed)
     images, speed = generate(gen, labels, cfg)
     if recon_ref is None:
         recon_ref = yard.reconstruction_reference(gen.tokenizer)
-    metrics, detail = yard.score(images, labels if gen.num_classes > 1 else None, recon_ref=recon_ref)
+    metrics, detail = yard.score(images, labels if gen.num_classes > 1 else None, recon_ref=recon_ref,
+                                 bootstrap=cfg.bootstrap, seed=cfg.seed)
     metrics.update(bits_per_dim(gen, yard.val_u8, yard.val_labels, batch_size=cfg.batch_size))
     metrics["sample_images_per_s"] = speed
     return metrics, images, labels, detail

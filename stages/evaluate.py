@@ -35,7 +35,7 @@ import numpy as np
 from arvision.config import Params
 from arvision.features import features_hash
 from arvision.generator import Generator
-from arvision.judge import SAMPLE_KEYS, Yardstick, judge, primary_value
+from arvision.judge import PRIMARY_SIGN, SAMPLE_KEYS, Yardstick, judge, primary_resamples, primary_value
 from arvision.tracking import Tracker
 from arvision.train.tokenizer import evaluate_tokenizer
 from arvision.viz import save_grid
@@ -123,6 +123,25 @@ def _fmt(v: Any) -> str:
     return "—" if v is None else str(v)
 
 
+def _cell(m: dict[str, Any] | None, k: str) -> str:
+    """``m[k]`` with its bootstrap interval where it has one: ``4.62 [4.31, 4.95]``."""
+    if m is None:
+        return "—"
+    if f"{k}_ci_low" in m:
+        return f"{_fmt(m.get(k))} [{_fmt(m[f'{k}_ci_low'])}, {_fmt(m[f'{k}_ci_high'])}]"
+    return _fmt(m.get(k))
+
+
+def _with_ci(m: dict[str, Any], primary: str) -> str:
+    """The primary value of ``m`` (lower-is-better, as :func:`primary_value`) with its interval."""
+    key, sign = primary.removeprefix("neg_"), PRIMARY_SIGN[primary]
+    text = f"{primary_value(m, primary):.4g}"
+    if f"{key}_ci_low" in m:
+        low, high = sorted((sign * m[f"{key}_ci_low"], sign * m[f"{key}_ci_high"]))
+        text += f" [{low:.4g}, {high:.4g}]"
+    return text
+
+
 def report_md(metrics: dict[str, Any], floor: dict[str, float], champ: dict[str, float] | None,
               last: dict[str, float] | None, primary: str, decision: str, has_curves: bool) -> str:
     """``reports/report.md``: sample metrics beside their floor, memorisation, curves."""
@@ -135,8 +154,8 @@ def report_md(metrics: dict[str, Any], floor: dict[str, float], champ: dict[str,
     for k in keys:
         if k not in metrics:
             continue
-        row = [metrics.get(k), floor.get(k)] + ([champ.get(k)] if champ else []) + ([last.get(k)] if last else [])
-        lines.append(f"| {k} | " + " | ".join(_fmt(v) for v in row) + " |")
+        row = [metrics, floor] + ([champ] if champ else []) + ([last] if last else [])
+        lines.append(f"| {k} | " + " | ".join(_cell(m, k) for m in row) + " |")
     for name, m in [("This model", metrics)] + ([("The last weights", last)] if last else []):
         if m.get("copy_rate", 0.0) > MEMORISATION_WARN:
             lines += ["", f"**Memorisation ({name.lower()}): it copies training images.** "
@@ -144,7 +163,8 @@ def report_md(metrics: dict[str, Any], floor: dict[str, float], champ: dict[str,
                       f"than 95% of val images are (a generator of new images: about 5%). See the panel below."]
     lines += ["", "The floor is an equal number of training images scored the same way: what a perfect",
               "generator would reach. `copy_rate`: share of samples closer to a training image than",
-              "95% of val images are (features; `_pixels`: in pixel space).", ""]
+              "95% of val images are (features; `_pixels`: in pixel space). In brackets: the 95%",
+              "bootstrap interval (samples and val resampled, `evaluate.bootstrap` times).", ""]
     if "tokenizer_rfd" in metrics:
         lines.append(f"Tokenizer on val: PSNR {_fmt(metrics.get('tokenizer_psnr'))} dB, rFD {_fmt(metrics['tokenizer_rfd'])} "
                      "(`tokenizer_rfd`: its reconstructions against val in the same features as `fd`; samples "
@@ -177,8 +197,10 @@ def lineage(paths: Paths, gen: Generator) -> dict[str, str]:
     }
 
 
-def _score_champion(version: str, yard: Yardstick, cfg, device) -> dict[str, float] | None:
-    """The incumbent, re-scored here on the same terms; None (and a warning) if it can't load."""
+def _score_champion(version: str, yard: Yardstick, cfg, device) -> tuple[dict[str, float] | None, dict[str, np.ndarray]]:
+    """The incumbent, re-scored here on the same terms: ``(metrics, detail)`` as :func:`judge`'s
+    (detail: its bootstrap values, paired with the candidate's); None (and a warning) if it
+    can't load."""
     from arvision.registry import load_generator
     from arvision.tracking import GENERATOR_MODEL
 
@@ -187,9 +209,9 @@ def _score_champion(version: str, yard: Yardstick, cfg, device) -> dict[str, flo
     except Exception as err:  # e.g. a version saved by older code that no longer loads
         log.warning("evaluate: champion v%s cannot be loaded to re-score it (%s); the candidate takes its place",
                     version, str(err).splitlines()[0][:200])
-        return None
-    metrics, *_ = judge(gen, yard, cfg)
-    return metrics
+        return None, {}
+    metrics, _, _, detail = judge(gen, yard, cfg)
+    return metrics, detail
 
 
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
@@ -209,7 +231,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     tok = evaluate_tokenizer(gen.tokenizer, yard.val_u8, batch_size=cfg.batch_size, device=device)
     metrics.update({f"tokenizer_{k}": v for k, v in tok.items() if k in ("psnr", "ssim", "usage", "perplexity")})
     metrics["tokenizer_rfd"] = yard.reconstruction_fd(recon_ref)  # the val reconstructions' features, made above
-    floor = yard.floor(cfg.num_samples, cfg.seed)
+    floor = yard.floor(cfg.num_samples, cfg.seed, cfg.bootstrap)
     metrics.update({f"floor_{k}": v for k, v in floor.items()})
     feats_metrics = read_json(paths.metrics / "features.json") if (paths.metrics / "features.json").exists() else {}
     if "val_accuracy" in feats_metrics:
@@ -248,9 +270,9 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
 
             client = mlflow.MlflowClient()
             inc = ch.incumbent(client, data_hash)
-            champ_value = None
+            champ_value, diff_ci = None, None
             if inc is not None:
-                champ = _score_champion(inc.version, yard, cfg, device)
+                champ, champ_detail = _score_champion(inc.version, yard, cfg, device)
                 if champ is not None:
                     champ_value = primary_value(champ, cfg.primary)
                     metrics.update({f"champion_{k}": v for k, v in champ.items() if k != "sample_images_per_s"})
@@ -261,21 +283,33 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
             metrics["registered_version"] = int(reg["version"])
             ok = metrics["copy_rate"] <= cfg.max_copy_rate
             inc_ok = champ is None or champ["copy_rate"] <= cfg.max_copy_rate
-            won = ch.beats(value, champ_value, candidate_qualifies=ok, incumbent_qualifies=inc_ok)
+            if champ_value is not None:  # candidate − champion, paired: the same resample indices for both
+                diff_ci = ch.difference_interval(primary_resamples(detail, cfg.primary),
+                                                 primary_resamples(champ_detail, cfg.primary), value, champ_value)
+                metrics[f"vs_champion_{cfg.primary}"] = value - champ_value
+                if diff_ci is not None:
+                    metrics[f"vs_champion_{cfg.primary}_ci_low"], metrics[f"vs_champion_{cfg.primary}_ci_high"] = diff_ci
+            won = ch.beats(value, champ_value, candidate_qualifies=ok, incumbent_qualifies=inc_ok, diff_ci=diff_ci)
+            margin = ("" if diff_ci is None else
+                      f" (difference {value - champ_value:.4g} [{diff_ci[0]:.4g}, {diff_ci[1]:.4g}], paired bootstrap)")
             if not ok:
                 decision = (f"v{reg['version']} registered as candidate but disqualified: it copies "
                             f"{metrics['copy_rate']:.0%} of its samples (evaluate.max_copy_rate {cfg.max_copy_rate:.0%})"
                             + (f"; champion v{inc.version} kept." if inc is not None else "; no champion on this data."))
             elif won:
                 aliases = ch.promote(client, reg["version"], data_hash)
-                why = (f": {cfg.primary} {value:.4g} beats v{inc.version}'s {champ_value:.4g}, re-scored here."
+                why = (f": {cfg.primary} {_with_ci(metrics, cfg.primary)} beats v{inc.version}'s "
+                       f"{_with_ci(champ, cfg.primary)}, re-scored here, "
+                       + ("beyond the interval" if diff_ci is not None else "(no interval)") + f"{margin}."
                        if champ_value is not None and inc_ok else
                        f": champion v{inc.version} copies {champ['copy_rate']:.0%} of its samples." if champ is not None and not inc_ok
                        else ": no champion on this data yet.")
                 decision = f"v{reg['version']} is the new champion ({', '.join(aliases)})" + why
             else:
+                beyond = " beyond the interval" if diff_ci is not None and value < champ_value else ""
                 decision = (f"v{reg['version']} registered as candidate; champion v{inc.version} kept: "
-                            f"{cfg.primary} {value:.4g} does not beat its {champ_value:.4g}, re-scored here.")
+                            f"{cfg.primary} {_with_ci(metrics, cfg.primary)} does not beat v{inc.version}'s "
+                            f"{_with_ci(champ, cfg.primary)}{beyond}, re-scored here{margin}.")
             metrics["is_champion"] = int(won)
         (out / "report.md").write_text(report_md(metrics, floor, champ, last, cfg.primary, decision, has_curves))
         (out / "decision.txt").write_text(decision + "\n")
