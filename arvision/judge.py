@@ -165,12 +165,17 @@ class Yardstick:
         detail = {"copy_score": copy_score, "nearest_train": nearest}
         return {k: float(v) for k, v in metrics.items()}, detail
 
-    def floor(self, n: int, seed: int) -> dict[str, float]:
-        """What a perfect generator scores: ``n`` train images (seeded choice, at most all of
-        them) against val, labelled with their own labels. Memorisation is left out: these
-        *are* training images."""
+    def floor_pick(self, n: int, seed: int) -> np.ndarray:
+        """The train rows the floor scores: a seeded choice of ``n`` (at most all), sorted.
+        The calibration ladder (:mod:`arvision.ladder`) degrades these same rows."""
         rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(len(self.train_u8), size=min(n, len(self.train_u8)), replace=False))
+        return np.sort(rng.choice(len(self.train_u8), size=min(n, len(self.train_u8)), replace=False))
+
+    def floor(self, n: int, seed: int) -> dict[str, float]:
+        """What a perfect generator scores: ``n`` train images (:meth:`floor_pick`) against
+        val, labelled with their own labels. Memorisation is left out: these *are* training
+        images."""
+        idx = self.floor_pick(n, seed)
         metrics, _ = self.score(self.train_u8[idx], self.train_labels[idx], feats=self.train_feats[idx],
                                 memorisation_check=False)
         return metrics
