@@ -7,7 +7,7 @@ features settings) in a fresh root with a do-nothing tracker, then the yardstick
 ``stages.evaluate`` builds (:meth:`arvision.judge.Yardstick.load`) and every rung scored by its
 ``score``. No tokenizer is trained, so the ladder has no reconstruction rung here.
 
-    PYTHONPATH=. python bench/ladder.py --out bench/results/2026-12-02-ladder-cpu [--only emoji32]
+    PYTHONPATH=. python bench/ladder.py --out bench/results/2026-12-02-ladder-cpu [--only emoji32 mnist]
 
 Writes ``ladder.md`` (every metric at every rung, per data set; the monotone table) and
 ``ladder.json`` (the ladders as :func:`arvision.ladder.score_ladder` returns them).
@@ -72,7 +72,7 @@ def markdown(ladders: dict[str, dict]) -> str:
     from arvision.ladder import LADDER_KEYS, families, ladder_table, untrusted_lines
 
     lines = ["# Calibration ladder on CPU", "",
-             f"`PYTHONPATH=. python bench/ladder.py {' '.join(sys.argv[1:])}`; features as in params.yaml, "
+             f"`PYTHONPATH=. python bench/ladder.py` (one call per data set); features as in params.yaml, "
              "each rung the floor's training images degraded, scored against val by `Yardstick.score`. "
              "⚠: not monotone along a family, or ×4 blobs within 5% of the floor.", ""]
     for name, lad in ladders.items():
@@ -100,7 +100,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ladders: dict[str, dict] = {}
+    # data sets measured by an earlier call into the same --out are kept (runs may be split)
+    ladders: dict[str, dict] = json.loads((out / "ladder.json").read_text()) if (out / "ladder.json").exists() else {}
     for name in args.only:
         ladders[name] = run_one(name, Path(args.root) / name)
         (out / "ladder.json").write_text(json.dumps(ladders, indent=2))  # after each: a stopped run keeps what it measured
