@@ -73,6 +73,9 @@ def test_blur_equivalent_and_trust_on_a_hand_made_ladder():
     assert L.blur_equivalent(lad, "fd", 50.0) == (3.0, ">")
     assert L.blur_equivalent(lad, "precision", 1 - 5.0 / 100) == (pytest.approx(1.25), "=")  # higher is better
     assert L.trustworthy(lad, "fd") and L.trustworthy(lad, "precision")
+    vals["blur_1"] = 2.0 - 0.01 * (max(vals.values()) - 1.0)  # a reversal within the tolerance: noise
+    assert L.trustworthy(_ladder(vals), "fd") and not _ladder(vals)["monotone_strict"]["fd"]["blur"]
+    vals["blur_1"] = 4.0
     vals["noise_16"] = 0.5  # better than the floor at a harsher step
     vals["downup_x4"] = vals["floor"] * 1.01
     bad = _ladder(vals)
