@@ -171,10 +171,16 @@ WORSE_UP = {"fd": True, "kid": True, "precision": False, "recall": False, "densi
             "class_accuracy": False, "copy_rate": False, "copy_rate_pixels": False}
 
 
-def families() -> dict[str, list[Rung]]:
-    """Each degradation family, mildest first (the floor is step 0 of every one)."""
+#: the rungs ``evaluate`` scores (14 scorings with the floor and the tokenizer's, each of up to
+#: 500 images: some 60 s of CPU on the demo); bench/ladder.py scores all of :data:`RUNGS`
+EVALUATE_RUNGS = tuple(r for r in RUNGS if r.name not in ("noise_16", "jpeg_q30", "quantise_8"))
+
+
+def families(names=None) -> dict[str, list[Rung]]:
+    """Each degradation family, mildest first (the floor is step 0 of every one); with
+    ``names``, of those rungs only (a ladder's own)."""
     out: dict[str, list[Rung]] = {}
-    for r in sorted(RUNGS, key=lambda r: r.level):
+    for r in sorted((r for r in RUNGS if names is None or r.name in names), key=lambda r: r.level):
         out.setdefault(r.family, []).append(r)
     return out
 
@@ -187,10 +193,10 @@ def degrade(images_u8: np.ndarray, rung: Rung, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------- scoring
 
 
-def score_ladder(yard: Any, n: int, seed: int, recon_ref: Any = None) -> dict[str, Any]:
+def score_ladder(yard: Any, n: int, seed: int, recon_ref: Any = None, rungs=RUNGS) -> dict[str, Any]:
     """Every rung scored by ``yard.score`` (a :class:`arvision.judge.Yardstick`) against val,
     as the samples are: the floor's ``n`` training images (``yard.floor_pick(n, seed)``), each
-    rung's degradation of them, and with ``recon_ref`` the tokenizer's reconstructions of them
+    rung's degradation of them (``rungs``: some of :data:`RUNGS`), and with ``recon_ref`` the tokenizer's reconstructions of them
     (its stored images and features, reused). Copies are checked as for samples (against
     ``recon_ref`` too when given).
 
@@ -201,18 +207,18 @@ def score_ladder(yard: Any, n: int, seed: int, recon_ref: Any = None) -> dict[st
     idx = yard.floor_pick(n, seed)
     images = yard.train_u8[idx]  # (n, H, W, C) uint8
     labels = yard.train_labels[idx] if yard.labelled else None
-    rungs: dict[str, dict[str, Any]] = {}
+    scored: dict[str, dict[str, Any]] = {}
 
     def add(rung: Rung, imgs: np.ndarray, feats=None) -> None:
         metrics, _ = yard.score(imgs, labels, recon_ref=recon_ref, feats=feats)
-        rungs[rung.name] = {"family": rung.family, "param": rung.param, "label": rung.label, "metrics": metrics}
+        scored[rung.name] = {"family": rung.family, "param": rung.param, "label": rung.label, "metrics": metrics}
 
     add(FLOOR, images, feats=yard.train_feats[idx])  # the floor's own features: the same numbers
-    for i, rung in enumerate(RUNGS):
-        add(rung, degrade(images, rung, seed + i))
+    for rung in rungs:
+        add(rung, degrade(images, rung, seed + RUNGS.index(rung)))  # a rung's noise does not hang on which others run
     if recon_ref is not None:
         add(RECONSTRUCTION, recon_ref.train_u8[idx], feats=np.asarray(recon_ref.train_feats[idx]))
-    ladder = {"n_images": int(len(idx)), "seed": int(seed), "rungs": rungs}
+    ladder = {"n_images": int(len(idx)), "seed": int(seed), "rungs": scored}
     ladder.update(trust(ladder))
     ladder["seconds"] = round(time.perf_counter() - t0, 1)  # wall: depends on the machine's load
     ladder["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # this process's CPU time, all threads
@@ -237,7 +243,7 @@ def trust(ladder: dict[str, Any]) -> dict[str, Any]:
         every = [x for x in _values(ladder, list(ladder["rungs"]), key) if math.isfinite(x)]
         tol = MONOTONE_TOL * (max(every) - min(every)) if every else 0.0
         monotone[key], strict[key] = {}, {}
-        for fam, rs in families().items():
+        for fam, rs in families(ladder["rungs"]).items():
             v = [sign * x for x in _values(ladder, ["floor"] + [r.name for r in rs], key)]
             monotone[key][fam] = bool(all(b >= a - tol for a, b in zip(v, v[1:])))
             strict[key][fam] = bool(all(b >= a for a, b in zip(v, v[1:])))
@@ -257,8 +263,8 @@ def blur_equivalent(ladder: dict[str, Any], key: str, value: float) -> tuple[flo
     (the floor as σ 0) that bracket it, the first such pair. Returns ``(sigma, relation)``,
     relation ``"="``; ``"<"`` when ``value`` is better than the floor's (sigma 0); ``">"``
     when worse than the strongest blur's (sigma: the strongest)."""
-    names = ["floor"] + [r.name for r in families()["blur"]]
-    sigmas = [0.0] + [r.param for r in families()["blur"]]
+    blur = families(ladder["rungs"]).get("blur", [])
+    names, sigmas = ["floor"] + [r.name for r in blur], [0.0] + [r.param for r in blur]
     sign = 1.0 if WORSE_UP.get(key, True) else -1.0
     v = [sign * x for x in _values(ladder, names, key)]
     target = sign * float(value)

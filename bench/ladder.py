@@ -83,7 +83,7 @@ def markdown(ladders: dict[str, dict]) -> str:
                   f"feature classifier val accuracy {lad['features_val_accuracy']}; prepare+features "
                   f"{lad['stage_seconds']} s, ladder {lad['seconds']} s ({lad.get('cpu_seconds', '?')} s CPU).", ""]
         lines += ladder_table(lad) + [""] + untrusted_lines(lad) + [""]
-    fams = list(families())
+    fams = list(families())  # every rung: the bench scores all of RUNGS
     lines += ["## Monotone along each family (✓), and tells ×4 blobs from the floor", "",
               "| data | metric | " + " | ".join(fams) + " | blobs ≠ floor |", "|---" * (len(fams) + 3) + "|"]
     for name, lad in ladders.items():

@@ -36,7 +36,7 @@ from arvision.config import Params
 from arvision.features import features_hash
 from arvision.generator import Generator
 from arvision.judge import SAMPLE_KEYS, Yardstick, judge, primary_value
-from arvision.ladder import flat_metrics, ladder_section, score_ladder
+from arvision.ladder import EVALUATE_RUNGS, flat_metrics, ladder_section, score_ladder
 from arvision.tracking import Tracker
 from arvision.train.tokenizer import evaluate_tokenizer
 from arvision.viz import save_grid
@@ -211,7 +211,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     floor = yard.floor(cfg.num_samples, cfg.seed)
     metrics.update({f"floor_{k}": v for k, v in floor.items()})
     # the calibration ladder: the floor's images degraded (blur, blobs, noise ...), each scored as the samples are
-    ladder = score_ladder(yard, min(cfg.num_samples, LADDER_IMAGES), cfg.seed, recon_ref)
+    ladder = score_ladder(yard, min(cfg.num_samples, LADDER_IMAGES), cfg.seed, recon_ref, EVALUATE_RUNGS)
     metrics.update(flat_metrics(ladder, metrics))
     feats_metrics = read_json(paths.metrics / "features.json") if (paths.metrics / "features.json").exists() else {}
     if "val_accuracy" in feats_metrics:

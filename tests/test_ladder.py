@@ -96,6 +96,10 @@ def test_report_has_the_ladder_section():
     flat = L.flat_metrics(lad, model)
     assert flat["ladder_blur_sigma_equiv_fd"] == pytest.approx(1.25)  # fd 3.5: halfway from blur σ 1 (3.0) to σ 1.5 (4.0)
     assert "## Calibration ladder" not in report_md(model, {"fd": 1.0}, None, None, "fd", "", False)
+    # evaluate's shorter ladder: families of the rungs it has
+    short = _ladder({n: 1.0 + i for i, n in enumerate(["floor"] + [r.name for r in L.EVALUATE_RUNGS])})
+    assert set(short["monotone"]["fd"]) == set(L.families()) and "noise_16" not in short["rungs"]
+    assert L.trustworthy(short, "fd") and L.blur_equivalent(short, "fd", 3.5) == (pytest.approx(1.25), "=")
 
 
 # ---------------------------------------------------------------- real images, a trained yardstick
