@@ -340,9 +340,10 @@ def ladder_section(ladder: dict[str, Any], model: dict[str, float]) -> list[str]
     for key in [k for k in LADDER_KEYS if k in model and k in ladder["rungs"]["floor"]["metrics"] and k != "copy_rate"]:
         sigma, rel = blur_equivalent(ladder, key, model[key])
         near = ladder["rungs"][nearest_rung(ladder, key, model[key])]["label"]
-        like = {"=": f"σ≈{sigma:.2g}", "<": "σ 0 (better than the floor)", ">": f"σ>{sigma:g} (worse than the strongest blur)"}[rel]
+        like = {"=": f"σ≈{sigma:.2g}", "<": "σ 0, better than the floor", ">": f"σ>{sigma:g}"}[rel]
         said.append(f"{like} ({key}; nearest rung: {near})")
     if said:
-        lines += ["These samples score like training images blurred with " + ", ".join(said) + ".", ""]
+        lines += ["These samples score like training images blurred with " + ", ".join(said) + "; "
+                  f"σ>{BLUR_SIGMAS[-1]:g}: worse than the strongest blur.", ""]
     lines += untrusted_lines(ladder) + [""]
     return lines
