@@ -74,7 +74,8 @@ def markdown(ladders: dict[str, dict]) -> str:
     lines = ["# Calibration ladder on CPU", "",
              f"`PYTHONPATH=. python bench/ladder.py` (one call per data set); features as in params.yaml, "
              "each rung the floor's training images degraded, scored against val by `Yardstick.score`. "
-             "⚠: not monotone along a family (a harsher step better by more than 2% of the metric's range over the ladder), or ×4 blobs within 5% of the floor.", ""]
+             "⚠: not monotone along a family (a harsher step better by more than 2% of the metric's range over "
+             "the ladder), or ×4 blobs within 5% of the floor.", ""]
     for lad in ladders.values():
         lad.update(trust(lad))  # the verdicts of this code, also for data sets measured before
     for name, lad in ladders.items():
