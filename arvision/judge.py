@@ -197,12 +197,17 @@ class Yardstick:
         nearest = np.stack([r.nearest for r in reports])[which_M, np.arange(len(which_M))]
         return {"copy_score": copy_score, "nearest_train": nearest}
 
-    def floor(self, n: int, seed: int, bootstrap: int = 0) -> dict[str, float]:
-        """What a perfect generator scores: ``n`` train images (seeded choice, at most all of
-        them) against val, labelled with their own labels; with ``bootstrap``, intervals as in
-        :meth:`score`. Memorisation is left out: these *are* training images."""
+    def floor_pick(self, n: int, seed: int) -> np.ndarray:
+        """The train rows the floor scores: a seeded choice of ``n`` (at most all), sorted.
+        The calibration ladder (:mod:`arvision.ladder`) degrades these same rows."""
         rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(len(self.train_u8), size=min(n, len(self.train_u8)), replace=False))
+        return np.sort(rng.choice(len(self.train_u8), size=min(n, len(self.train_u8)), replace=False))
+
+    def floor(self, n: int, seed: int, bootstrap: int = 0) -> dict[str, float]:
+        """What a perfect generator scores: ``n`` train images (:meth:`floor_pick`) against
+        val, labelled with their own labels; with ``bootstrap``, intervals as in
+        :meth:`score`. Memorisation is left out: these *are* training images."""
+        idx = self.floor_pick(n, seed)
         metrics, _ = self.score(self.train_u8[idx], self.train_labels[idx], feats=self.train_feats[idx],
                                 memorisation_check=False, bootstrap=bootstrap, seed=seed)
         return metrics

@@ -36,6 +36,7 @@ from arvision.config import Params
 from arvision.features import features_hash
 from arvision.generator import Generator
 from arvision.judge import PRIMARY_SIGN, SAMPLE_KEYS, Yardstick, judge, primary_resamples, primary_value
+from arvision.ladder import EVALUATE_RUNGS, flat_metrics, ladder_section, score_ladder
 from arvision.tracking import Tracker
 from arvision.train.tokenizer import evaluate_tokenizer
 from arvision.viz import save_grid
@@ -46,7 +47,7 @@ log = logging.getLogger("arvision")
 
 #: what the stage writes into reports/ (dvc.yaml lists each as an output: other tools, like
 #: ``arvision compare``, write beside them)
-REPORT_FILES = ["samples.png", "memorisation.png", "curves.png", "report.md", "speed.json", "decision.txt"]
+REPORT_FILES = ["samples.png", "memorisation.png", "curves.png", "report.md", "speed.json", "decision.txt", "ladder.json"]
 
 
 @contextmanager
@@ -65,6 +66,9 @@ def report_files(reports: Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+#: images a calibration-ladder rung scores (each rung costs one scoring of this many images)
+LADDER_IMAGES = 500
 
 #: copy_rate above which the report warns of memorisation (a novel generator scores about 0.05)
 MEMORISATION_WARN = 0.15
@@ -143,8 +147,10 @@ def _with_ci(m: dict[str, Any], primary: str) -> str:
 
 
 def report_md(metrics: dict[str, Any], floor: dict[str, float], champ: dict[str, float] | None,
-              last: dict[str, float] | None, primary: str, decision: str, has_curves: bool) -> str:
-    """``reports/report.md``: sample metrics beside their floor, memorisation, curves."""
+              last: dict[str, float] | None, primary: str, decision: str, has_curves: bool,
+              ladder: dict[str, Any] | None = None) -> str:
+    """``reports/report.md``: sample metrics beside their floor, memorisation, curves, and the
+    calibration ladder (:mod:`arvision.ladder`) when given."""
     cols = ["this model", "floor (train vs val)"] + (["champion, re-scored"] if champ else []) + (["last weights"] if last else [])
     lines = ["# arvision evaluation", "",
              f"Promotion metric `evaluate.primary`: **{primary}** (lower is better). {decision}", "",
@@ -177,6 +183,8 @@ def report_md(metrics: dict[str, Any], floor: dict[str, float], champ: dict[str,
               "![memorisation](memorisation.png)", ""]
     if has_curves:
         lines += ["## Training curves", "", "![curves](curves.png)", ""]
+    if ladder is not None:
+        lines += ladder_section(ladder, metrics)
     lines += ["## All metrics", "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
     return "\n".join(lines) + "\n"
@@ -233,6 +241,9 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     metrics["tokenizer_rfd"] = yard.reconstruction_fd(recon_ref)  # the val reconstructions' features, made above
     floor = yard.floor(cfg.num_samples, cfg.seed, cfg.bootstrap)
     metrics.update({f"floor_{k}": v for k, v in floor.items()})
+    # the calibration ladder: the floor's images degraded (blur, blobs, noise ...), each scored as the samples are
+    ladder = score_ladder(yard, min(cfg.num_samples, LADDER_IMAGES), cfg.seed, recon_ref, EVALUATE_RUNGS)
+    metrics.update(flat_metrics(ladder, metrics))
     feats_metrics = read_json(paths.metrics / "features.json") if (paths.metrics / "features.json").exists() else {}
     if "val_accuracy" in feats_metrics:
         metrics["features_val_accuracy"] = float(feats_metrics["val_accuracy"])
@@ -261,6 +272,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         memorisation_panel(images, yard.train_u8[detail["nearest_train"]], detail["copy_score"], out / "memorisation.png")
         has_curves = curves_png(paths, out / "curves.png")
         write_json(out / "speed.json", speed)
+        write_json(out / "ladder.json", ladder)
 
         if tracker.run_id:
             import mlflow
@@ -311,7 +323,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
                             f"{cfg.primary} {_with_ci(metrics, cfg.primary)} does not beat v{inc.version}'s "
                             f"{_with_ci(champ, cfg.primary)}{beyond}, re-scored here{margin}.")
             metrics["is_champion"] = int(won)
-        (out / "report.md").write_text(report_md(metrics, floor, champ, last, cfg.primary, decision, has_curves))
+        (out / "report.md").write_text(report_md(metrics, floor, champ, last, cfg.primary, decision, has_curves, ladder))
         (out / "decision.txt").write_text(decision + "\n")
     if tracker.run_id:
         tracker.log_metrics(speed)
