@@ -99,7 +99,8 @@ def test_report_has_the_ladder_section():
     # evaluate's shorter ladder: families of the rungs it has
     short = _ladder({n: 1.0 + i for i, n in enumerate(["floor"] + [r.name for r in L.EVALUATE_RUNGS])})
     assert set(short["monotone"]["fd"]) == set(L.families()) and "noise_16" not in short["rungs"]
-    assert L.trustworthy(short, "fd") and L.blur_equivalent(short, "fd", 3.5) == (pytest.approx(1.25), "=")
+    # its blur rungs start at σ 1 (fd 2.0): fd 3.5 is halfway from σ 1.5 (3.0) to σ 2 (4.0)
+    assert L.trustworthy(short, "fd") and L.blur_equivalent(short, "fd", 3.5) == (pytest.approx(1.75), "=")
 
 
 # ---------------------------------------------------------------- real images, a trained yardstick
