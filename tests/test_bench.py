@@ -90,3 +90,14 @@ def test_gpu_results_page_is_generated():
 
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_report.py"), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_readme_demo_table_is_generated():
+    """README.md's demo table is what docs/demo_figures.json (a real run on a fresh clone) gives:
+    run `python3 scripts/demo_figures.py render` (or `measure` for new figures)."""
+    spec = importlib.util.spec_from_file_location("demo_figures", ROOT / "scripts" / "demo_figures.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    record = json.loads((ROOT / "docs" / "demo_figures.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    assert demo.readme_with(text, demo.render(record)) == text
