@@ -282,7 +282,7 @@ class FeaturesConfig(_Section):
     lr: float = Field(2e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     temperature: float = Field(0.2, gt=0.0)  # contrastive loss temperature
-    contrastive_weight: float = Field(1.0, ge=0.0, le=100.0)  # hybrid: loss = class CE + this × NT-Xent
+    contrastive_weight: float = Field(0.3, ge=0.0, le=100.0)  # hybrid: loss = class CE + this × NT-Xent
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -1,7 +1,7 @@
 """Stage ``features``: train the encoder that judges samples on ``data/prepared`` → ``models/features``.
 
-A classifier when the data are labelled, contrastive otherwise, or both (``hybrid``) when asked
-for (``features.mode``); see
+A classifier with a contrastive term (``hybrid``) when the data are labelled, contrastive
+otherwise (``features.mode``); see
 :mod:`arvision.features`. Also writes ``metrics/features_curve.csv`` (DVC plots).
 
 Bounded memory: a train split that fits a shuffle buffer

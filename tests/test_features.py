@@ -50,10 +50,11 @@ def images(prepared_root: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_resolve_mode():
-    assert resolve_mode("auto", np.array([0, 1, 1])) == "classifier"
+    assert resolve_mode("auto", np.array([0, 1, 1])) == "hybrid"
     assert resolve_mode("auto", np.array([-1, -1])) == "contrastive"
     assert resolve_mode("auto", np.array([2, 2, 2])) == "contrastive"  # one class: nothing to tell apart
     assert resolve_mode("contrastive", np.array([0, 1])) == "contrastive"
+    assert resolve_mode("classifier", np.array([0, 1])) == "classifier"
     with pytest.raises(UserError, match="needs labelled data"):
         resolve_mode("classifier", np.array([-1, -1]))
     assert resolve_mode("hybrid", np.array([0, 1])) == "hybrid"
@@ -65,7 +66,7 @@ def test_config_hybrid_and_contrastive_weight_bounds():
     from pydantic import ValidationError
 
     assert FeaturesConfig(mode="hybrid", contrastive_weight=0.5).contrastive_weight == 0.5
-    assert FeaturesConfig().contrastive_weight == 1.0 and FeaturesConfig(contrastive_weight=0).contrastive_weight == 0
+    assert FeaturesConfig().contrastive_weight == 0.3 and FeaturesConfig(contrastive_weight=0).contrastive_weight == 0
     for bad in (-0.1, 101):
         with pytest.raises(ValidationError):
             FeaturesConfig(contrastive_weight=bad)
@@ -106,7 +107,7 @@ def test_training_is_deterministic_on_cpu(images):
 
 def test_classifier_learns_and_round_trips(images, tmp_path):
     x, y = images
-    cfg = FeaturesConfig(width=16, dim=16, steps=100, batch_size=32, device="cpu")
+    cfg = FeaturesConfig(mode="classifier", width=16, dim=16, steps=100, batch_size=32, device="cpu")
     net, m, curve = train_features(x, y, x, y, cfg, seed=0, device="cpu")
     assert m["mode"] == "classifier" and m["num_classes"] == int(y.max()) + 1
     # on the images it was trained on (first 200 emoji by id: 64 % "People & Body"), above the
@@ -149,7 +150,7 @@ def test_stage_run_labelled(prepared_root):
     out = Paths(prepared_root).features
     assert (out / "weights.pt").is_file() and (out / "config.json").is_file()
     meta = json.loads((out / "config.json").read_text())
-    assert meta["mode"] == "classifier" and meta["class_names"]
+    assert meta["mode"] == "hybrid" and meta["class_names"]  # auto on labelled data
     assert metrics["classifier"] == 1 and 0 <= metrics["val_accuracy"] <= 1 and metrics["params"] > 0
     rows = _read_curve(Paths(prepared_root).metrics / "features_curve.csv")
     assert [int(r["step"]) for r in rows] == [10, 20] and {"loss", "lr", "accuracy"} <= set(rows[0])
