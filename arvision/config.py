@@ -274,7 +274,7 @@ class FeaturesConfig(_Section):
     """The image encoder that judges samples (stage ``features``): a classifier when the data
     are labelled, contrastive (SimCLR-style, on augmentations) otherwise."""
 
-    mode: Literal["auto", "classifier", "contrastive"] = "auto"  # auto: classifier iff labelled
+    mode: Literal["auto", "classifier", "contrastive", "hybrid"] = "auto"  # auto: classifier iff labelled; hybrid: class CE + NT-Xent
     width: int = Field(32, ge=8)  # channels of the first conv level
     dim: int = Field(128, ge=8)  # feature dimension
     steps: int = Field(400, ge=0)
@@ -282,6 +282,7 @@ class FeaturesConfig(_Section):
     lr: float = Field(2e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     temperature: float = Field(0.2, gt=0.0)  # contrastive loss temperature
+    contrastive_weight: float = Field(0.3, ge=0.0, le=100.0)  # hybrid: loss = class CE + this × NT-Xent
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

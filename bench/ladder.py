@@ -8,6 +8,7 @@ features settings) in a fresh root with a do-nothing tracker, then the yardstick
 ``score``. No tokenizer is trained, so the ladder has no reconstruction rung here.
 
     PYTHONPATH=. python bench/ladder.py --out bench/results/2026-12-02-ladder-cpu [--only emoji32 mnist]
+        [--features mode=hybrid contrastive_weight=1] [--seed 1]  # over params.yaml's
 
 Writes ``ladder.md`` (every metric at every rung, per data set; the monotone table) and
 ``ladder.json`` (the ladders as :func:`arvision.ladder.score_ladder` returns them).
@@ -37,7 +38,7 @@ DATASETS = {
 }
 
 
-def run_one(name: str, root: Path) -> dict:
+def run_one(name: str, root: Path, features_over: dict | None = None, seed: int | None = None) -> dict:
     import torch
 
     from arvision.config import parse_params
@@ -49,6 +50,9 @@ def run_one(name: str, root: Path) -> dict:
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["data"].update(DATASETS[name])
+    raw["features"].update(features_over or {})
+    if seed is not None:
+        raw["seed"] = seed
     params = parse_params(raw, "bench")
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -63,7 +67,8 @@ def run_one(name: str, root: Path) -> dict:
     ladder = score_ladder(yard, cfg.num_samples, cfg.seed)
     ladder.update({"data": {k: v for k, v in DATASETS[name].items() if k != "path"},
                    "n_val": len(yard.val_u8), "n_train": len(yard.train_u8),
-                   "features_val_accuracy": feats.get("val_accuracy"), "stage_seconds": round(t_stages, 1)})
+                   "features_val_accuracy": feats.get("val_accuracy"), "stage_seconds": round(t_stages, 1),
+                   "features": {k: v for k, v in raw["features"].items() if k in (features_over or {})}})
     print(f"{name}: stages {t_stages:.0f} s, ladder {ladder['seconds']} s", flush=True)
     return ladder
 
@@ -81,6 +86,7 @@ def markdown(ladders: dict[str, dict]) -> str:
     for name, lad in ladders.items():
         lines += [f"## {name}", "",
                   f"data {lad['data']}; {lad['n_train']} train, {lad['n_val']} val; {lad['n_images']} images a rung; "
+                  f"features {lad.get('features') or 'as in params.yaml'}; "
                   f"feature classifier val accuracy {lad['features_val_accuracy']}; prepare+features "
                   f"{lad['stage_seconds']} s, ladder {lad['seconds']} s ({lad.get('cpu_seconds', '?')} s CPU).", ""]
         lines += ladder_table(lad) + [""] + untrusted_lines(lad) + [""]
@@ -100,14 +106,19 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "2026-12-02-ladder-cpu"))
     ap.add_argument("--root", default="/tmp/arvision_ladder_bench")
     ap.add_argument("--only", nargs="*", default=list(DATASETS), choices=list(DATASETS))
+    ap.add_argument("--features", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="features settings over params.yaml's (values parsed as YAML)")
+    ap.add_argument("--seed", type=int, default=None, help="the project seed (default: params.yaml's)")
     args = ap.parse_args()
+    features_over = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.features)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # data sets measured by an earlier call into the same --out are kept (runs may be split)
     ladders: dict[str, dict] = json.loads((out / "ladder.json").read_text()) if (out / "ladder.json").exists() else {}
     for name in args.only:
-        ladders[name] = run_one(name, Path(args.root) / name)
-        (out / "ladder.json").write_text(json.dumps(ladders, indent=2))  # after each: a stopped run keeps what it measured
+        ladders[name] = run_one(name, Path(args.root) / name, features_over, args.seed)
+        # after each: a stopped run keeps what it measured
+        (out / "ladder.json").write_text(json.dumps(ladders, indent=2))
         (out / "ladder.md").write_text(markdown(ladders))
     print(markdown(ladders))
 

@@ -1,6 +1,7 @@
 """Stage ``features``: train the encoder that judges samples on ``data/prepared`` → ``models/features``.
 
-A classifier when the data are labelled, contrastive otherwise (``features.mode``); see
+A classifier with a contrastive term (``hybrid``) when the data are labelled, contrastive
+otherwise (``features.mode``); see
 :mod:`arvision.features`. Also writes ``metrics/features_curve.csv`` (DVC plots).
 
 Bounded memory: a train split that fits a shuffle buffer
@@ -62,7 +63,7 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         write_curve(paths.metrics / "features_curve.csv", curve)
     return {
         **{k: v for k, v in trained.items() if k.startswith("val_")},
-        "classifier": int(trained["mode"] == "classifier"),
+        "classifier": int(trained["num_classes"] > 0),  # a class head: classifier or hybrid
         "num_classes": trained["num_classes"],
         "final_loss": trained["final_loss"],
         "params": sum(p.numel() for p in net.parameters()),

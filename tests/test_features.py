@@ -15,6 +15,7 @@ import torch
 from arvision.config import DataConfig, FeaturesConfig, Params
 from arvision.data.prepare import prepare_dataset
 from arvision.errors import UserError
+from arvision.images import images_to_tensor
 from arvision.features import (
     FeatureNet,
     augment,
@@ -49,12 +50,28 @@ def images(prepared_root: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_resolve_mode():
-    assert resolve_mode("auto", np.array([0, 1, 1])) == "classifier"
+    assert resolve_mode("auto", np.array([0, 1, 1])) == "hybrid"
     assert resolve_mode("auto", np.array([-1, -1])) == "contrastive"
     assert resolve_mode("auto", np.array([2, 2, 2])) == "contrastive"  # one class: nothing to tell apart
     assert resolve_mode("contrastive", np.array([0, 1])) == "contrastive"
+    assert resolve_mode("classifier", np.array([0, 1])) == "classifier"
     with pytest.raises(UserError, match="needs labelled data"):
         resolve_mode("classifier", np.array([-1, -1]))
+    assert resolve_mode("hybrid", np.array([0, 1])) == "hybrid"
+    with pytest.raises(UserError, match="'hybrid' needs labelled data"):
+        resolve_mode("hybrid", np.array([-1, -1]))
+
+
+def test_config_hybrid_and_contrastive_weight_bounds():
+    from pydantic import ValidationError
+
+    assert FeaturesConfig(mode="hybrid", contrastive_weight=0.5).contrastive_weight == 0.5
+    assert FeaturesConfig().contrastive_weight == 0.3 and FeaturesConfig(contrastive_weight=0).contrastive_weight == 0
+    for bad in (-0.1, 101):
+        with pytest.raises(ValidationError):
+            FeaturesConfig(contrastive_weight=bad)
+    with pytest.raises(ValidationError):
+        FeaturesConfig(mode="hybird")
 
 
 def test_feature_net_shapes():
@@ -90,7 +107,7 @@ def test_training_is_deterministic_on_cpu(images):
 
 def test_classifier_learns_and_round_trips(images, tmp_path):
     x, y = images
-    cfg = FeaturesConfig(width=16, dim=16, steps=100, batch_size=32, device="cpu")
+    cfg = FeaturesConfig(mode="classifier", width=16, dim=16, steps=100, batch_size=32, device="cpu")
     net, m, curve = train_features(x, y, x, y, cfg, seed=0, device="cpu")
     assert m["mode"] == "classifier" and m["num_classes"] == int(y.max()) + 1
     # on the images it was trained on (first 200 emoji by id: 64 % "People & Body"), above the
@@ -133,7 +150,7 @@ def test_stage_run_labelled(prepared_root):
     out = Paths(prepared_root).features
     assert (out / "weights.pt").is_file() and (out / "config.json").is_file()
     meta = json.loads((out / "config.json").read_text())
-    assert meta["mode"] == "classifier" and meta["class_names"]
+    assert meta["mode"] == "hybrid" and meta["class_names"]  # auto on labelled data
     assert metrics["classifier"] == 1 and 0 <= metrics["val_accuracy"] <= 1 and metrics["params"] > 0
     rows = _read_curve(Paths(prepared_root).metrics / "features_curve.csv")
     assert [int(r["step"]) for r in rows] == [10, 20] and {"loss", "lr", "accuracy"} <= set(rows[0])
@@ -153,3 +170,40 @@ def test_stage_run_unlabelled(tmp_path):
     assert metrics["classifier"] == 0 and 0 <= metrics["val_retrieval_top1"] <= 1
     assert json.loads((Paths(tmp_path).features / "config.json").read_text())["mode"] == "contrastive"
     assert len(_read_curve(Paths(tmp_path).metrics / "features_curve.csv")) == 1
+
+
+def test_hybrid_trains_both_heads_and_round_trips(images, tmp_path):
+    """One trunk, a class head and a projection head: one hybrid step sends gradient to both
+    heads, a few steps train, and the saved net loads back with both heads."""
+    x, y = images
+    cfg = FeaturesConfig(mode="hybrid", width=8, dim=16, steps=10, batch_size=16, device="cpu")
+    net = FeatureNet(cfg, channels=3, num_classes=int(y.max()) + 1, projection=True)
+    assert net.mode == "hybrid" and net.proj is not None
+    g = torch.Generator().manual_seed(0)
+    xb, yb = images_to_tensor(x[:16]), torch.from_numpy(y[:16])
+    v1, v2 = net(augment(xb, g)), net(augment(xb, g))
+    from arvision.features import nt_xent
+
+    loss = torch.nn.functional.cross_entropy(net.head(v1), yb) + nt_xent(net.proj(v1), net.proj(v2), 0.2)
+    loss.backward()
+    for name, module in (("head", net.head), ("proj", net.proj), ("trunk", net.trunk)):
+        grads = [p.grad for p in module.parameters()]
+        assert all(gr is not None and gr.abs().sum() > 0 for gr in grads), name
+
+    trained, m, curve = train_features(x, y, x[:40], y[:40], cfg, seed=0, device="cpu")
+    assert m["mode"] == "hybrid" and m["num_classes"] == int(y.max()) + 1 and 0 <= m["val_accuracy"] <= 1
+    assert all(np.isfinite(r["loss"]) for r in curve) and "accuracy" in curve[0]
+    assert trained.project(torch.zeros(2, 3, 16, 16)).shape == (2, 16)
+    save_features(trained, tmp_path / "h", {"resolution": 16})
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["mode"] == "hybrid"
+    back = load_features(tmp_path / "h")
+    assert back.mode == "hybrid"
+    np.testing.assert_allclose(embed(back, x[:20]), embed(trained, x[:20]), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(classify(back, x[:20]), classify(trained, x[:20]))
+
+
+def test_classifier_has_no_projection():
+    net = FeatureNet(TINY, channels=3, num_classes=4)
+    assert net.mode == "classifier" and net.proj is None and "proj.0.weight" not in net.state_dict()
+    with pytest.raises(ValueError, match="no projection head"):
+        net.project(torch.zeros(2, 3, 16, 16))
