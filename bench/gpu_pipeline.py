@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -49,20 +48,9 @@ def main() -> None:
     from stages import evaluate, features, prepare, prior, tokenizer, tokens
     from stages.common import Paths
 
-    from arvision.presets import _merge, read_preset
+    from gpu_smoke import gpu_params, parse_sets  # bench/gpu_smoke.py: the one GPU setup of the benches
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for preset in args.config:
-        raw = _merge(raw, read_preset(Path(preset)))
-    raw["tokenizer"]["device"] = raw["tokens"]["device"] = raw["evaluate"]["device"] = raw["features"]["device"] = "cuda"
-    raw["ray"]["use_gpu"] = True
-    raw["ray"]["cpus_per_worker"] = 4
-    if raw["data"]["source"] == "emoji":
-        raw["data"]["path"] = str(REPO / "arvision" / "data" / "emoji")
-    for item in args.set:
-        key, value = item.split("=", 1)
-        section, name = key.split(".")
-        raw[section][name] = yaml.safe_load(value)
+    raw = gpu_params(parse_sets(args.set), presets=args.config)
     params = parse_params(raw, "bench")
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)

@@ -47,20 +47,31 @@ RECIPE_TOKENIZER = dict(hflip=True, adv_weight=0.5, perceptual="msssim", percept
 RECIPE = dict(tokens=dict(hflip=True, crops=1), prior=dict(dropout=0.1, drop_path=0.1))
 
 
-def gpu_params(overrides: dict[str, dict] | None = None, *, data_path: Path | None = None) -> dict:
-    """The demo ``params.yaml`` on one GPU: every stage on CUDA, the prior on one GPU worker,
-    then ``overrides`` (section -> {key: value}) merged in."""
+def gpu_params(overrides: dict[str, dict] | None = None, *, presets: list[str] = ()) -> dict:
+    """``params.yaml`` with ``presets`` applied (as ``arvision run --config`` does), then on one
+    GPU: every stage on CUDA, the prior on one GPU worker (4 CPUs), the shipped emoji set found
+    from anywhere; then ``overrides`` (section -> {key: value}) merged in."""
+    from arvision.presets import _merge, read_preset
+
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for preset in presets:
+        raw = _merge(raw, read_preset(Path(preset)))
     for sec in ("tokenizer", "tokens", "evaluate", "features"):
         raw[sec]["device"] = "cuda"
     raw["ray"].update(use_gpu=True, cpus_per_worker=4)
-    raw["data"]["path"] = str(data_path or REPO / "arvision" / "data" / "emoji")
-    for sec, values in (overrides or {}).items():
-        if isinstance(values, dict):
-            raw.setdefault(sec, {}).update(values)
-        else:
-            raw[sec] = values
-    return raw
+    if raw["data"]["source"] == "emoji":
+        raw["data"]["path"] = str(REPO / "arvision" / "data" / "emoji")
+    return _merge(raw, overrides or {})
+
+
+def parse_sets(items: list[str]) -> dict[str, dict]:
+    """``--set section.key=value ...`` (values as YAML) → {section: {key: value}}."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        sec, name = key.split(".")
+        out.setdefault(sec, {})[name] = yaml.safe_load(value)
+    return out
 
 
 def main() -> None:
@@ -76,6 +87,7 @@ def main() -> None:
     import torch
 
     from arvision.config import parse_params
+    from arvision.presets import _merge
     from arvision.tracking import NullTracker
     from stages import evaluate, features, prepare, prior, tokenizer, tokens
     from stages.common import Paths
@@ -89,10 +101,7 @@ def main() -> None:
         features=dict(steps=n),
         evaluate=dict(num_samples=64, samples_per_class=2),
     )
-    for item in args.set:
-        key, value = item.split("=", 1)
-        sec, name = key.split(".")
-        common.setdefault(sec, {})[name] = yaml.safe_load(value)
+    common = _merge(common, parse_sets(args.set))
 
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)

@@ -43,7 +43,7 @@ from arvision.config import PriorConfig  # noqa: E402
 from provenance import git_commit  # noqa: E402  (bench/provenance.py)
 from arvision.priors import build_prior  # noqa: E402
 from arvision.priors.var import StandInScaleTokenizer  # noqa: E402
-from arvision.train.loop import train_prior  # noqa: E402
+from arvision.train.loop import steady_tokens_per_s, train_prior  # noqa: E402
 
 SCHEMA = 1
 GROUPS = ("matmul", "check", "gpt_train", "gpt_sample", "var_train", "var_sample", "profile")
@@ -163,8 +163,7 @@ def measure_training(model, batch: int, seq: int, vocab: int, device, compile_mo
     train_prior(model, batches(), cfg, device=device, progress=False,
                 on_log=lambda s, m: (logs.append(m), log(f"      step {s}: {m['tokens_per_s']:.0f} tok/s loss {m['loss']:.3f}")))
     total = time.perf_counter() - t0
-    tps = sorted(m["tokens_per_s"] for m in logs[1:]) or [logs[-1]["tokens_per_s"]]
-    med = tps[len(tps) // 2]  # the first window holds warm-up / compilation
+    med = steady_tokens_per_s(logs)  # the first window holds warm-up / compilation
     out = {"tokens_per_s": med, "step_ms": 1e3 * batch * seq / med, "total_s": round(total, 1),
            "compile": compile_mode or "eager", "batch": batch, "steps": steps}
     if device.type == "cuda":

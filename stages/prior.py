@@ -24,7 +24,7 @@ from arvision.config import Params
 from arvision.priors import build_prior, save_prior
 from arvision.tokenizers import load_tokenizer
 from arvision.tracking import Tracker, tracking_uri
-from arvision.train.loop import final_weights, kept_weights
+from arvision.train.loop import final_weights, kept_weights, steady_tokens_per_s
 from arvision.cluster import TrainRun
 from arvision.train.ray import fit_prior
 from stages.common import Paths, atomic_dir, read_json, stage_main, write_curve
@@ -101,9 +101,8 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         "stopped_early": int(bool(state.get("stopped_early", False))),
         "seq_len": sum(int(torch.tensor(x).prod()) for x in meta["layout"]),
     }
-    rates = [float(r["tokens_per_s"]) for r in curve[1:] if "tokens_per_s" in r]  # the first window holds compile and warm-up
-    if rates:
-        metrics["tokens_per_s"] = float(sorted(rates)[len(rates) // 2])  # steady state: the median log window
+    if len(curve) > 1:  # the first window holds compile and warm-up: a one-window run has no steady state
+        metrics["tokens_per_s"] = steady_tokens_per_s(curve)
     if val_curve:
         metrics.update(val_loss_best=float(state["best_val_loss"]), val_loss_last=float(val_curve[-1][1]),
                        best_step=int(state["best_step"]))

@@ -17,6 +17,7 @@ from arvision.config import FeaturesConfig
 from arvision.data.prepare import normalise
 from arvision.features import train_features
 from arvision.judge import Yardstick
+from tests.test_sample_metrics import _IdentityTokenizer  # a lossless tokenizer: reconstructions = the images
 
 EMOJI = Path(__file__).resolve().parents[1] / "arvision" / "data" / "emoji" / "emoji.parquet"
 RES, CLASSES = 16, 9
@@ -126,16 +127,6 @@ def yard_held():
     yard = Yardstick(net=net, device=torch.device("cpu"), val_u8=vx, val_labels=vy, train_u8=tx, train_labels=ty,
                      batch_size=64)
     return yard, data["held"]
-
-
-class _IdentityTokenizer:
-    """codes = the images: a lossless tokenizer, whose reconstructions are the images."""
-
-    def encode(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        return x_BCHW
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes
 
 
 def test_rung0_is_the_floor_and_blobs_are_far_from_it(yard_held):

@@ -90,6 +90,15 @@ def compile_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def steady_tokens_per_s(logs: list[dict[str, Any]]) -> float | None:
+    """The training's steady-state rate: the median ``tokens_per_s`` of its log windows after the
+    first (which holds warm-up and compilation); the only window's when there is one; None
+    without any. What the prior stage reports and ``bench/prior.py`` compares it with."""
+    rates = [float(m["tokens_per_s"]) for m in logs if "tokens_per_s" in m]
+    pick = sorted(rates[1:] or rates)
+    return pick[len(pick) // 2] if pick else None
+
+
 def use_compile(setting: bool | str, device: torch.device) -> bool:
     """Whether ``prior.compile`` (``"auto"``, true, false) compiles on ``device``: ``"auto"``
     compiles on CUDA, where the fused blocks and loss pay for their compile within the first
