@@ -32,6 +32,18 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
+ARTIFACTS = ("reports/samples.png", "reports/memorisation.png", "reports/curves.png", "reports/report.md",
+             "models/tokenizer/recon.png", "metrics/prior_val_curve.csv", "metrics/tokenizer.json", "metrics/eval.json")
+
+
+def copy_artifacts(root: Path, out: Path, tag: str) -> None:
+    """The grids, curves and reports written so far, as ``<tag>_<folder>_<name>`` under ``out``."""
+    for rel in ARTIFACTS:
+        f = root / rel
+        if f.exists():
+            shutil.copy(f, out / f"{tag}_{f.parent.name}_{f.name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/arvision_gpu_run")
@@ -56,19 +68,22 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     paths = Paths(root)
-    print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    cuda = torch.cuda.is_available()  # False: a dry run of the bench on CPU (with --set ...device=cpu)
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} torch {torch.__version__}", flush=True)
     results: dict[str, dict] = {}
     for name, mod in [("prepare", prepare), ("tokenizer", tokenizer), ("features", features), ("tokens", tokens),
                       ("prior", prior), ("evaluate", evaluate)]:
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         metrics = mod.run(params, paths, NullTracker())
         secs = time.perf_counter() - t0
-        results[name] = {"seconds": round(secs, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        results[name] = {"seconds": round(secs, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                          **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         print(f"{name}: {secs:.1f} s {json.dumps(results[name])}", flush=True)
         if args.out:  # after every stage: a run stopped at its time limit still leaves what it measured
             Path(args.out).mkdir(parents=True, exist_ok=True)
+            copy_artifacts(root, Path(args.out), args.tag)
             (Path(args.out) / f"{args.tag}_pipeline.json").write_text(json.dumps(
                 {"argv": sys.argv[1:], "total_s": sum(v["seconds"] for v in results.values()),
                  "params": params.model_dump(mode="json"), "stages": results}, indent=2))
@@ -84,11 +99,6 @@ def main() -> None:
         total = sum(v["seconds"] for v in results.values())
         (out / f"{args.tag}_pipeline.md").write_text(f"{' '.join(sys.argv[1:])}\n\ntotal {total:.0f} s\n\n{report}\n")
         (out / f"{args.tag}_pipeline.json").write_text(json.dumps({"argv": sys.argv[1:], "total_s": total, "params": params.model_dump(mode="json"), "stages": results}, indent=2))
-        for f in [root / "reports" / "samples.png", root / "reports" / "memorisation.png", root / "reports" / "curves.png",
-                  root / "reports" / "report.md", root / "models" / "tokenizer" / "recon.png",
-                  root / "metrics" / "prior_val_curve.csv"]:
-            if f.exists():
-                shutil.copy(f, out / f"{args.tag}_{f.parent.name}_{f.name}")
 
 
 if __name__ == "__main__":

@@ -52,19 +52,56 @@ def smoke_section() -> list[str]:
     return out
 
 
+def _data_name(params: dict) -> str:
+    data = params.get("data", {})
+    src, path = data.get("source", "?"), str(data.get("path") or "")
+    name = Path(path).name if path else src
+    return f"{name} {data.get('resolution', '?')}²"
+
+
+def _goals(stages: dict) -> str:
+    """The issue's bar per run: FD within 2x the floor, copy rate under 5%, the best val step
+    in the last third of the steps run."""
+    ev, pr = stages.get("evaluate", {}), stages.get("prior", {})
+    if "fd" not in ev:
+        return "—"
+    marks = []
+    ratio = ev["fd"] / ev["floor_fd"] if ev.get("floor_fd") else None
+    marks.append(f"FD {ratio:.1f}x floor " + ("✓" if ratio is not None and ratio <= 2 else "✗") if ratio else "FD ?")
+    if "copy_rate" in ev:
+        marks.append(f"copies {100 * ev['copy_rate']:.1f}% " + ("✓" if ev["copy_rate"] < 0.05 else "✗"))
+    steps_run = pr.get("steps_run", pr.get("steps"))
+    if pr.get("best_step") is not None and steps_run:
+        marks.append(f"best step {pr['best_step']}/{steps_run} " + ("✓" if pr["best_step"] >= 2 * steps_run / 3 else "✗"))
+    return ", ".join(marks)
+
+
+def _runs() -> list[Path]:
+    files = sorted(RESULTS.glob("*/*_pipeline.json")) + sorted(RESULTS.glob("*/*/*_pipeline.json"))
+    files = [f for f in files if "stages" in json.loads(f.read_text())]
+    folder = lambda f: f.parent.name if f.parent.parent == RESULTS else f.parent.parent.name  # noqa: E731
+    return sorted(files, key=lambda f: (folder(f), f.name), reverse=True)
+
+
 def preset_section() -> list[str]:
-    out = ["## One-GPU presets (`bench/gpu_pipeline.py --config configs/gpu/…`)", "",
-           "A stage missing from a row did not finish inside the run's time limit.", ""]
-    runs = [f for f in sorted(RESULTS.glob("*/*_pipeline.json"), reverse=True) if "stages" in json.loads(f.read_text())]
-    out += ["| result folder | preset | stages done | seconds | " + " | ".join(lbl for _, _, lbl in PRESET_FIGURES) + " |",
-            "| --- | --- | --- | --- | " + " | ".join("---" for _ in PRESET_FIGURES) + " |"]
-    for f in runs:
+    out = ["## One-GPU presets (`bench/gpu_pipeline.py --config configs/gpu/…`, `bench/gpu_matrix.py`)", "",
+           "A stage missing from a row did not finish inside the run's time limit. Runs of one",
+           "`bench/gpu_matrix.py` call shared the GPU (`parallel` in the folder's `matrix.json`): their",
+           "seconds are longer than a run alone. Goals: FD within 2x the floor, copy rate under 5%,",
+           "the best val step in the last third of the steps run.", ""]
+    out += ["| result folder | run | data | preset | stages done | seconds | goals | "
+            + " | ".join(lbl for _, _, lbl in PRESET_FIGURES) + " |",
+            "| --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in PRESET_FIGURES) + " |"]
+    for f in _runs():
         d = json.loads(f.read_text())
         stages = d.get("stages", {})
         argv = d.get("argv", [])
-        preset = argv[argv.index("--config") + 1] if "--config" in argv else "(params.yaml)"
+        presets = [Path(argv[i + 1]).name for i, a in enumerate(argv) if a == "--config"]
+        tag = argv[argv.index("--tag") + 1] if "--tag" in argv else "—"
+        folder = f.parent.name if f.parent.parent == RESULTS else f"{f.parent.parent.name}/{f.parent.name}"
         figs = [_fmt(stages.get(st, {}).get(m)) for st, m, _ in PRESET_FIGURES]
-        out.append(f"| {f.parent.name} | `{preset}` | {', '.join(stages)} | {_fmt(d.get('total_s'))} | " + " | ".join(figs) + " |")
+        out.append(f"| {folder} | {tag} | {_data_name(d.get('params', {}))} | `{', '.join(presets) or 'params.yaml'}` | "
+                   f"{', '.join(stages)} | {_fmt(d.get('total_s'))} | {_goals(stages)} | " + " | ".join(figs) + " |")
     out.append("")
     return out
 

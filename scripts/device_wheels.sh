@@ -21,7 +21,10 @@ with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED
         # (Java jars, RLlib, Serve, LLM, the dashboard's web client)
         if item.filename.startswith(("ray/jars/", "ray/rllib/", "ray/serve/", "ray/llm/", "ray/dashboard/client/")):
             continue
-        zout.writestr(item, zin.read(item.filename))
+        # the large binaries (gcs_server, raylet, _raylet.so) LZMA-compressed: 40 -> 30 MiB;
+        # pip installs such a wheel (zipfile reads LZMA members)
+        zout.writestr(item, zin.read(item.filename),
+                      compress_type=zipfile.ZIP_LZMA if item.file_size > 1 << 20 else zipfile.ZIP_DEFLATED)
 os.replace(dst, src)
 PY
 du -sh .whl

@@ -10,7 +10,7 @@ whose pixels equal an earlier one's. The pipeline never needs the font: it reads
 Needs (Debian): ``apt-get install fonts-noto-color-emoji unicode-data`` and a Pillow built
 with raqm (``PIL.features.check('raqm')``; Debian's ``libraqm0`` provides it).
 
-    python scripts/make_emoji.py [--out arvision/data/emoji/emoji.parquet]
+    python scripts/make_emoji.py [--out arvision/data/emoji/emoji.parquet] [--side 32]
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def parse_emoji_test(path: str) -> tuple[list[str], list[tuple[str, str, int]]]:
     return groups, rows
 
 
-def render(text: str, font: ImageFont.FreeTypeFont) -> Image.Image | None:
-    """One emoji → 32×32 RGB on white; None when the font does not draw it as one glyph."""
+def render(text: str, font: ImageFont.FreeTypeFont, side_px: int = SIDE) -> Image.Image | None:
+    """One emoji → ``side_px``² RGB on white; None when the font does not draw it as one glyph."""
     single = font.getlength("\U0001F600")  # advance of one glyph
     if font.getlength(text) > 1.5 * single:  # shaped into several glyphs: not one emoji image
         return None
@@ -77,12 +77,15 @@ def render(text: str, font: ImageFont.FreeTypeFont) -> Image.Image | None:
     side = max(w, h)
     square = Image.new("RGB", (side, side), (255, 255, 255))
     square.paste(glyph, ((side - w) // 2, (side - h) // 2))
-    return square.resize((SIDE, SIDE), Image.Resampling.LANCZOS, reducing_gap=None)
+    return square.resize((side_px, side_px), Image.Resampling.LANCZOS, reducing_gap=None)
 
 
-def png_bytes(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image, fmt: str = "png") -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)  # no metadata chunks; deterministic for a given zlib
+    if fmt == "webp":  # lossless, about 3/4 of the PNG's size at 64x64
+        img.save(buf, format="WEBP", lossless=True, method=6)
+    else:
+        img.save(buf, format="PNG", optimize=True)  # no metadata chunks; deterministic for a given zlib
     return buf.getvalue()
 
 
@@ -91,6 +94,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "arvision/data/emoji/emoji.parquet"))
     ap.add_argument("--font", default=FONT)
     ap.add_argument("--emoji-test", default=EMOJI_TEST)
+    ap.add_argument("--side", type=int, default=SIDE,
+                    help="output resolution (the shipped set: 32; `--side 64 --out data/emoji64/emoji.parquet` for 64x64)")
+    ap.add_argument("--format", choices=("png", "webp"), default="png", help="image bytes: PNG, or lossless WebP (smaller)")
     args = ap.parse_args()
     for path, pkg in ((args.font, "fonts-noto-color-emoji"), (args.emoji_test, "unicode-data")):
         if not Path(path).exists():
@@ -105,7 +111,7 @@ def main() -> None:
     dropped_shape = dropped_dup = 0
     # rows stay in emoji-test.txt order (Unicode's own, grouped): deterministic
     for cps, name, label in rows:
-        img = render("".join(chr(int(c, 16)) for c in cps.split()), font)
+        img = render("".join(chr(int(c, 16)) for c in cps.split()), font, args.side)
         if img is None:
             dropped_shape += 1
             continue
@@ -114,7 +120,7 @@ def main() -> None:
             dropped_dup += 1
             continue
         seen.add(key)
-        out["image"].append(png_bytes(img))
+        out["image"].append(png_bytes(img, args.format))
         out["label"].append(label)
         out["name"].append(name)
         out["codepoints"].append(cps)
@@ -122,7 +128,7 @@ def main() -> None:
     meta = {
         "arvision.class_names": json.dumps(groups),
         "arvision.source": "Noto Color Emoji (Apache-2.0), rendered by scripts/make_emoji.py",
-        "arvision.resolution": str(SIDE),
+        "arvision.resolution": str(args.side),
     }
     schema = pa.schema(
         [("image", pa.binary()), ("label", pa.int32()), ("name", pa.string()), ("codepoints", pa.string())],

@@ -258,13 +258,18 @@ class DropPath(nn.Module):
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = float(p)
+        # the rate as a tensor too: blocks differ only in it, so torch.compile's one graph serves
+        # every block (a Python float is a constant that Dynamo specialises on: one recompile a
+        # block, and past its recompile limit the later blocks ran eager)
+        self.register_buffer("rate", torch.tensor(self.p), persistent=False)
 
     def forward(self, x_BLC: Tensor) -> Tensor:
         if not self.training or self.p <= 0.0:
             return x_BLC
-        keep = 1.0 - self.p
-        mask_B11 = x_BLC.new_empty((x_BLC.shape[0],) + (1,) * (x_BLC.dim() - 1)).bernoulli_(keep)
-        return x_BLC * mask_B11.div_(keep)
+        keep = 1.0 - self.rate
+        shape = (x_BLC.shape[0],) + (1,) * (x_BLC.dim() - 1)
+        mask_B11 = (torch.rand(shape, device=x_BLC.device) < keep).to(x_BLC.dtype)
+        return x_BLC * (mask_B11 / keep).to(x_BLC.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}"
