@@ -14,7 +14,9 @@ A matrix file (YAML) lists runs; each is a tag, the presets it applies and ``--s
 Up to ``--parallel`` runs share the GPU (small models leave most of it idle; separate
 processes, each with its own local Ray instance and output root). A run still going at
 ``--deadline-s`` is stopped (its whole process group) and keeps what it wrote after each stage.
-Everything a run wrote goes under ``--out/<tag>/``; ``matrix.json`` says per run its exit
+A run with ``seed: <tag>`` starts when that run has finished, from its outputs (e.g. one
+``prepare`` and ``features`` per data set, shared by every family trained on it: the seed run
+says ``stages: [prepare, features]``). Everything a run wrote goes under ``--out/<tag>/``; ``matrix.json`` says per run its exit
 status, seconds and the stages it finished. With ``--tar``, the result is one
 ``matrix.tar.gz`` under ``--out`` (the device tool brings back few files).
 """
@@ -38,6 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load(path: Path, only: set[str]) -> list[dict]:
     runs = yaml.safe_load(path.read_text())["runs"]
+    # a run that seeds another comes along when only the other is asked for
+    seeds = {r["seed"] for r in runs if r.get("seed") and (not only or r["tag"] in only)}
+    only = only | seeds if only else only
     tags = [r["tag"] for r in runs]
     if len(set(tags)) != len(tags):
         sys.exit(f"{path}: tags repeat: {sorted({t for t in tags if tags.count(t) > 1})}")
@@ -50,6 +55,10 @@ def load(path: Path, only: set[str]) -> list[dict]:
 def command(run: dict, out: Path, root: Path, extra: list[str] = ()) -> list[str]:
     cmd = [sys.executable, str(REPO / "bench" / "gpu_pipeline.py"), "--root", str(root / run["tag"]),
            "--out", str(out / run["tag"]), "--tag", run["tag"]]
+    if run.get("stages"):
+        cmd += ["--stages", ",".join(run["stages"])]
+    if run.get("seed"):
+        cmd += ["--seed", str(root / run["seed"])]
     for c in run.get("config", []):
         cmd += ["--config", str(REPO / c)]
     if run.get("set"):  # a relative data.path is the repository's (the runs' roots are elsewhere)
@@ -79,7 +88,14 @@ def main() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     while pending or live:
         while pending and len(live) < args.parallel:
-            run = pending.pop(0)
+            ready = [r for r in pending if not r.get("seed") or done.get(r["seed"], {}).get("status") == "ok"]
+            for r in [r for r in pending if r.get("seed") and r["seed"] in done and done[r["seed"]]["status"] != "ok"]:
+                pending.remove(r)
+                done[r["tag"]] = {"status": f"not started: its seed {r['seed']} did not finish", "seconds": 0, "stages": []}
+            if not ready:
+                break
+            run = ready[0]
+            pending.remove(run)
             (args.out / run["tag"]).mkdir(parents=True, exist_ok=True)
             log = open(args.out / run["tag"] / "log.txt", "w")
             proc = subprocess.Popen(command(run, args.out, args.root, args.set), stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -36,6 +36,9 @@ ARTIFACTS = ("reports/samples.png", "reports/memorisation.png", "reports/curves.
              "models/tokenizer/recon.png", "metrics/prior_val_curve.csv", "metrics/tokenizer.json", "metrics/eval.json")
 
 
+STAGES = ("prepare", "tokenizer", "features", "tokens", "prior", "evaluate")
+
+
 def copy_artifacts(root: Path, out: Path, tag: str) -> None:
     """The grids, curves and reports written so far, as ``<tag>_<folder>_<name>`` under ``out``."""
     for rel in ARTIFACTS:
@@ -51,6 +54,9 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="overrides like prior.steps=2000")
     ap.add_argument("--config", action="append", default=[], help="a preset applied over params.yaml first (repeatable)")
     ap.add_argument("--tag", default="gpu", help="prefix of the files written under --out")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma list: run only these (in the pipeline's order)")
+    ap.add_argument("--seed", help="another run's --root: start from its outputs (e.g. its prepare and features) and "
+                                   "report its figures for the stages it ran")
     args = ap.parse_args()
 
     import torch
@@ -66,13 +72,22 @@ def main() -> None:
     params = parse_params(raw, "bench")
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+    results: dict[str, dict] = {}
+    if args.seed:  # the seed's outputs and figures: its stages are not run again
+        shutil.copytree(args.seed, root, symlinks=True)
+        results = {k: {**v, "from": Path(args.seed).name} for k, v in json.loads((root / "stages.json").read_text()).items()}
+    root.mkdir(parents=True, exist_ok=True)
+    wanted = [s for s in args.stages.split(",") if s]
+    unknown = set(wanted) - set(STAGES)
+    if unknown:
+        sys.exit(f"--stages: unknown {', '.join(sorted(unknown))}; allowed: {', '.join(STAGES)}")
     paths = Paths(root)
     cuda = torch.cuda.is_available()  # False: a dry run of the bench on CPU (with --set ...device=cpu)
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} torch {torch.__version__}", flush=True)
-    results: dict[str, dict] = {}
     for name, mod in [("prepare", prepare), ("tokenizer", tokenizer), ("features", features), ("tokens", tokens),
                       ("prior", prior), ("evaluate", evaluate)]:
+        if name not in wanted or name in results:
+            continue
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -81,6 +96,7 @@ def main() -> None:
         results[name] = {"seconds": round(secs, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                          **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         print(f"{name}: {secs:.1f} s {json.dumps(results[name])}", flush=True)
+        (root / "stages.json").write_text(json.dumps(results))
         if args.out:  # after every stage: a run stopped at its time limit still leaves what it measured
             Path(args.out).mkdir(parents=True, exist_ok=True)
             copy_artifacts(root, Path(args.out), args.tag)

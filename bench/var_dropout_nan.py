@@ -78,7 +78,10 @@ def train_check(device: torch.device, how: str, steps: int) -> dict:
     torch.manual_seed(0)
     cfg = prior_config("var", "d8", compile_mode="regional", steps=steps, batch_size=64, log_every=5,
                        dropout=0.1, drop_path=0.1, lr=5e-4, warmup_steps=20)
-    model = build_prior(cfg, vocab_size=1024, layout=[(s, s) for s in SCALES], num_classes=64).to(device)
+    from arvision.priors.var import StandInScaleTokenizer
+
+    tok = StandInScaleTokenizer(1024, 32, list(SCALES)).to(device)
+    model = build_prior(cfg, vocab_size=1024, layout=[(s, s) for s in SCALES], num_classes=64, tokenizer=tok).to(device)
     VARAttention.masked_dropout = how
     g = torch.Generator(device=device).manual_seed(0)
     pool = [(torch.randint(0, 1024, (64, model.seq_len), device=device, generator=g),
@@ -115,9 +118,10 @@ def main() -> None:
 
     probe = var_model(device, size="d8", vocab=1024, scales=SCALES, num_classes=64)
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "op": op_check(device, probe.split_plan()) if device.type == "cuda" else [],
-           "train": [train_check(device, how, args.steps) for how in ("sdpa", "explicit")]}
+           "op": op_check(device, probe.split_plan()) if device.type == "cuda" else []}
+    print(json.dumps(res["op"], indent=1), flush=True)
     del probe
+    res["train"] = [train_check(device, how, args.steps) for how in ("sdpa", "explicit")]
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
