@@ -6,11 +6,15 @@ VAR's split attention (``VAR.split_plan``) sends the small scales through one SD
 mask*; with ``dropout_p > 0`` that call takes a fused kernel that accepts both. This runs:
 
 1. **the op alone**: that masked call's shape, forward and backward with dropout 0.1, under each
-   SDPA backend and the written-out softmax (``VARAttention.masked_dropout = "explicit"``):
-   whether the gradients are finite;
+   SDPA backend and a written-out softmax: whether the gradients are finite;
 2. **the training loop**: var d8 at the preset's scales, dropout and drop-path 0.1, ``--steps``
-   steps on random codes with the real ``train_prior`` (compiled), with ``masked_dropout`` =
-   ``"sdpa"`` (before) and ``"explicit"`` (after): the step it diverged at, or the final loss.
+   steps on random codes with the real ``train_prior`` (compiled): the step it diverged at, or
+   the final loss.
+
+Seen on an H200 (bench/results/2026-12-02-presets-emoji/var_dropout_nan.json): every backend's
+gradients finite, and 60 steps trained without a NaN: the pipeline's NaN is *not* reproduced
+by the op or the model alone (it needs the stage's real codes, or more steps); the scale-64
+preset keeps dropout and drop-path at 0 until it is.
 
     PYTHONPATH=. python3 bench/var_dropout_nan.py --out $OUT/var_dropout_nan.json
 """
@@ -30,7 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from arvision.priors.var import VARAttention  # noqa: E402
 from arvision.train.loop import TrainingDiverged, train_prior  # noqa: E402
 
 SCALES = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -55,8 +58,8 @@ def op_check(device: torch.device, plan, heads: int = 8, head_dim: int = 64, bat
         row = {"backend": name, "q_len": qe - qs, "k_len": qe}
         try:
             if name == "explicit":
-                att = VARAttention(heads * head_dim, heads, dropout=0.1).to(device)
-                y = att._attend(q, k, v, m, 0.1)
+                scores = (q @ k.transpose(-2, -1)).float().masked_fill(~m, float("-inf"))
+                y = F.dropout(scores.softmax(-1), p=0.1).type_as(v) @ v
             else:
                 ctx = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                        "math": SDPBackend.MATH}[name]
@@ -71,7 +74,7 @@ def op_check(device: torch.device, plan, heads: int = 8, head_dim: int = 64, bat
     return out
 
 
-def train_check(device: torch.device, how: str, steps: int) -> dict:
+def train_check(device: torch.device, steps: int) -> dict:
     from arvision.priors import build_prior
     from prior import prior_config  # bench/prior.py
 
@@ -82,7 +85,6 @@ def train_check(device: torch.device, how: str, steps: int) -> dict:
 
     tok = StandInScaleTokenizer(1024, 32, list(SCALES)).to(device)
     model = build_prior(cfg, vocab_size=1024, layout=[(s, s) for s in SCALES], num_classes=64, tokenizer=tok).to(device)
-    VARAttention.masked_dropout = how
     g = torch.Generator(device=device).manual_seed(0)
     pool = [(torch.randint(0, 1024, (64, model.seq_len), device=device, generator=g),
              torch.randint(0, 64, (64,), device=device, generator=g)) for _ in range(8)]
@@ -95,14 +97,12 @@ def train_check(device: torch.device, how: str, steps: int) -> dict:
 
     logs: list[dict] = []
     t0 = time.perf_counter()
-    row = {"masked_dropout": how, "steps": steps}
+    row = {"dropout": 0.1, "drop_path": 0.1, "steps": steps}
     try:
         train_prior(model, batches(), cfg, device=device, progress=False, on_log=lambda s, m: logs.append({"step": s, **m}))
         row["final_loss"] = logs[-1]["loss"] if logs else None
     except TrainingDiverged as e:
         row["diverged"] = str(e).splitlines()[0]
-    finally:
-        VARAttention.masked_dropout = "explicit"
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["losses"] = [(m["step"], round(m["loss"], 4)) for m in logs]
     return row
@@ -121,7 +121,7 @@ def main() -> None:
            "op": op_check(device, probe.split_plan()) if device.type == "cuda" else []}
     print(json.dumps(res["op"], indent=1), flush=True)
     del probe
-    res["train"] = [train_check(device, how, args.steps) for how in ("sdpa", "explicit")]
+    res["train"] = [train_check(device, args.steps)]
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

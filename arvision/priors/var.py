@@ -50,21 +50,6 @@ class VARAttention(nn.Module):
         self.k_cache: Tensor | None = None
         self.v_cache: Tensor | None = None
 
-    #: attention with a mask *and* dropout: ``"explicit"`` (softmax written out) or ``"sdpa"``.
-    #: On CUDA (H200, torch 2.11, bf16) SDPA's fused kernels for that combination gave NaN
-    #: gradients within ten steps (``bench/var_dropout_nan.py`` reproduces it); the masked part
-    #: is the few small scales (a hundred-odd queries), so writing it out costs next to nothing.
-    #: Unmasked calls and dropout 0 always take SDPA's fused kernels.
-    masked_dropout = "explicit"
-
-    def _attend(self, q_BHqD: Tensor, k_BHkD: Tensor, v_BHkD: Tensor, mask: Tensor | None, p: float) -> Tensor:
-        if mask is None or p == 0.0 or self.masked_dropout == "sdpa":
-            return F.scaled_dot_product_attention(q_BHqD, k_BHkD, v_BHkD, attn_mask=mask, dropout_p=p, scale=1.0)
-        scores_BHqk = (q_BHqD @ k_BHkD.transpose(-2, -1)).float()  # scale 1: the temperature is in q
-        scores_BHqk = scores_BHqk.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores_BHqk + mask
-        attn_BHqk = F.dropout(scores_BHqk.softmax(dim=-1), p=p, training=True).type_as(v_BHkD)
-        return attn_BHqk @ v_BHkD
-
     def forward(self, x_BlC: Tensor, mask: Any = None, cache_span: tuple[int, int] | None = None) -> Tensor:
         B, l, C = x_BlC.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
@@ -81,11 +66,14 @@ class VARAttention(nn.Module):
         elif isinstance(mask, list):  # split block-causal: see VAR.split_plan
             p = self.attn_dropout if self.training else 0.0
             y = torch.cat([
-                self._attend(q_BHlD[:, :, qs:qe], k_BHlD[:, :, :qe], v_BHlD[:, :, :qe], m, p) for qs, qe, m in mask
+                F.scaled_dot_product_attention(
+                    q_BHlD[:, :, qs:qe], k_BHlD[:, :, :qe], v_BHlD[:, :, :qe], attn_mask=m, dropout_p=p, scale=1.0
+                )
+                for qs, qe, m in mask
             ], dim=2)
         else:
             p = self.attn_dropout if self.training else 0.0
-            y = self._attend(q_BHlD, k_BHlD, v_BHlD, mask, p)
+            y = F.scaled_dot_product_attention(q_BHlD, k_BHlD, v_BHlD, attn_mask=mask, dropout_p=p, scale=1.0)
         y_BlC = self.proj(y.transpose(1, 2).reshape(B, l, C))
         return self.proj_drop(y_BlC) if cache_span is None else y_BlC  # sampling: no dropout
 
