@@ -137,16 +137,12 @@ def setup_mlflow(root: str | Path = ".", create: bool = True) -> str | None:
         return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested sections as dotted keys: ``{"prior": {"lr": 1}}`` → ``{"prior.lr": 1}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def flatten(d: dict[str, Any]) -> dict[str, Any]:
+    """Nested sections as dotted keys: ``{"prior": {"lr": 1}}`` → ``{"prior.lr": 1}`` (lists and
+    ``None`` kept as values, empty sections dropped), by ``pandas.json_normalize``."""
+    import pandas as pd
+
+    return pd.json_normalize(d, sep=".").to_dict(orient="records")[0]
 
 
 _DEFERRED = {"depth": 0}
