@@ -382,18 +382,10 @@ def train_prior(
             on_eval(step, loss)
 
     bar = None
-    if progress and is_main:
-        try:
-            from tqdm import tqdm
+    if progress and is_main:  # on a terminal, in a log, or relayed from a Ray worker (arvision.progress)
+        from arvision.progress import bar as progress_bar
 
-            import sys
-
-            # not a terminal (a Ray worker's output, relayed line by line to the driver): a line
-            # every 10 s, not one per refresh
-            interval = 0.1 if sys.stderr.isatty() else 10.0
-            bar = tqdm(total=cfg.steps, initial=step, desc="prior", unit="step", dynamic_ncols=True, mininterval=interval)
-        except ImportError:
-            pass
+        bar = progress_bar(cfg.steps, "prior", "step", initial=step)
 
     metrics: dict[str, float] = {}
     window_loss = torch.zeros((), device=device)
