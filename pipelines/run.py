@@ -166,7 +166,10 @@ def _stage_reason(root: Path, stage: str, err: BaseException, t0: float) -> str:
 
 def _forward_log(root: Path, stage: str, t0: float, max_lines: int = 2000) -> None:
     """Send what the stage printed in this run to the Prefect task run's logs (API only: the
-    terminal has shown it already). Progress-bar redraws (``\\r``) keep their last state."""
+    terminal has shown it already). Progress-bar redraws (``\\r``) keep their last state.
+
+    Read from the stage's log file rather than through Prefect's ``log_prints``: the stage is a
+    process DVC starts, whose prints never pass through this process's ``print``."""
     from prefect.logging.handlers import APILogHandler
 
     from stages.common import stage_log
