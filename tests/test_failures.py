@@ -331,7 +331,8 @@ def test_sigterm_while_the_tokenizer_trains_on_ray_workers(proj):
     before = _ray_daemons()
     _set(proj, tokenizer={"steps": 5000, "num_workers": 2})
     try:
-        rc, seconds, out = _interrupt(proj, signal.SIGTERM, marker="RayTrainWorker")
+        # the bar rank 0 relays (drawn by the stage: arvision.progress): training has begun on the workers
+        rc, seconds, out = _interrupt(proj, signal.SIGTERM, marker="tokenizer/vq:")
     finally:
         _set(proj, tokenizer={"num_workers": 0})
     assert rc == 130, out[-3000:]
