@@ -200,7 +200,12 @@ def _log_and_register(
 
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the cloudpickle notice, every time
     logging.getLogger("mlflow.models.model").setLevel(logging.ERROR)  # "validating the serving input example"
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    import warnings
+
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # the tokenizer has no input example (PNG bytes; checking one would load and run it): MLflow
+        # says so in colour codes, in every log
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             signature=_signature(name),
             name=name.replace("arvision-", ""),

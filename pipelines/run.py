@@ -47,6 +47,8 @@ class _NoEmptyTraceback(logging.Filter):
 
 
 logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
+logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)  # "git add dvc.lock" hints, every stage
+logging.getLogger("dvc").propagate = False  # DVC prints its lines itself; Prefect's console handler printed them again
 
 
 class ParentRun:
@@ -198,8 +200,6 @@ def run_stage(stage: str, root: str, force: bool = False):
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)  # "git add dvc.lock" hints, every stage
-    logging.getLogger("dvc").propagate = False  # DVC prints its lines itself; Prefect's console handler printed them again
     run = _RUN
     rootp = Path(root)
     t0 = time.time()
