@@ -6,8 +6,9 @@
     arvision score PATH          any images (a folder, an .npz) scored against val, beside the floor
     arvision serve-flow --cron C the pipeline on a schedule (a served Prefect deployment)
 
-A mistake of the user's (bad params, unknown model, missing data) prints one clear message
-and exits with status 2; no traceback.
+Exit statuses (README, "Exit statuses"): 0 done; 1 a run failed (a bug, a failing machine or
+service, DVC refusing); 2 the user's mistake (bad params, arguments or data, a missing model, a
+repo held by another run), printed as one clear message without a traceback; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,37 @@ from arvision.errors import UserError
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _share(v) -> str | None:
+    """A share (0..1) as a percent: every share in the summary in one unit."""
+    return None if v is None else f"{100 * v:.1f}%"
+
+
+def _headline_lines(ev: dict, tk: dict) -> list[str]:
+    """The summary's numbers: FD against its floor first (the champion metric), then the other
+    sample metrics and bits/dim, then the tokenizer; shares as percents, units named."""
+    out = []
+    if "fd" in ev:
+        line = f"FD {_fmt(ev['fd'])}"
+        if "fd_ci_low" in ev:
+            line += f" [{_fmt(ev['fd_ci_low'])}, {_fmt(ev['fd_ci_high'])}]"
+        if ev.get("floor_fd") is not None:
+            line += f" against a floor of {_fmt(ev['floor_fd'])}"
+            if ev["floor_fd"] > 0:
+                line += f" ({ev['fd'] / ev['floor_fd']:.1f}× the floor; lower is better)"
+        out.append(line)
+    samples = [("precision", _share(ev.get("precision"))), ("recall", _share(ev.get("recall"))),
+               ("copies", _share(ev.get("copy_rate"))), ("class acc", _share(ev.get("class_accuracy"))),
+               ("val bits/dim", ev.get("val_bpd"))]
+    tokenizer = [("PSNR", None if ev.get("tokenizer_psnr", tk.get("val_psnr")) is None
+                  else f"{ev.get('tokenizer_psnr', tk.get('val_psnr')):.2f} dB"),
+                 ("rFD", ev.get("tokenizer_rfd")), ("codebook usage", _share(ev.get("tokenizer_usage", tk.get("val_usage"))))]
+    for head, items in (("", samples), ("tokenizer: ", tokenizer)):
+        shown = [f"{k} {_fmt(v)}" for k, v in items if v is not None]
+        if shown:
+            out.append(head + " | ".join(shown))
+    return out
 
 
 def summary(root: Path, results: list[dict], parent_run_id: str | None, seconds: float) -> str:
@@ -52,21 +84,9 @@ def summary(root: Path, results: list[dict], parent_run_id: str | None, seconds:
         if stage in ran and p.exists():
             m[name] = json.loads(p.read_text())
     ev, tk = m.get("eval", {}), m.get("tokenizer", {})
-    floor = ev.get("floor_fd")
-    keys = [
-        ("FD", f"{_fmt(ev['fd'])} (floor {_fmt(floor)})" if "fd" in ev and floor is not None else ev.get("fd")),
-        ("precision", ev.get("precision")),
-        ("recall", ev.get("recall")),
-        ("copies", f"{ev['copy_rate']:.0%}" if "copy_rate" in ev else None),
-        ("class acc", f"{ev['class_accuracy']:.0%}" if "class_accuracy" in ev else None),
-        ("val bits/dim", ev.get("val_bpd")),
-        ("tokenizer PSNR (dB)", ev.get("tokenizer_psnr", tk.get("val_psnr"))),
-        ("tokenizer rFD", ev.get("tokenizer_rfd")),
-        ("codebook usage", ev.get("tokenizer_usage", tk.get("val_usage"))),
-    ]
-    shown = [f"{k} {_fmt(v)}" for k, v in keys if v is not None]
+    shown = _headline_lines(ev, tk)
     if shown:
-        lines += ["", "  " + " | ".join(shown[:4]), *(["  " + " | ".join(shown[4:])] if shown[4:] else [])]
+        lines += ["", *("  " + ln for ln in shown)]
     elif results and not ran and not any(r.get("failed") for r in results):
         lines += ["", "  nothing changed: the outputs are current (`dvc metrics show` for their numbers)"]
     decision = root / "reports" / "decision.txt"
@@ -114,9 +134,19 @@ def cmd_run(args) -> int:
     (root / ".arvision" / "last_run.json").write_text(
         json.dumps({"parent_run_id": parent, "seconds": seconds, "stages": results}, indent=2)
     )
+    return run_status(results)
+
+
+def run_status(results: list[dict]) -> int:
+    """``arvision run``'s exit status (README, "Exit statuses"): 130 interrupted; 2 when every
+    failed stage stopped on the user's mistake (its own status 2); 1 for any other failure (a
+    bug, a machine or service failing, DVC refusing: DVC's own 255 never comes through); 0."""
     if any(r.get("interrupted") for r in results):
         raise KeyboardInterrupt
-    return 1 if any(r.get("failed") for r in results) else 0
+    failed = [r for r in results if r.get("failed")]
+    if not failed:
+        return 0
+    return 2 if all(r.get("exit_code") == 2 for r in failed) else 1
 
 
 def _labels(text: str) -> list[int]:
@@ -131,14 +161,14 @@ MAX_SCALE = 32
 
 
 def _check_sampling_args(args) -> None:
-    """``--n`` from 1 to MAX_LABELS (the served model's cap on images per request), ``--scale``
+    """``-n/--num`` from 1 to MAX_LABELS (the served model's cap on images per request), ``--scale``
     from 1 to MAX_SCALE; the sampling knobs in the ranges params.yaml's ``evaluate`` allows."""
     from pydantic import ValidationError
 
     from arvision.registry import MAX_LABELS
 
     if not 1 <= args.n <= MAX_LABELS:
-        raise UserError(f"--n must be at least 1 and at most {MAX_LABELS} images per label (the served model's cap "
+        raise UserError(f"-n/--num must be at least 1 and at most {MAX_LABELS} images per label (the served model's cap "
                         f"on one request), got {args.n}")
     if not 1 <= args.scale <= MAX_SCALE:
         raise UserError(f"--scale must be at least 1 and at most {MAX_SCALE} (the grid's pixel enlargement), got {args.scale}")
@@ -199,8 +229,8 @@ def cmd_sample(args) -> int:
         w, h = grid_size(len(labels), args.n, res, res, scale=args.scale, label_width=110)
         if w * h > MAX_GRID_PIXELS:
             raise UserError(
-                f"--n / --scale / --labels: a grid of {len(labels)} rows × {args.n} images at {args.scale}x is "
-                f"{w}×{h} = {w * h / 1e6:.0f} Mpx, more than {MAX_GRID_PIXELS / 1e6:.0f} Mpx; lower --scale or --n, "
+                f"-n/--num, --scale, --labels: a grid of {len(labels)} rows × {args.n} images at {args.scale}x is "
+                f"{w}×{h} = {w * h / 1e6:.0f} Mpx, more than {MAX_GRID_PIXELS / 1e6:.0f} Mpx; lower --scale or -n/--num, "
                 "give fewer --labels, or write --images-dir alone"
             )
     names = gen.class_names or [str(c) for c in range(gen.num_classes)]
@@ -286,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw images from a trained generator")
     s.add_argument("source", help="models:/arvision-generator@champion (or another MLflow model URI), or a directory like models/")
     s.add_argument("--labels", default="", help="comma-separated class ids (default: every class)")
-    s.add_argument("--n", type=int, default=8, help="images per label")
+    # -n/--num as in head, seq and most samplers' CLIs; --n, the first spelling, stays an alias
+    s.add_argument("-n", "--num", "--n", dest="n", type=int, default=8, metavar="N", help="images per label (default 8)")
     s.add_argument("--out", default="", help="write a grid PNG, one row per label")
     s.add_argument("--images-dir", default="", help="also write each image as a PNG here")
     for name, field in SamplingConfig.model_fields.items():  # evaluate's defaults; the same bounds

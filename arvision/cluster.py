@@ -86,23 +86,27 @@ def init_ray(ray_cfg: RayConfig, root: Path) -> None:
     the job (with the Ray dashboard when ``ray.dashboard``). ``ray.env`` goes to every worker's
     environment (e.g. NCCL settings a deployment needs).
 
-    Logs stay readable: repeated lines are deduplicated across workers, worker progress bars
-    redraw at most every 15 s (a non-terminal gets one line per redraw), and the known
-    repeating warnings are silenced (:func:`quiet_worker_logs`). ``RAY_*``/``TQDM_*`` settings
-    already in the environment win.
+    Logs stay readable: repeated lines are deduplicated across workers, the workers' output
+    reaches this process's stdout and stderr without Ray's prefixes and set-up chatter, and
+    our progress bars on the workers are drawn here, one line on a terminal
+    (:mod:`arvision.progress`); the known repeating warnings are silenced
+    (:func:`quiet_worker_logs`). ``RAY_*``/``TQDM_*`` settings already in the environment win.
     """
     import ray
 
     address, num_workers, cpus_per_worker = ray_cfg.address, ray_cfg.num_workers, ray_cfg.cpus_per_worker
+    from arvision.progress import RELAY_ENV, install_ray_output
+
     quiet = {
         "RAY_DEDUP_LOGS": "1",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a cloud-preemption poller: noise on one machine
-        "TQDM_MININTERVAL": "15",
+        "TQDM_MININTERVAL": "15",  # any other bar on a worker (ours relay their state: arvision.progress)
     }
     for k, v in quiet.items():
         os.environ.setdefault(k, v)
     env_vars = dict(ray_cfg.env)
     env_vars["TQDM_MININTERVAL"] = os.environ["TQDM_MININTERVAL"]
+    env_vars[RELAY_ENV] = "1"
     env_vars["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     for key in ("MLFLOW_TRACKING_URI",):
         if key in os.environ:
@@ -128,7 +132,10 @@ def init_ray(ray_cfg: RayConfig, root: Path) -> None:
         main = threading.current_thread() is threading.main_thread()
         saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
         # "local": a new instance of our own, never one another process left running here
+        # "Token authentication is enabled for this Ray cluster": at every start, to every user
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ctx = ray.init(address=address or "local", **kwargs)
+        install_ray_output()  # the workers' output without Ray's prefixes and chatter; their bars drawn here
         for sig, handler in saved.items():
             if handler is not None:
                 signal.signal(sig, handler)

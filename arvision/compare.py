@@ -71,9 +71,28 @@ def collect(root: Path, data_hash: str, features_hash: str, versions: list[str] 
             "same_yardstick": t.get("features.hash") == features_hash,
             "aliases": [a for a, v in champion.items() if v == str(mv.version)],
         }
-        row.update({k: _num(t[k]) for k in _keys_with_ci() if k in t})
+        stored = _model_metrics(client, mv)
+        row.update({k: _num(stored[k]) for k in _keys_with_ci() if k in stored})
         rows.append(row)
     return rows
+
+
+def _model_metrics(client, mv) -> dict[str, Any]:
+    """A version's evaluation metrics: those linked to its logged model (MLflow 3 ``model_id``),
+    or, for a version registered before they were, its tags."""
+    from arvision.registry import logged_model_id
+
+    model_id = logged_model_id(mv)
+    if model_id:
+        import mlflow
+
+        try:
+            found = client.get_logged_model(model_id).metrics or []
+        except mlflow.exceptions.MlflowException:  # the logged model was deleted: the tags
+            found = []
+        if found:
+            return {m.key: m.value for m in sorted(found, key=lambda m: m.timestamp)}  # the latest of each
+    return dict(mv.tags)
 
 
 def rescore(root: Path, rows: list[dict[str, Any]]) -> None:

@@ -180,22 +180,32 @@ def _log_and_register(
     *,
     metrics: dict[str, float] | None = None,
     description: str | None = None,
-) -> tuple[str, str]:
-    """Log ``model`` (with its code, pinned requirements and input example) to ``run_id``,
-    register it as a new version of ``name`` and point ``candidate`` at it.
+) -> tuple[str, str, str]:
+    """Log ``model`` (with its code, pinned requirements and input example) to ``run_id`` as an
+    MLflow 3 logged model, register it as a new version of ``name`` and point ``candidate`` at it.
 
-    The version gets ``tags`` and ``metrics`` as tags, plus what :func:`_version_info` reads
-    from the run and the model's files, and ``description`` (default: written from all that).
-    Returns ``(model_uri, version)``.
+    The logged model carries the params (:func:`_model_params`); the version carries lineage
+    tags (:func:`lineage_tags`: ``tags`` and what it reads from the run and the model's files)
+    and ``description`` (default: one line naming the model, :func:`_headline`). ``metrics``, if
+    given, are logged to the run linked to the logged model (:func:`link_metrics`); a stage that
+    logs its metrics itself links them through its tracker's ``model_id`` instead. Returns
+    ``(model_uri, version, model_id)``.
     """
     import logging
 
     prior_dir = Path(artifacts["prior"]) if "prior" in artifacts else None
-    tags, written = _version_info(run_id, Path(artifacts["tokenizer"]), prior_dir, tags, metrics or {})
+    client = mlflow.MlflowClient()
+    params = _model_params(client, run_id, Path(artifacts["tokenizer"]), prior_dir)
+    version_tags = lineage_tags(client, run_id, Path(artifacts["tokenizer"]), prior_dir, params, tags)
 
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the cloudpickle notice, every time
     logging.getLogger("mlflow.models.model").setLevel(logging.ERROR)  # "validating the serving input example"
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    import warnings
+
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # the tokenizer has no input example (PNG bytes; checking one would load and run it): MLflow
+        # says so in colour codes, in every log
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             signature=_signature(name),
             name=name.replace("arvision-", ""),
@@ -204,76 +214,160 @@ def _log_and_register(
             code_paths=[str(_code_dir(Path(tmp)))],
             pip_requirements=_pinned_requirements(),
             input_example=_input_example(name),
-            registered_model_name=name,
-            await_registration_for=0,
+            params={k: str(v)[:6000] for k, v in params.items()},
+            model_type=name,
         )
-    client = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
-    for k, v in tags.items():
+        # registered from the logged model (models:/<model_id>), so the version knows its model_id
+        # and shows that model's metrics; registered_model_name= above would register runs:/...
+        mv = mlflow.register_model(info.model_uri, name, await_registration_for=0)
+    version = str(mv.version)
+    for k, v in version_tags.items():
         client.set_model_version_tag(name, version, k, str(v))
-    client.update_model_version(name, version, description=description or written)
+    client.update_model_version(name, version, description=description or _headline(version_tags))
     client.set_registered_model_alias(name, "candidate", version)
-    return info.model_uri, version
+    if metrics:
+        link_metrics(client, run_id, info.model_id, metrics)
+    return info.model_uri, version, info.model_id
 
 
-def _version_info(
-    run_id: str, tokenizer_dir: Path, prior_dir: Path | None, tags: dict[str, str], metrics: dict[str, float]
-) -> tuple[dict[str, str], str]:
-    """Tags and a description for a model version: tokenizer and prior kind, data hash, git
-    commit, params (the models' own config and the run's logged params) and metrics.
+def logged_model_id(mv) -> str | None:
+    """The logged model a registered version was made from: its ``model_id``, or (a store that
+    keeps none, as the SQL registry) the id in its source, ``models:/<model_id>``."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = str(getattr(mv, "source", "") or "")
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
-    The commit and params come from the run that logs the model (its ``git.commit`` tag; its
-    params, or its parent's: the pipeline run holds the whole params.yaml).
-    """
-    client = mlflow.MlflowClient()
+
+def _model_params(client: mlflow.MlflowClient, run_id: str, tokenizer_dir: Path, prior_dir: Path | None) -> dict[str, Any]:
+    """The params that made the model: its own config (``tokenizer.*``, ``prior.*``) and the
+    params of the run that logs it, or of its parent (the pipeline run holds all of params.yaml)."""
     run = client.get_run(run_id)
     parent = run.data.tags.get("mlflow.parentRunId")
     run_params = dict(run.data.params)
     if parent:
         run_params = {**client.get_run(parent).data.params, **run_params}
     tok = json.loads((Path(tokenizer_dir) / "config.json").read_text())
-    params = {f"tokenizer.{k}": v for k, v in tok["cfg"].items()}
-    out = {"tokenizer.kind": tok["kind"], "git.commit": run.data.tags.get("git.commit", "unknown")}
-    what = f"{tok['kind']} tokenizer"
+    params: dict[str, Any] = {"tokenizer.kind": tok["kind"], **{f"tokenizer.{k}": v for k, v in tok["cfg"].items()}}
     if prior_dir is not None:
         prior = json.loads((Path(prior_dir) / "config.json").read_text())["config"]
         params.update({f"prior.{k}": v for k, v in prior.items() if k != "layout"})
-        out.update({"prior.kind": prior["kind"], "prior.size": str(prior.get("size"))})
-        what += f" + {prior['kind']} prior ({prior.get('size')})"
     params.update(run_params)
+    return params
+
+
+#: family of a model by its tokenizer kind (DESIGN.md, "The three families as configuration")
+FAMILY = {"palette": "pixel-level", "vq": "token-level", "rq": "token-level", "fsq": "token-level", "msvq": "scale-level"}
+
+
+def lineage_tags(client: mlflow.MlflowClient, run_id: str, tokenizer_dir: Path, prior_dir: Path | None,
+                 params: dict[str, Any], tags: dict[str, str]) -> dict[str, str]:
+    """A version's tags: what it is and where it came from, no metric (those are the logged
+    model's): family and kinds, data content hash, git commit, ``params.hash`` (sha256 of
+    :func:`_model_params`, 12 hex), the DVC hashes of the inputs of the run that logs it
+    (``dvc.dep.*``), and ``tags``."""
+    import hashlib
+
+    run = client.get_run(run_id)
+    tok_kind = json.loads((Path(tokenizer_dir) / "config.json").read_text())["kind"]
+    out = {"family": FAMILY.get(tok_kind, tok_kind), "tokenizer.kind": tok_kind,
+           "git.commit": run.data.tags.get("git.commit", "unknown")}
+    if prior_dir is not None:
+        prior = json.loads((Path(prior_dir) / "config.json").read_text())["config"]
+        out.update({"prior.kind": prior["kind"], "prior.size": str(prior.get("size"))})
+    out.update({k: v for k, v in run.data.tags.items() if k.startswith("dvc.dep.") or k == "data.content_hash"})
+    blob = json.dumps(params, sort_keys=True, default=str).encode()
+    out["params.hash"] = hashlib.sha256(blob).hexdigest()[:12]
     out.update({k: str(v) for k, v in tags.items()})
-    out.update({k: f"{v:.6g}" for k, v in metrics.items()})
-    out["params"] = json.dumps(params, sort_keys=True, default=str)[:5000]  # the tag value limit
+    return out
+
+
+def link_metrics(client: mlflow.MlflowClient, run_id: str, model_id: str, metrics: dict[str, float]) -> None:
+    """Log ``metrics`` to ``run_id`` linked to the logged model ``model_id`` (MLflow 3): the run
+    shows them as its metrics, the logged model and its registered version as the model's."""
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, 0, model_id=model_id) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def _headline(tags: dict[str, str]) -> str:
+    """A version's first line: family, kinds, size, data, commit."""
+    what = f"{tags['tokenizer.kind']} tokenizer ({tags['family']})"
+    if "prior.kind" in tags:
+        size = tags["prior.size"] + (f", {int(tags['prior.params']) / 1e6:.2f}M parameters" if "prior.params" in tags else "")
+        what = f"**{tags['family']} generator**: {tags['tokenizer.kind']} tokenizer + {tags['prior.kind']} prior ({size})"
+    data = tags.get("data.content_hash", "unknown")
+    return f"{what}, trained on data `{data[:12]}` at commit `{tags['git.commit'][:12]}`."
+
+
+def describe_generator(version: str, tags: dict[str, str], metrics: dict[str, float], data: dict[str, Any],
+                       decision: str, num_samples: int) -> str:
+    """The model page's description (markdown, a few lines): what the model is, the data, FD
+    against its floor (the champion metric) with the other headline figures, the champion
+    decision, and how to sample and serve it."""
+    def num(key: str, fmt: str = ".3g") -> str:
+        v = metrics.get(key)
+        text = "—" if v is None else format(v, fmt)
+        if f"{key}_ci_low" in metrics:
+            text += f" [{metrics[key + '_ci_low']:{fmt}}, {metrics[key + '_ci_high']:{fmt}}]"
+        return text
+
+    counts = data.get("counts", {})
+    shape = f"{data.get('resolution', '?')}² px, {data.get('num_classes', 0) or 'no'} classes"
+    uri = f"models:/{GENERATOR_MODEL}/{version}"
     lines = [
-        f"{what}, trained on data {out.get('data.content_hash', 'unknown')} at commit {out['git.commit']} (run {run_id}).",
+        _headline(tags),
         "",
-        "metrics: " + (", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items())) or "none"),
+        f"Data: {data.get('source', '?')}, {counts.get('train', '?')} train / {counts.get('val', '?')} val images, {shape}.",
         "",
-        "params: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())),
+        f"**FD {num('fd')}** against a floor of {num('floor_fd')} (training images against val: what a perfect "
+        f"generator scores), in the pipeline's own feature space, {num_samples} samples. "
+        f"Precision {num('precision', '.2f')}, recall {num('recall', '.2f')}, copies {num('copy_rate', '.1%')} of samples"
+        + (f", val bits/dim {metrics['val_bpd']:.4f}" if "val_bpd" in metrics else "") + ".",
+        "",
+        decision,
+        "",
+        f"Sample it: `arvision sample {uri} -n 8 --out grid.png`; serve it: "
+        f"`mlflow models serve -m {uri} --env-manager local`. Every metric: this version's logged model "
+        "(or the source run); params: the logged model's.",
     ]
-    return out, "\n".join(lines)[:5000]
+    return "\n".join(lines)[:5000]
+
+
+def set_description(name: str, version: str, text: str) -> None:
+    mlflow.MlflowClient().update_model_version(name, version, description=text)
 
 
 def register_tokenizer(run_id: str, tokenizer_dir: Path, tags: dict[str, str]) -> dict[str, str]:
-    """Log the tokenizer pyfunc to ``run_id`` and register it; returns uri and version."""
-    uri, version = _log_and_register(run_id, TOKENIZER_MODEL, TokenizerPyfunc(), {"tokenizer": str(tokenizer_dir)}, tags)
-    return {"model_uri": f"models:/{TOKENIZER_MODEL}/{version}", "logged_uri": uri, "version": version, "run_id": run_id}
+    """Log the tokenizer pyfunc to ``run_id`` and register it; returns uri, version and the
+    logged model's id (its metrics: the stage's, linked through ``model_id``)."""
+    uri, version, model_id = _log_and_register(run_id, TOKENIZER_MODEL, TokenizerPyfunc(), {"tokenizer": str(tokenizer_dir)}, tags)
+    return {"model_uri": f"models:/{TOKENIZER_MODEL}/{version}", "logged_uri": uri, "version": version, "run_id": run_id,
+            "model_id": model_id}
 
 
 def register_generator(
     run_id: str, tokenizer_dir: Path, prior_dir: Path, tags: dict[str, str], metrics: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Register the generator as a new version of ``arvision-generator`` and point ``candidate``
-    at it; ``tags`` and ``metrics`` (the evaluation's numbers) go into its tags and description.
+    at it; ``tags`` go into its lineage tags, ``metrics`` (if given) are linked to its logged
+    model (``evaluate`` links its metrics through its tracker instead, and writes the
+    description once the champion is decided: :func:`describe_generator`).
 
     Whether it becomes champion is decided by the caller, on scores made in the same run
-    (:mod:`arvision.champion`). Returns the version.
+    (:mod:`arvision.champion`). Returns the version, the logged model's id and the version's tags.
     """
-    _, version = _log_and_register(
+    _, version, model_id = _log_and_register(
         run_id, GENERATOR_MODEL, GeneratorPyfunc(), {"tokenizer": str(tokenizer_dir), "prior": str(prior_dir)}, tags,
         metrics=metrics,
     )
-    return {"version": version}
+    mv = mlflow.MlflowClient().get_model_version(GENERATOR_MODEL, version)
+    return {"version": version, "model_id": model_id, "tags": dict(mv.tags)}
 
 
 def load_generator(source: str, device: str | None = None):
@@ -290,7 +384,10 @@ def load_generator(source: str, device: str | None = None):
             raise UserError(f"{source}: expected a directory with tokenizer/ and prior/ (e.g. models/)")
         return Generator.load(path / "tokenizer", path / "prior", device=device)
     if ":" not in source:
-        raise UserError(f"{source}: neither a directory nor an MLflow model URI (e.g. models:/{GENERATOR_MODEL}@champion)")
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise UserError(f"{source}: {what}; give a directory of stage outputs with tokenizer/ and prior/ "
+                        f"(models/, after `arvision run` or `dvc pull`) or an MLflow model URI "
+                        f"(e.g. models:/{GENERATOR_MODEL}@champion)")
     try:
         model = mlflow.pyfunc.load_model(source)
     except Exception as err:  # unknown name/alias, unreachable store

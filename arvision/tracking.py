@@ -15,7 +15,7 @@ import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 EXPERIMENT = "arvision"
 PARENT_RUN_ENV = "ARVISION_PARENT_RUN_ID"
@@ -24,6 +24,9 @@ GENERATOR_MODEL = "arvision-generator"
 #: the default store at the repo root: the sqlite database and the artifacts beside it
 STORE_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+#: the experiment tag MLflow 3's UI reads for the experiment's type: "Model training" (runs,
+#: models, metrics), not the GenAI view it infers for an experiment without it
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class Tracker(Protocol):
@@ -33,6 +36,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def link_model(self, model_id: str, keys: Callable[[str], bool] | None = None) -> None: ...
 
 
 class NullTracker:
@@ -50,6 +54,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def link_model(self, model_id: str, keys: Callable[[str], bool] | None = None) -> None:
         pass
 
 
@@ -128,25 +135,25 @@ def setup_mlflow(root: str | Path = ".", create: bool = True) -> str | None:
         moved = stored.startswith("file:") and stored.rstrip("/").endswith("/" + ARTIFACTS_DIR) and stored != artifacts.as_uri()
         if default and moved:
             _relocate_store(root / STORE_DB, artifacts, stored)
+        if create and any(exp.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):  # a store made before the tag
+            for k, v in EXPERIMENT_KIND.items():
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     if not create:
         return None
     try:
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri() if default else None)
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri() if default else None,
+                                        tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by another process
         return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested sections as dotted keys: ``{"prior": {"lr": 1}}`` → ``{"prior.lr": 1}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def flatten(d: dict[str, Any]) -> dict[str, Any]:
+    """Nested sections as dotted keys: ``{"prior": {"lr": 1}}`` → ``{"prior.lr": 1}`` (lists and
+    ``None`` kept as values, empty sections dropped), by ``pandas.json_normalize``."""
+    import pandas as pd
+
+    return pd.json_normalize(d, sep=".").to_dict(orient="records")[0]
 
 
 _DEFERRED = {"depth": 0}
@@ -195,6 +202,12 @@ class MlflowTracker:
         self.run_id = run_id
         self.uri = uri
         self.client = _Deferred(MlflowClient(uri))
+        self._model: tuple[str, Callable[[str], bool]] | None = None
+
+    def link_model(self, model_id: str, keys: Callable[[str], bool] | None = None) -> None:
+        """Metrics logged from now on (those ``keys`` accepts; default all) are linked to the
+        logged model ``model_id`` (MLflow 3's ``model_id``): the model's page shows them, once."""
+        self._model = (model_id, keys or (lambda key: True))
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -210,7 +223,8 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+        model_id, linked = self._model or (None, lambda key: False)
+        items = [Metric(k, float(v), ts, step or 0, model_id=model_id if linked(k) else None) for k, v in metrics.items()]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
 

@@ -47,6 +47,8 @@ class _NoEmptyTraceback(logging.Filter):
 
 
 logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
+logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)  # "git add dvc.lock" hints, every stage
+logging.getLogger("dvc").propagate = False  # DVC prints its lines itself; Prefect's console handler printed them again
 
 
 class ParentRun:
@@ -166,7 +168,10 @@ def _stage_reason(root: Path, stage: str, err: BaseException, t0: float) -> str:
 
 def _forward_log(root: Path, stage: str, t0: float, max_lines: int = 2000) -> None:
     """Send what the stage printed in this run to the Prefect task run's logs (API only: the
-    terminal has shown it already). Progress-bar redraws (``\\r``) keep their last state."""
+    terminal has shown it already). Progress-bar redraws (``\\r``) keep their last state.
+
+    Read from the stage's log file rather than through Prefect's ``log_prints``: the stage is a
+    process DVC starts, whose prints never pass through this process's ``print``."""
     from prefect.logging.handlers import APILogHandler
 
     from stages.common import stage_log
@@ -195,7 +200,6 @@ def run_stage(stage: str, root: str, force: bool = False):
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)  # "git add dvc.lock" hints, every stage
     run = _RUN
     rootp = Path(root)
     t0 = time.time()
@@ -214,11 +218,12 @@ def run_stage(stage: str, root: str, force: bool = False):
         record["seconds"] = time.time() - t0
         reason = _stage_reason(rootp, stage, err, t0)
         _forward_log(rootp, stage, t0)
-        if reason == "interrupted" or _exit_code(err) in (130, -signal.SIGINT, -signal.SIGTERM):
+        code = _exit_code(err)  # None: DVC itself refused (its CLI would exit 255)
+        if reason == "interrupted" or code in (130, -signal.SIGINT, -signal.SIGTERM):
             record.update(failed=True, interrupted=True, reason="interrupted")
             print(f"   {stage}: interrupted after {record['seconds']:.1f} s", file=sys.stderr, flush=True)
             return Cancelled(message=f"{stage}: interrupted")
-        record.update(failed=True, reason=reason)
+        record.update(failed=True, reason=reason, exit_code=code)
         print(f"   {stage} FAILED: {reason}", file=sys.stderr, flush=True)
         return Failed(message=f"{stage}: {reason}")
     record["ran"] = bool(done)
@@ -292,14 +297,18 @@ def arvision_flow(root: str, force: bool = False):
             _write_listing(run.root)
         except DvcException as err:
             reason = _stage_reason(run.root, "source", err, time.time())
-            run.results.append({"stage": "source", "ran": False, "failed": True, "seconds": 0.0, "reason": reason})
+            run.results.append({"stage": "source", "ran": False, "failed": True, "seconds": 0.0, "reason": reason,
+                                "exit_code": _exit_code(err)})
             print(f"   source FAILED: {reason}", file=sys.stderr, flush=True)
             return Failed(message=f"source: {reason}")
         for stage in STAGES:
             state = run_stage.with_options(task_run_name=stage)(stage, root, force, return_state=True)
             if state.is_cancelled():
                 return Cancelled(message=state.message)
-            if state.is_failed():
+            if state.is_failed():  # the stage failed, or the task itself did (an error outside DVC's)
+                record = next((r for r in reversed(run.results) if r["stage"] == stage), None)
+                if record is not None and not record.get("failed"):
+                    record.update(failed=True, reason=state.message or "the task failed", exit_code=None)
                 return Failed(message=state.message)
         if any(r["stage"] == "evaluate" and r["ran"] for r in run.results):
             _publish_report(run)

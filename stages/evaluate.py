@@ -6,7 +6,8 @@ accuracy), checks them for copies of training images, and puts beside them the *
 same metrics for an equal number of train images, what a perfect generator would score. Also
 val likelihood (bits per dim) and tokenizer reconstruction.
 
-Writes ``metrics/eval.json`` (``dvc metrics``), ``reports/`` (``samples.png`` one row per class,
+Writes ``metrics/eval.json`` (every number), ``metrics/summary.json`` (the headline that ``dvc
+metrics show`` prints: :data:`SUMMARY_KEYS`), ``reports/`` (``samples.png`` one row per class,
 ``memorisation.png`` the most copy-like samples beside their nearest training images,
 ``curves.png`` the training curves, ``report.md``, ``speed.json``: sampling speed, kept out of
 ``dvc metrics`` because it measures the machine's load as much as the model). Registers
@@ -66,6 +67,15 @@ def report_files(reports: Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+#: ``metrics/summary.json``, the one file ``dvc metrics show`` and ``dvc exp show`` print: FD
+#: beside its floor, the k-NN realism and variety, copies, and the prior's bits per dim; six
+#: columns fit a 100-column terminal (every number is in ``metrics/eval.json``)
+SUMMARY_KEYS = ("fd", "floor_fd", "precision", "recall", "copy_rate", "val_bpd")
+
+#: metric prefixes that are another model's numbers (the champion re-scored, the last weights,
+#: the difference to the champion): not linked to the registered version's logged model
+OTHER_MODELS = ("champion_", "last_", "vs_champion_")
 
 #: images a calibration-ladder rung scores (each rung costs one scoring of this many images)
 LADDER_IMAGES = 500
@@ -278,7 +288,8 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
             import mlflow
 
             from arvision import champion as ch
-            from arvision.registry import register_generator
+            from arvision.registry import describe_generator, register_generator, set_description
+            from arvision.tracking import GENERATOR_MODEL
 
             client = mlflow.MlflowClient()
             inc = ch.incumbent(client, data_hash)
@@ -290,8 +301,10 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
                     metrics.update({f"champion_{k}": v for k, v in champ.items() if k != "sample_images_per_s"})
             tags = {ch.DATA_TAG: data_hash, "features.hash": yardstick, "evaluate.primary": cfg.primary,
                     **lineage(paths, gen)}
-            own = {k: v for k, v in metrics.items() if not k.startswith(("champion_", "last_"))}
-            reg = register_generator(tracker.run_id, paths.tokenizer, paths.prior, tags, metrics={**own, **speed})
+            reg = register_generator(tracker.run_id, paths.tokenizer, paths.prior, tags)
+            # this evaluation's numbers (logged at the stage's end, and the speed below) are the
+            # model's: linked to its logged model; the champion's and the last weights' are not
+            tracker.link_model(reg["model_id"], lambda key: not key.startswith(OTHER_MODELS))
             metrics["registered_version"] = int(reg["version"])
             ok = metrics["copy_rate"] <= cfg.max_copy_rate
             inc_ok = champ is None or champ["copy_rate"] <= cfg.max_copy_rate
@@ -323,8 +336,11 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
                             f"{cfg.primary} {_with_ci(metrics, cfg.primary)} does not beat v{inc.version}'s "
                             f"{_with_ci(champ, cfg.primary)}{beyond}, re-scored here{margin}.")
             metrics["is_champion"] = int(won)
+            set_description(GENERATOR_MODEL, reg["version"],
+                            describe_generator(reg["version"], reg["tags"], metrics, manifest, decision, cfg.num_samples))
         (out / "report.md").write_text(report_md(metrics, floor, champ, last, cfg.primary, decision, has_curves, ladder))
         (out / "decision.txt").write_text(decision + "\n")
+    write_json(paths.metrics / "summary.json", {k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
     if tracker.run_id:
         tracker.log_metrics(speed)
         for name in ("samples.png", "memorisation.png", "curves.png", "report.md"):

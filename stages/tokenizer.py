@@ -155,9 +155,8 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
             from arvision.registry import register_tokenizer
 
             tracker.log_artifact(out / "recon.png")
-            info = register_tokenizer(
-                tracker.run_id, out, {"kind": cfg.kind, "data.content_hash": manifest["content_hash"]}
-            )
+            info = register_tokenizer(tracker.run_id, out, {"data.content_hash": manifest["content_hash"]})
+            tracker.link_model(info["model_id"])  # the stage's metrics, logged at its end, are the model's
         write_json(out / "registry.json", info)
     run.cleanup()  # the outputs hold the result now: nothing to resume
     n_params = sum(p.numel() for p in tok.parameters())

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
+from arvision.progress import bar as progress_bar
 
 from arvision.config import Params
 from arvision.data.parquet_io import (
@@ -113,7 +113,7 @@ def encode_split(tok, split_dir: Path, writer: ShardWriter, *, batch_size: int, 
     """In-process: encode ``split_dir`` batch by batch (with ``views`` of each image) into
     ``writer``; returns the rows written."""
     np_type = code_dtype(tok.vocab_size)
-    with tqdm(total=split_rows(split_dir), desc=desc, unit="img", leave=False) as bar:
+    with progress_bar(split_rows(split_dir), desc, "img") as bar:
         for ids, images, labels in iter_image_batches(split_dir, batch_size):
             r_ids, r_labels, r_views, codes = encode_views(tok, ids, images, labels, views, batch_size=batch_size, device=device)
             writer.write(codes_table(r_ids, r_labels, codes.astype(np_type), writer.schema, r_views))
@@ -223,7 +223,7 @@ def encode_split_ray(params: Params, paths: Paths, split_dir: Path, writer: Shar
     init_ray(params.ray, paths.root)
     with ray_data_context():
         ds = tokens_dataset(params, paths, split_dir, **options)
-        with tqdm(total=split_rows(split_dir), desc=desc, unit="img", leave=False) as bar:
+        with progress_bar(split_rows(split_dir), desc, "img") as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 writer.write(codes_table(batch["id"], batch["label"], batch["codes"], writer.schema, batch["view"]))
                 bar.update(int((batch["view"] == 0).sum()))  # images, not their views

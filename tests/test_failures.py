@@ -142,8 +142,9 @@ def _model_dir(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--n", "0"], "--n must be at least 1"),
-    (["--n", "-3"], "--n must be at least 1"),
+    (["--n", "0"], "-n/--num must be at least 1"),  # --n: the old spelling, an alias
+    (["-n", "-3"], "-n/--num must be at least 1"),
+    (["--num", "0"], "-n/--num must be at least 1"),
     (["--temperature", "0"], "--temperature: input should be greater than 0"),
     (["--top-p", "0"], "--top-p: input should be greater than 0"),
     (["--top-p", "1.5"], "--top-p: input should be less than or equal to 1"),
@@ -241,7 +242,7 @@ def test_failed_stage_says_why_and_ends_failed(proj, tmp_path):
     pq.write_table(pa.table({"image": list(range(80)), "label": [0] * 80}), bad)
     _set(proj, data={"source": "parquet", "path": str(bad)})
     proc = _arvision(proj, "run")
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # data the user must fix: prepare exits 2, and so does the run (README, "Exit statuses")
     reason = "column 'image' holds int64, not image bytes"
     assert f"prepare failed: {bad}: {reason}" in proc.stdout, proc.stdout[-3000:]
     assert "registered" not in proc.stdout and "bits/dim" not in proc.stdout  # nothing of an earlier run
@@ -330,7 +331,8 @@ def test_sigterm_while_the_tokenizer_trains_on_ray_workers(proj):
     before = _ray_daemons()
     _set(proj, tokenizer={"steps": 5000, "num_workers": 2})
     try:
-        rc, seconds, out = _interrupt(proj, signal.SIGTERM, marker="RayTrainWorker")
+        # the bar rank 0 relays (drawn by the stage: arvision.progress): training has begun on the workers
+        rc, seconds, out = _interrupt(proj, signal.SIGTERM, marker="tokenizer/vq:")
     finally:
         _set(proj, tokenizer={"num_workers": 0})
     assert rc == 130, out[-3000:]
@@ -387,7 +389,7 @@ def test_serve_flow_needs_a_prefect_server_and_a_cron(bare):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--n", "100000"], "--n must be at least 1 and at most 256 images per label"),
+    (["--num", "100000"], "-n/--num must be at least 1 and at most 256 images per label"),
     (["--scale", "100000"], "--scale must be at least 1 and at most 32 (the grid's pixel enlargement), got 100000"),
     (["--scale", "0"], "--scale must be at least 1"),
 ])
@@ -427,7 +429,7 @@ def test_sample_grid_too_large_refused_before_sampling(tmp_path, capsys, monkeyp
         cli.main(["sample", str(tmp_path), "--out", str(tmp_path / "g.png"), "--n", "256", "--scale", "32"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: --n / --scale / --labels: a grid of 9 rows × 256 images at 32x is 262768×9236") \
+    assert err.startswith("error: -n/--num, --scale, --labels: a grid of 9 rows × 256 images at 32x is 262768×9236") \
         and "more than 67 Mpx" in err
     assert gen.calls == [] and not (tmp_path / "g.png").exists()
     with pytest.raises(SystemExit) as e:  # the images alone: no grid to bound

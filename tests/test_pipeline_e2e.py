@@ -87,6 +87,15 @@ def test_pipeline_end_to_end(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert _ran(proj) == {s: True for s in STAGES}
     assert "report.md" in first.stdout and "val bits/dim" in first.stdout and "FD " in first.stdout
+    # what a log reader sees (stdout is not a terminal here): the prior's bar as plain lines,
+    # drawn by the stage from its Ray worker's state, no Ray prefixes, colour codes or redraws
+    printed = first.stdout + first.stderr
+    assert "pid=" not in printed and "\x1b[" not in printed and "\r" not in printed, printed[-3000:]
+    assert any(ln.startswith("prior: 100% 12/12 [") for ln in printed.splitlines()), printed[-3000:]
+    # dvc metrics show: the headline alone, within 100 columns
+    shown = _run(proj, sys.executable, "-m", "dvc", "metrics", "show")
+    assert shown.returncode == 0 and shown.stdout.split()[:2] == ["Path", "copy_rate"], shown.stdout
+    assert max(len(ln) for ln in shown.stdout.splitlines()) <= 100, shown.stdout
     manifest = json.loads((proj / "data/prepared/manifest.json").read_text())
     assert manifest["counts"]["train"] + manifest["counts"]["val"] == 240
     ev = json.loads((proj / "metrics/eval.json").read_text())
@@ -112,6 +121,14 @@ def test_pipeline_end_to_end(tmp_path):
     assert sorted(r.data.tags["arvision.stage"] for r in children) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in children)
     gen = client.get_model_version_by_alias("arvision-generator", "champion")
+    # the model page: registered from the evaluate run, its metrics those of the logged model
+    from arvision.registry import logged_model_id
+
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_run(gen.run_id).data.tags["arvision.stage"] == "evaluate"
+    linked = {m.key: m.value for m in client.get_logged_model(logged_model_id(gen)).metrics}
+    assert linked["fd"] == ev["fd"] and "champion_fd" not in linked and "fd" not in gen.tags
+    assert gen.description.startswith("**token-level generator**") and f"FD {ev['fd']:.3g}" in gen.description
     assert str(client.get_model_version_by_alias("arvision-generator", "candidate").version) == str(gen.version)
     assert client.get_model_version_by_alias("arvision-tokenizer", "candidate") is not None
 

@@ -38,8 +38,8 @@ N_TRAIN, N_VAL, N_HELD = 40, 10, 10
 
 
 def _reference_prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
-    """The formulas of Kynkäänniemi et al. / Naeem et al. on full distance matrices (as the
-    authors' ``prdc`` package computes them)."""
+    """The formulas of Kynkäänniemi et al. / Naeem et al. on full distance matrices, strictly
+    inside a ball (as the authors' ``prdc`` package computes them)."""
     def dist(a, b):
         return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
 
@@ -47,10 +47,10 @@ def _reference_prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, flo
     r_fake = np.sort(dist(fake, fake), axis=1)[:, k]
     d = dist(real, fake)  # (N real, M fake)
     return {
-        "precision": float((d <= r_real[:, None]).any(0).mean()),
-        "recall": float((d <= r_fake[None, :]).any(1).mean()),
-        "density": float((d <= r_real[:, None]).sum(0).mean() / k),
-        "coverage": float((d.min(1) <= r_real).mean()),
+        "precision": float((d < r_real[:, None]).any(0).mean()),
+        "recall": float((d < r_fake[None, :]).any(1).mean()),
+        "density": float((d < r_real[:, None]).sum(0).mean() / k),
+        "coverage": float((d.min(1) < r_real).mean()),
     }
 
 
@@ -62,6 +62,8 @@ def test_prdc_matches_reference_formulas(monkeypatch):
     real, fake = rng.normal(size=(150, 8)), rng.normal(0.4, 1.2, size=(120, 8))
     got, want = prdc(fake, real, nearest_k=5), _reference_prdc(real, fake, 5)
     assert got == pytest.approx(want, abs=1e-12)
+    monkeypatch.setattr(samples, "PRDC_MAX_POINTS", 100)  # the block-wise path for large sets
+    assert prdc(fake, real, nearest_k=5) == pytest.approx(want, abs=1e-12)
     assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1
 
 
@@ -70,7 +72,7 @@ def test_prdc_identical_and_disjoint_sets():
     a = rng.normal(size=(200, 16))
     same = prdc(a, a, nearest_k=5)
     assert same["precision"] == same["recall"] == same["coverage"] == 1.0
-    assert same["density"] >= 1.0  # each point is in its own ball and its neighbours'
+    assert same["density"] == pytest.approx(1.0)  # each ball holds its centre and k - 1 others, strictly inside
     apart = prdc(a + 100.0, a, nearest_k=5)
     assert apart == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
 
@@ -174,6 +176,40 @@ def test_planted_fd(emoji, judge):
     # noise collapses onto a few features: it covers little of the real manifold
     assert m_noise["recall"] < 0.6 and m_held["recall"] > 0.8
     assert m_noise["coverage"] < 0.6 and m_held["coverage"] > 0.8
+
+
+def _prdc_before_the_package(gen_ND: np.ndarray, real_ND: np.ndarray, k: int) -> dict[str, float]:
+    """precision/recall/density/coverage as arvision computed them before it called the ``prdc``
+    package (main at 10a6ad8, ``arvision.metrics.samples.prdc``), kept here as the reference."""
+    gen, real = torch.as_tensor(gen_ND, dtype=torch.float64), torch.as_tensor(real_ND, dtype=torch.float64)
+
+    def kth(x):
+        return torch.cdist(x, x).topk(k + 1, dim=1, largest=False).values[:, k]
+
+    r_real, r_gen, d = kth(real), kth(gen), torch.cdist(gen, real)
+    inside = d <= r_real[None]
+    return {"precision": float(inside.any(1).double().mean()), "recall": float((d <= r_gen[:, None]).any(0).double().mean()),
+            "density": float(inside.sum().double() / (k * len(gen))), "coverage": float(inside.any(0).double().mean())}
+
+
+def test_prdc_package_gives_the_numbers_of_before(emoji, judge, monkeypatch):
+    """The ``prdc`` package (and the block-wise path for large sets) on a feature net's features
+    of real and generated-like sets: the very numbers arvision's own code gave."""
+    import arvision.metrics.samples as samples
+
+    net, feats = judge
+    sets = {"held": feats["held"], "train": feats["train"][:90], "noise": embed(net, _noise(90, 1)),
+            "perturbed": embed(net, _perturb(emoji["held"][0], 12.0, 2))}
+    for name, gen in sets.items():
+        for k in (3, 5):
+            before = _prdc_before_the_package(gen, feats["val"], k)
+            # the same counts: equal shares, density to the last bits of its division
+            assert prdc(gen, feats["val"], nearest_k=k) == pytest.approx(before, rel=1e-14, abs=0), (name, k)
+            monkeypatch.setattr(samples, "PRDC_MAX_POINTS", 10)  # the block-wise path, several blocks
+            monkeypatch.setattr(samples, "CHUNK", 37)
+            assert prdc(gen, feats["val"], nearest_k=k) == pytest.approx(before, rel=1e-14, abs=0), (name, k, "blocks")
+            monkeypatch.undo()
+    assert 0 < prdc(sets["noise"], feats["val"])["coverage"] < prdc(sets["held"], feats["val"])["coverage"]
 
 
 def test_planted_memorisation(emoji, judge, tmp_path):

@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory):
 
     from arvision.config import PriorConfig, TokenizerConfig
     from arvision.priors import build_prior, save_prior
-    from arvision.registry import GeneratorPyfunc, _log_and_register
+    from arvision.registry import GeneratorPyfunc, _log_and_register, logged_model_id
     from arvision.tokenizers import build_tokenizer, save_tokenizer
     from arvision.tracking import GENERATOR_MODEL, setup_mlflow, tracking_uri
 
@@ -64,11 +64,12 @@ def model_dir(tmp_path_factory):
         run = client.create_run(exp, tags={"git.commit": "abc123"})
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param("prior.lr", "0.001")])
         # what register_generator does before its champion decision
-        _, number = _log_and_register(
+        _, number, _ = _log_and_register(
             run.info.run_id, GENERATOR_MODEL, GeneratorPyfunc(), {"tokenizer": str(tmp / "tokenizer"), "prior": str(tmp / "prior")},
             {"data.content_hash": "d4t4"}, metrics={"val_bpd": 0.5, "val_bits_per_token": 3.25},
         )
         version = client.get_model_version(GENERATOR_MODEL, number)
+        logged = client.get_logged_model(logged_model_id(version))
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{GENERATOR_MODEL}@candidate", dst_path=str(tmp / "model")))
     finally:
         mlflow.set_tracking_uri(saved_uri)
@@ -77,7 +78,7 @@ def model_dir(tmp_path_factory):
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
     assert (tmp / "repo" / "mlartifacts").is_dir() and not (tmp / "repo" / "mlruns").exists()
-    return {"dir": local, "version": version}
+    return {"dir": local, "version": version, "logged": logged}
 
 
 def test_model_is_self_contained(model_dir):
@@ -95,13 +96,16 @@ def test_model_is_self_contained(model_dir):
     assert json.loads((local / "serving_input_example.json").read_text())["dataframe_split"]["columns"] == ["label"]
     assert mlmodel["signature"]["inputs"] and mlmodel["signature"]["params"]
 
-    tags = version.tags
+    # the version: lineage in tags, no metric twice; the metrics and params: its logged model's (MLflow 3)
+    tags, logged = version.tags, model_dir["logged"]
     assert tags["tokenizer.kind"] == "vq" and tags["prior.kind"] == "gpt" and tags["prior.size"] == "tiny"
-    assert tags["data.content_hash"] == "d4t4" and tags["git.commit"] == "abc123"
-    assert float(tags["val_bpd"]) == 0.5 and float(tags["val_bits_per_token"]) == 3.25
-    assert json.loads(tags["params"])["prior.lr"] == "0.001"
-    for word in ("vq tokenizer", "gpt prior", "d4t4", "abc123", "val_bpd=0.5", "prior.lr=0.001"):
-        assert word in version.description
+    assert tags["family"] == "token-level" and tags["data.content_hash"] == "d4t4" and tags["git.commit"] == "abc123"
+    assert len(tags["params.hash"]) == 12 and "val_bpd" not in tags and "params" not in tags
+    assert {m.key: m.value for m in logged.metrics} == {"val_bpd": 0.5, "val_bits_per_token": 3.25}
+    assert logged.params["prior.lr"] == "0.001" and logged.params["tokenizer.kind"] == "vq"
+    assert logged.source_run_id == version.run_id
+    assert version.description.startswith("**token-level generator**: vq tokenizer + gpt prior (tiny)")
+    assert "`d4t4`" in version.description and "`abc123`" in version.description
 
 
 ISOLATED = """

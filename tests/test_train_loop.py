@@ -306,3 +306,21 @@ def test_a_nan_loss_stops_training_naming_the_step():
         train_prior(model, _batches(8), _cfg(steps=6, log_every=2), device=CPU, progress=False,
                     on_log=lambda s, m: logs.append(s))
     assert logs == [2]  # stopped at the first log line
+
+
+def test_ema_update_is_the_warmed_up_average():
+    """``EMA.update`` (torch's ``get_ema_multi_avg_fn``) gives, bit for bit, the recursion
+    e ← d·e + (1 − d)·p with d = min(decay, (1 + step) / (10 + step)) as ``torch.lerp`` computes it."""
+    from arvision.train.loop import EMA
+
+    model = torch.nn.Linear(4, 3)
+    ema = EMA(model, decay=0.95)
+    want = [p.detach().clone() for p in model.parameters()]
+    for step in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(step)
+        d = min(0.95, (1 + step) / (10 + step))
+        want = [torch.lerp(w, p.detach(), 1.0 - d) for w, p in zip(want, model.parameters())]
+    assert all(torch.equal(e, w) for e, w in zip(ema.shadow, want))

@@ -78,6 +78,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from arvision.progress import bar as progress_bar
+
 from arvision.cluster import ray_data_pays
 from arvision.config import DataConfig, RayConfig, split_too_small
 from arvision.data.parquet_io import PREPARED_SCHEMA, ShardWriter, write_shards
@@ -691,7 +693,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, out_dir: Union[str, Path], progr
         spill = _Spill(tmp / ".spill", bucket_count(source.count, cfg.resolution, cfg.channels))
         tables = _ray_tables(parts, cfg, ray_cfg, root or Path(__file__).resolve().parents[2]) if on_ray \
             else _local_tables(source, parts, cfg)
-        with tqdm(total=source.count, desc=f"prepare {cfg.source}", unit="img", disable=not progress) as bar:
+        with progress_bar(source.count, f"prepare {cfg.source}", "img", disable=not progress) as bar:
             seen, skipped = _spill(tables, spill, bar)
         if skipped.count:
             names = ", ".join(origin for _, origin in skipped.first)

@@ -7,7 +7,9 @@ train) are embedded once and every generated set is scored against them.
   ``KernelInceptionDistance``, given a pass-through "extractor" so that they work on the
   pipeline's own features.
 - precision / recall (Kynkäänniemi et al. 2019, k-NN manifolds) and density / coverage
-  (Naeem et al. 2020): written here in torch, batched.
+  (Naeem et al. 2020): the authors' ``prdc`` package; above :data:`PRDC_MAX_POINTS` points the
+  same formulas here, in blocks (``prdc`` holds full distance matrices: 20 GB at 50k points).
+  Their bootstrap (:func:`bootstrap_resamples`) is ours: ``prdc`` has no weighted form.
 - memorisation: each sample's nearest training image, in feature space and in pixel space,
   against a threshold calibrated on real held-out images (:data:`COPY_PERCENTILE`).
 - Inception FID (:func:`inception_fd`), optional: needs ``torch-fidelity`` and a weights file.
@@ -110,17 +112,44 @@ def _kth_nn_distance(x_ND: Tensor, k: int) -> Tensor:
     return torch.cat(out)
 
 
+#: above this many points in either set, :func:`prdc` computes in blocks of :data:`CHUNK` rows
+#: instead of calling the ``prdc`` package, whose three full distance matrices (float64) and
+#: argpartition index take ~3 GB at 10,000 points and grow with the square
+PRDC_MAX_POINTS = 10_000
+
+
 def prdc(gen_feats: Array, real_feats: Array, *, nearest_k: int = 5) -> dict[str, float]:
     """precision, recall (Kynkäänniemi et al. 2019) and density, coverage (Naeem et al. 2020).
 
     Each real point's ball reaches its k-th nearest real neighbour (each generated point's, its
-    k-th generated neighbour). precision: share of generated points inside some real ball
-    (fidelity); recall: share of real points inside some generated ball (diversity); density:
-    mean count of real balls holding a generated point, over k (≈1 when the sets match, more
-    when samples crowd dense regions); coverage: share of real balls holding some generated
-    point (robust to outliers in the generated set).
+    k-th generated neighbour); a point is inside a ball when strictly closer than its radius.
+    precision: share of generated points inside some real ball (fidelity); recall: share of
+    real points inside some generated ball (diversity); density: mean count of real balls
+    holding a generated point, over k (≈1 when the sets match, more when samples crowd dense
+    regions); coverage: share of real balls holding some generated point (robust to outliers in
+    the generated set).
+
+    Computed by the authors' ``prdc.compute_prdc`` (float64); sets of more than
+    :data:`PRDC_MAX_POINTS` points by :func:`_prdc_blocks`, the same formulas in bounded memory.
     """
     gen, real = _feats(gen_feats), _feats(real_feats)
+    if max(len(gen), len(real)) > PRDC_MAX_POINTS:
+        return _prdc_blocks(gen, real, nearest_k)
+    import contextlib
+    import io
+
+    from prdc import compute_prdc
+
+    for name, x in (("generated", gen), ("real", real)):
+        if len(x) <= nearest_k:
+            raise ValueError(f"k-NN radii need more than nearest_k={nearest_k} points, got {len(x)} {name}")
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the set sizes on every call
+        out = compute_prdc(real_features=real.numpy(), fake_features=gen.numpy(), nearest_k=nearest_k)
+    return {k: float(out[k]) for k in ("precision", "recall", "density", "coverage")}
+
+
+def _prdc_blocks(gen: Tensor, real: Tensor, nearest_k: int) -> dict[str, float]:
+    """:func:`prdc` for large sets: memory ~ :data:`CHUNK` × (the other set's size) floats."""
     r_real_N = _kth_nn_distance(real, nearest_k)
     r_gen_M = _kth_nn_distance(gen, nearest_k)
     in_real_balls_M = torch.zeros(len(gen), dtype=torch.long)  # per generated point: real balls holding it
@@ -128,10 +157,10 @@ def prdc(gen_feats: Array, real_feats: Array, *, nearest_k: int = 5) -> dict[str
     recalled_N = torch.zeros(len(real), dtype=torch.bool)
     for i in range(0, len(gen), CHUNK):
         d_mN = torch.cdist(gen[i : i + CHUNK], real)  # m: this block of generated points
-        inside_mN = d_mN <= r_real_N[None]
+        inside_mN = d_mN < r_real_N[None]
         in_real_balls_M[i : i + CHUNK] = inside_mN.sum(1)
         covered_N |= inside_mN.any(0)
-        recalled_N |= (d_mN <= r_gen_M[i : i + CHUNK, None]).any(0)
+        recalled_N |= (d_mN < r_gen_M[i : i + CHUNK, None]).any(0)
     return {
         "precision": float((in_real_balls_M > 0).double().mean()),
         "recall": float(recalled_N.double().mean()),
@@ -309,8 +338,9 @@ def _bootstrap_resamples(gen_feats: Array, real_feats: Array, nearest_k: int, re
         cross = ((w @ k_gr_MN) * v).sum(1) / (w.sum(1) * v.sum(1))
         out["kid"].append(_within_mean(k_gg_MM, w) + _within_mean(k_rr_NN, v) - 2 * cross)
         r_real, r_gen = _kth_radius(*near_real, v, nearest_k), _kth_radius(*near_gen, w, nearest_k)  # (Bc, N), (Bc, M)
-        inside_real = (d_gr_MN[None] <= r_real[:, None, :]) & (v[:, None, :] > 0)  # (Bc, M, N): sample in a drawn real ball
-        in_gen = (d_gr_MN[None] <= r_gen[:, :, None]) & (w[:, :, None] > 0)  # real point in a drawn generated ball
+        # strictly inside, as prdc counts: all counts 1 give prdc's numbers, ties included
+        inside_real = (d_gr_MN[None] < r_real[:, None, :]) & (v[:, None, :] > 0)  # (Bc, M, N): sample in a drawn real ball
+        in_gen = (d_gr_MN[None] < r_gen[:, :, None]) & (w[:, :, None] > 0)  # real point in a drawn generated ball
         out["precision"].append((w * inside_real.any(2)).sum(1) / m)
         balls_BM = (inside_real.double() @ v[:, :, None])[..., 0]  # drawn real balls holding each sample
         out["density"].append((w * balls_BM).sum(1) / (nearest_k * m))

@@ -14,8 +14,8 @@ validation loss comes from a callable (``evaluate``, e.g. :func:`val_loss` over 
 - Gradient clipping; an EMA of the weights (``ema_decay``, 0 = off, with the usual warm-up
   ``min(decay, (1 + step) / (10 + step))``): the EMA weights are what gets saved and sampled
   (:func:`final_weights`, :func:`ema_model`). The shadow weights follow ``model.parameters()``,
-  FSDP shards included; ``torch.optim.swa_utils.AveragedModel`` would deep-copy the wrapped
-  model instead.
+  FSDP shards included, and are updated by ``torch.optim.swa_utils.get_ema_multi_avg_fn``;
+  ``AveragedModel`` would deep-copy the wrapped model instead.
 - bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; ``cfg.compile`` (``auto``: on
   CUDA only, :func:`use_compile`): regional ``torch.compile`` (:func:`compile_model`).
 - Full state dicts (weights, optimizer) through ``torch.distributed.checkpoint.state_dict``:
@@ -154,7 +154,10 @@ def make_optimizer(model: nn.Module, cfg: PriorConfig, *, fused: bool) -> torch.
 
 
 class EMA:
-    """fp32 shadow copies aligned with ``model.parameters()`` (works on FSDP shards too)."""
+    """fp32 shadow copies aligned with ``model.parameters()`` (works on FSDP shards too).
+
+    The update is torch's own (``swa_utils.get_ema_multi_avg_fn``); its ``AveragedModel`` is not
+    used because it deep-copies the module it is given, here a DDP-, FSDP- or compile-wrapped one."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
@@ -163,8 +166,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        d = min(self.decay, (1 + step) / (10 + step))  # warm-up: the average forgets the first steps quickly
+        get_ema_multi_avg_fn(d)(self.shadow, [p.detach().float() for p in self.params], None)
 
     @contextlib.contextmanager
     def swapped_in(self):
@@ -377,18 +382,10 @@ def train_prior(
             on_eval(step, loss)
 
     bar = None
-    if progress and is_main:
-        try:
-            from tqdm import tqdm
+    if progress and is_main:  # on a terminal, in a log, or relayed from a Ray worker (arvision.progress)
+        from arvision.progress import bar as progress_bar
 
-            import sys
-
-            # not a terminal (a Ray worker's output, relayed line by line to the driver): a line
-            # every 10 s, not one per refresh
-            interval = 0.1 if sys.stderr.isatty() else 10.0
-            bar = tqdm(total=cfg.steps, initial=step, desc="prior", unit="step", dynamic_ncols=True, mininterval=interval)
-        except ImportError:
-            pass
+        bar = progress_bar(cfg.steps, "prior", "step", initial=step)
 
     metrics: dict[str, float] = {}
     window_loss = torch.zeros((), device=device)

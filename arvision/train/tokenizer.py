@@ -228,7 +228,7 @@ def train_tokenizer(
             log(0, stats)
         return stats
 
-    from tqdm import tqdm
+    from arvision.progress import bar as progress_bar
 
     cuda = device.type == "cuda"
     if cuda:
@@ -267,8 +267,8 @@ def train_tokenizer(
         last, acc, n_acc = dict(state["last"]), dict(state["acc"]), int(state["n_acc"])
     schedule = warmup_cosine(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
                              last_step=start - 1)
-    bar = tqdm(range(start, cfg.steps), desc=f"tokenizer/{tok.kind}", unit="step", disable=not progress, leave=False,
-               initial=start, total=cfg.steps)
+    bar = progress_bar(cfg.steps, f"tokenizer/{tok.kind}", "step", initial=start, disable=not progress,
+                       iterable=range(start, cfg.steps))
     for step in bar:
         lr = opt.param_groups[0]["lr"]
         try:
