@@ -61,13 +61,10 @@ def command(run: dict, out: Path, root: Path, extra: list[str] = ()) -> list[str
         cmd += ["--seed", str(root / run["seed"])]
     for c in run.get("config", []):
         cmd += ["--config", str(REPO / c)]
-    if run.get("set"):  # a relative data.path is the repository's (the runs' roots are elsewhere)
-        sets = [f"data.path={REPO / v.split('=', 1)[1]}" if v.startswith("data.path=") and not v.split("=", 1)[1].startswith("/")
-                else v for v in run["set"]]
-        cmd += ["--set", *sets]
-    if extra:
-        cmd += ["--set", *extra] if not run.get("set") else list(extra)
-    return cmd
+    sets = [*run.get("set", []), *extra]  # one --set: gpu_pipeline keeps only the last one given
+    # a relative data.path is the repository's (the runs' roots are elsewhere)
+    sets = [f"data.path={REPO / v[len('data.path='):]}" if v.startswith("data.path=") else v for v in sets]
+    return cmd + (["--set", *sets] if sets else [])
 
 
 def main() -> None:

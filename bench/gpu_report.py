@@ -67,7 +67,7 @@ def _goals(stages: dict) -> str:
         return "—"
     marks = []
     ratio = ev["fd"] / ev["floor_fd"] if ev.get("floor_fd") else None
-    marks.append(f"FD {ratio:.1f}x floor " + ("✓" if ratio is not None and ratio <= 2 else "✗") if ratio else "FD ?")
+    marks.append(f"FD {ratio:.1f}x floor " + ("✓" if ratio <= 2 else "✗") if ratio else "FD ?")
     if "copy_rate" in ev:
         marks.append(f"copies {100 * ev['copy_rate']:.1f}% " + ("✓" if ev["copy_rate"] < 0.05 else "✗"))
     steps_run = pr.get("steps_run", pr.get("steps"))
