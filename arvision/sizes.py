@@ -27,6 +27,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         # width 64·depth, heads = depth (head dim 64), MLP ratio 4; ``tiny`` for the CPU
         "tiny": dict(depth=3, width=96, heads=3, params=1.08),
         # one GPU, 64² data, a few thousand images (39M at 6 scales to 8×8, 1024 codes)
+        # one GPU, 64² data, a few thousand images: VAR's rule at gpt small's scale
+        "d6": dict(depth=6, width=384, heads=6, params=18.49),
         "d8": dict(depth=8, width=512, heads=8, params=41.3),
         # one GPU, 64² data, ~10k-50k images (130M at 6 scales to 8×8): with dropout / drop_path
         "d12": dict(depth=12, width=768, heads=12, params=133.2),

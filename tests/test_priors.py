@@ -268,8 +268,8 @@ def test_one_gpu_sizes_sit_between_small_and_the_paper_sizes():
     LlamaGen B / VAR-d16, and the var ones follow VAR's rule: width 64·depth, heads = depth."""
     gpt, var = SIZES["gpt"], SIZES["var"]
     assert gpt["small"]["params"] < gpt["medium"]["params"] < gpt["B"]["params"]
-    assert var["tiny"]["params"] < var["d8"]["params"] < var["d12"]["params"] < var["d16"]["params"]
-    for name in ("d8", "d12"):
+    assert var["tiny"]["params"] < var["d6"]["params"] < var["d8"]["params"] < var["d12"]["params"] < var["d16"]["params"]
+    for name in ("d6", "d8", "d12"):
         depth = var[name]["depth"]
         assert (var[name]["width"], var[name]["heads"]) == (64 * depth, depth)
     # the counts test_registry_param_counts checks, stated here too so a registry edit shows

@@ -282,3 +282,14 @@ def test_reconstruction_fd_is_zero_for_a_lossless_tokenizer_and_grows_with_blur(
     floor = frechet_distance(feats["held"], feats["val"])  # real unseen images against val
     assert abs(exact) < 1e-3 * floor, (exact, floor)
     assert blurred > 2 * floor, (blurred, floor)
+
+
+def test_prdc_without_the_package_gives_the_same_numbers(monkeypatch):
+    """The GPU machine has no scikit-learn, so no ``prdc``: the block-wise path answers, unchanged."""
+    import sys
+
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(90, 6)), rng.normal(0.3, 1.1, size=(80, 6))
+    want = prdc(fake, real, nearest_k=4)
+    monkeypatch.setitem(sys.modules, "prdc", None)  # import prdc raises ImportError
+    assert prdc(fake, real, nearest_k=4) == pytest.approx(want, abs=1e-12)
