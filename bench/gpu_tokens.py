@@ -4,10 +4,10 @@ For each resolution (64², 256²): a prepared split of N synthetic images (PNG, 
 writes them), a ``vq`` tokenizer of ``bench/tokenizer.py``'s size for that resolution (random
 weights: the encode cost does not depend on training), then
   - ``bare``: ``bench/tokenizer.py``'s encode rate (a batch already on the GPU, CUDA events);
-  - ``stage_ray``: ``stages.tokens.encode_split_ray`` (Ray Data: parallel PNG decoding, a GPU
+  - ``stage_ray``: ``arvision.data.tokens.encode_split_ray`` (Ray Data: parallel PNG decoding, a GPU
     actor encoding, the driver writing shards), images/s over the whole split, the actor's
     start-up (tokenizer load, CUDA context) included, Ray's own start-up not;
-  - ``stage_in_process``: ``stages.tokens.encode_split`` (one process), for comparison.
+  - ``stage_in_process``: ``arvision.data.tokens.encode_split`` (one process), for comparison.
 
     PYTHONPATH=. python3 bench/gpu_tokens.py --out $OUT
 
@@ -73,7 +73,7 @@ def main() -> None:
     from arvision.data.parquet_io import ShardWriter
     from arvision.tokenizers import save_tokenizer
     from stages.common import Paths
-    from stages.tokens import ACTORS_PER_GPU, batches_per_call, encode_split, encode_split_ray, inference_ready, token_schema
+    from arvision.data.tokens import ACTORS_PER_GPU, batches_per_call, encode_split, encode_split_ray, inference_ready, token_schema
 
     args.variants = args.variants or f"{ACTORS_PER_GPU}xauto"
 
@@ -128,7 +128,7 @@ def main() -> None:
                 writer = FirstWrite(root / f"out_{name}", schema, 16384)
                 t0 = time.perf_counter()
                 if name.startswith("stage_ray"):
-                    encode_split_ray(params, paths, paths.prepared / "train", writer, **options)
+                    encode_split_ray(params, paths.tokenizer, paths.root, paths.prepared / "train", writer, **options)
                 else:
                     encode_split(inference_ready(tok, "cuda"), paths.prepared / "train", writer, batch_size=batch, device=torch.device("cuda"))
                 writer.close()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def imports() -> None:
-    for mod in ("stages.tokens", "arvision.data.prepare", "arvision.data.parquet_io", "torch"):
+    for mod in ("arvision.data.tokens", "arvision.data.prepare", "arvision.data.parquet_io", "torch"):
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", f"import {mod}"], check=True, cwd=ROOT)
         print(f"import {mod}: {time.perf_counter() - t:.2f} s", flush=True)
@@ -41,7 +41,7 @@ def actor() -> None:
     d = Path(tempfile.mkdtemp())
     for res in (64, 256):
         save_tokenizer(tb.make(res).eval(), d / f"t{res}")
-    from stages.tokens import EncodeActor
+    from arvision.data.tokens import EncodeActor
 
     for res, batch in ((64, 512), (256, 128), (64, 512)):  # the first also makes the CUDA context
         t = time.perf_counter()

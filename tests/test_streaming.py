@@ -154,7 +154,7 @@ def _reference_tokens(paths: Paths, out: Path, batch_size: int, shard_size: int)
     """What the stage wrote before it streamed: the whole split decoded, encoded, one table,
     ``write_shards``."""
     from arvision.tokenizers import load_tokenizer
-    from stages.tokens import token_schema
+    from arvision.data.tokens import token_schema
 
     tok = load_tokenizer(paths.tokenizer, device=CPU)
     meta = {"arvision.tokenizer.kind": tok.kind, "arvision.tokenizer.layout": json.dumps([list(x) for x in tok.layout]),
@@ -188,6 +188,7 @@ def test_tokens_stream_equals_whole_table_write_shards(tmp_path):
 def test_tokens_on_ray_writes_the_same_files(tmp_path, monkeypatch):
     import ray
 
+    import arvision.data.tokens as encoding
     from stages import tokens
 
     paths = prepared(tmp_path / "p", 230, 70, shard_size=64)
@@ -195,7 +196,7 @@ def test_tokens_on_ray_writes_the_same_files(tmp_path, monkeypatch):
     params = tokens_params(32, 80)
     tokens.run(params, paths, NullTracker())
     local = files(paths.tokens)
-    monkeypatch.setattr(tokens, "RAY_MIN_ROWS", 1)  # every split on Ray Data
+    monkeypatch.setattr(encoding, "RAY_MIN_ROWS", 1)  # every split on Ray Data
     monkeypatch.setenv("RAY_ADDRESS", "local")  # a fresh instance, whatever else runs on this machine
     calls = []
     monkeypatch.setattr(tokens, "encode_split", lambda *a, **k: calls.append(a))  # the in-process path must not run
@@ -203,7 +204,7 @@ def test_tokens_on_ray_writes_the_same_files(tmp_path, monkeypatch):
         tokens.run(params, paths, NullTracker())
         assert files(paths.tokens) == local
         # an actor call of several batches (as GPU actors take them) still encodes batch by batch
-        monkeypatch.setattr(tokens, "tokens_dataset", functools.partial(tokens.tokens_dataset, calls_of=3))
+        monkeypatch.setattr(encoding, "tokens_dataset", functools.partial(encoding.tokens_dataset, calls_of=3))
         tokens.run(params, paths, NullTracker())
         assert files(paths.tokens) == local
     finally:
@@ -490,7 +491,7 @@ def test_encode_actor_with_views_gives_the_in_process_rows(tmp_path):
     views, as the in-process path does (the Ray path's files then equal the in-process ones)."""
     from arvision.data.views import ViewSpec
     from arvision.tokenizers import load_tokenizer
-    from stages.tokens import EncodeActor, encode_views
+    from arvision.data.tokens import EncodeActor, encode_views
 
     paths = prepared(tmp_path / "p", 40, 0)
     with_tokenizer(paths)
