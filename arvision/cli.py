@@ -109,7 +109,8 @@ def summary(root: Path, results: list[dict], parent_run_id: str | None, seconds:
 
 
 def cmd_run(args) -> int:
-    from arvision.config import check_batches, load_params
+    from arvision.config import load_params
+    from arvision.data.checks import check_batches
 
     root = Path.cwd()
     from pipelines.lock import RunLock
@@ -282,7 +283,8 @@ def _apply_preset(root: Path, preset: Path) -> None:
 
 
 def cmd_check(args) -> int:
-    from arvision.config import check_batches, load_params
+    from arvision.config import load_params
+    from arvision.data.checks import check_batches
 
     params = load_params(Path.cwd() / "params.yaml")
     check_batches(params, Path.cwd())

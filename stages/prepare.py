@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from arvision.config import Params, min_split_images
+from arvision.config import Params
+from arvision.data.checks import min_split_images
 from arvision.data.prepare import prepare_dataset
 from arvision.tracking import Tracker
 from stages.common import Paths, stage_main

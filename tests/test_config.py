@@ -212,7 +212,7 @@ def test_data_path_missing_or_wrong_kind(tmp_path, source, path, expected):
 def test_batch_larger_than_the_data_is_caught(tmp_path):
     import json
 
-    from arvision.config import check_batches
+    from arvision.data.checks import check_batches
 
     raw = _full(tmp_path)
     raw["data"]["max_images"] = 50
@@ -240,7 +240,7 @@ def test_check_command_catches_what_the_run_would_fail_on(tmp_path):
 
 
 def test_check_refuses_a_split_too_small_for_the_pipeline(tmp_path):
-    from arvision.config import check_batches
+    from arvision.data.checks import check_batches
 
     raw = _full(tmp_path)
     raw["data"]["max_images"] = 40  # about 4 val images: evaluate needs 6
@@ -297,7 +297,7 @@ def test_resolution_and_tokenizer_levels_checked_in_params(tmp_path, change, exp
 
 
 def test_cpus_per_worker_checked_against_a_local_instance(tmp_path, monkeypatch):
-    from arvision.config import check_local_ray
+    from arvision.data.checks import check_local_ray
 
     monkeypatch.setattr("arvision.cluster.usable_cores", lambda: 2)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

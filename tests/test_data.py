@@ -273,7 +273,8 @@ def test_write_shards_sizes_metadata_and_empty(tmp_path: Path):
 def test_a_split_too_small_for_the_pipeline_stops_prepare(tmp_path: Path):
     """One image gives 1 train and 0 val: the stage (min_split) stops before writing anything,
     saying how many images evaluate needs; the library alone (no min_split) still prepares it."""
-    from arvision.config import Params, min_split_images
+    from arvision.config import Params
+    from arvision.data.checks import min_split_images
 
     folder = tmp_path / "one"
     folder.mkdir()

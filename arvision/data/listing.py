@@ -139,8 +139,7 @@ def write_listing(root: Path, source: str, data_path: Optional[str]) -> dict:
     taken from ``root``); the file is rewritten only when its content changes. Returns it."""
     from arvision.data.sources import EMOJI_DIR
 
-    where = Path(data_path).expanduser() if data_path else EMOJI_DIR
-    where = where if where.is_absolute() else root / where
+    where = root / Path(data_path).expanduser() if data_path else EMOJI_DIR  # as DataConfig.location
     out = root / LISTING_FILE
     inside = out.resolve().is_relative_to(where.resolve()) and where.is_dir()
     exclude = frozenset({str(out.resolve().relative_to(where.resolve()))}) if inside else frozenset()

@@ -81,7 +81,8 @@ from tqdm import tqdm
 from arvision.progress import bar as progress_bar
 
 from arvision.cluster import ray_data_pays
-from arvision.config import DataConfig, RayConfig, split_too_small
+from arvision.config import DataConfig, RayConfig
+from arvision.data.checks import split_too_small
 from arvision.data.parquet_io import PREPARED_SCHEMA, ShardWriter, write_shards
 from arvision.data.sources import Partition, Record, Source, open_source, read_partition
 from arvision.errors import UserError
@@ -676,7 +677,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, out_dir: Union[str, Path], progr
     rule (None); ``ray_cfg`` (default ``RayConfig()``) and ``root`` (the project root, put on the
     workers' ``PYTHONPATH``) are for :func:`arvision.cluster.init_ray`. ``min_split``: ``(n, who
     needs them)``, the fewest images each split must hold (the stage passes
-    :func:`arvision.config.min_split_images`); checked once the split is known, before any shard
+    :func:`arvision.data.checks.min_split_images`); checked once the split is known, before any shard
     is written. Raises UserError for a missing path or column, a source with no usable image, or
     a split smaller than ``min_split``.
     """
