@@ -98,3 +98,54 @@ def promote(client, version: str, data_hash: str) -> list[str]:
     for alias in aliases:
         client.set_registered_model_alias(GENERATOR_MODEL, alias, str(version))
     return aliases
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :func:`decide` concluded for a registered candidate: whether it becomes champion, and
+    the sentence that says why (``{aliases}`` filled in by :meth:`text` once they are set)."""
+
+    won: bool
+    template: str
+
+    def text(self, aliases: list[str] = ()) -> str:
+        return self.template.replace("{aliases}", ", ".join(aliases))
+
+
+def decide(version: str, candidate: dict, incumbent: Incumbent | None, rescored: dict | None, *, primary: str,
+           max_copy_rate: float, diff_ci: tuple[float, float] | None = None, shown=None) -> Decision:
+    """The champion rule, in words: ``candidate`` (its metrics, lower-is-better ``primary`` by
+    :func:`arvision.judge.primary_value`) against the ``incumbent`` ``rescored`` here on the same
+    data (None: there is none, or it could not be loaded). A candidate copying more than
+    ``max_copy_rate`` of its samples is disqualified; otherwise :func:`beats` decides, with the
+    paired interval ``diff_ci`` of candidate − incumbent. ``shown(metrics)``: the primary value as
+    the sentence prints it (with its interval)."""
+    from arvision.judge import primary_value
+
+    shown = shown or (lambda m: f"{primary_value(m, primary):.4g}")
+    value = primary_value(candidate, primary)
+    champ_value = None if rescored is None else primary_value(rescored, primary)
+    ok = candidate["copy_rate"] <= max_copy_rate
+    inc_ok = rescored is None or rescored["copy_rate"] <= max_copy_rate
+    won = beats(value, champ_value, candidate_qualifies=ok, incumbent_qualifies=inc_ok, diff_ci=diff_ci)
+    kept = f"; champion v{incumbent.version} kept." if incumbent is not None else "; no champion on this data."
+    margin = ("" if diff_ci is None or champ_value is None else
+              f" (difference {value - champ_value:.4g} [{diff_ci[0]:.4g}, {diff_ci[1]:.4g}], paired bootstrap)")
+    if not ok:
+        return Decision(False, f"v{version} registered as candidate but disqualified: it copies "
+                               f"{candidate['copy_rate']:.0%} of its samples (evaluate.max_copy_rate {max_copy_rate:.0%})" + kept)
+    if won:
+        if incumbent is None:
+            why = ": no champion on this data yet."
+        elif rescored is None:
+            why = f": champion v{incumbent.version} could not be re-scored here."
+        elif not inc_ok:
+            why = f": champion v{incumbent.version} copies {rescored['copy_rate']:.0%} of its samples."
+        else:
+            why = (f": {primary} {shown(candidate)} beats v{incumbent.version}'s {shown(rescored)}, re-scored here, "
+                   + ("beyond the interval" if diff_ci is not None else "(no interval)") + f"{margin}.")
+        return Decision(True, f"v{version} is the new champion ({{aliases}})" + why)
+    beyond = " beyond the interval" if diff_ci is not None and value < champ_value else ""
+    return Decision(False, f"v{version} registered as candidate; champion v{incumbent.version} kept: "
+                           f"{primary} {shown(candidate)} does not beat v{incumbent.version}'s "
+                           f"{shown(rescored)}{beyond}, re-scored here{margin}.")

@@ -306,35 +306,16 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
             # model's: linked to its logged model; the champion's and the last weights' are not
             tracker.link_model(reg["model_id"], lambda key: not key.startswith(OTHER_MODELS))
             metrics["registered_version"] = int(reg["version"])
-            ok = metrics["copy_rate"] <= cfg.max_copy_rate
-            inc_ok = champ is None or champ["copy_rate"] <= cfg.max_copy_rate
             if champ_value is not None:  # candidate − champion, paired: the same resample indices for both
                 diff_ci = ch.difference_interval(primary_resamples(detail, cfg.primary),
                                                  primary_resamples(champ_detail, cfg.primary), value, champ_value)
                 metrics[f"vs_champion_{cfg.primary}"] = value - champ_value
                 if diff_ci is not None:
                     metrics[f"vs_champion_{cfg.primary}_ci_low"], metrics[f"vs_champion_{cfg.primary}_ci_high"] = diff_ci
-            won = ch.beats(value, champ_value, candidate_qualifies=ok, incumbent_qualifies=inc_ok, diff_ci=diff_ci)
-            margin = ("" if diff_ci is None else
-                      f" (difference {value - champ_value:.4g} [{diff_ci[0]:.4g}, {diff_ci[1]:.4g}], paired bootstrap)")
-            if not ok:
-                decision = (f"v{reg['version']} registered as candidate but disqualified: it copies "
-                            f"{metrics['copy_rate']:.0%} of its samples (evaluate.max_copy_rate {cfg.max_copy_rate:.0%})"
-                            + (f"; champion v{inc.version} kept." if inc is not None else "; no champion on this data."))
-            elif won:
-                aliases = ch.promote(client, reg["version"], data_hash)
-                why = (f": {cfg.primary} {_with_ci(metrics, cfg.primary)} beats v{inc.version}'s "
-                       f"{_with_ci(champ, cfg.primary)}, re-scored here, "
-                       + ("beyond the interval" if diff_ci is not None else "(no interval)") + f"{margin}."
-                       if champ_value is not None and inc_ok else
-                       f": champion v{inc.version} copies {champ['copy_rate']:.0%} of its samples." if champ is not None and not inc_ok
-                       else ": no champion on this data yet.")
-                decision = f"v{reg['version']} is the new champion ({', '.join(aliases)})" + why
-            else:
-                beyond = " beyond the interval" if diff_ci is not None and value < champ_value else ""
-                decision = (f"v{reg['version']} registered as candidate; champion v{inc.version} kept: "
-                            f"{cfg.primary} {_with_ci(metrics, cfg.primary)} does not beat v{inc.version}'s "
-                            f"{_with_ci(champ, cfg.primary)}{beyond}, re-scored here{margin}.")
+            verdict = ch.decide(reg["version"], metrics, inc, champ, primary=cfg.primary, max_copy_rate=cfg.max_copy_rate,
+                                diff_ci=diff_ci, shown=lambda m: _with_ci(m, cfg.primary))
+            won = verdict.won
+            decision = verdict.text(ch.promote(client, reg["version"], data_hash) if won else [])
             metrics["is_champion"] = int(won)
             set_description(GENERATOR_MODEL, reg["version"],
                             describe_generator(reg["version"], reg["tags"], metrics, manifest, decision, cfg.num_samples))

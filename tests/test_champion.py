@@ -183,3 +183,26 @@ def _emoji(n: int) -> list:
 
     table = pq.read_table(next((ROOT / "arvision/data/emoji").glob("*.parquet"))).slice(0, n)
     return [decode_png(b)[..., :3] for b in table.column("image").to_pylist()]
+
+
+def test_the_decision_in_words():
+    """``champion.decide``: who wins and the sentence the report, the model page and the log show."""
+    from arvision.champion import Incumbent, decide
+
+    inc = Incumbent("3", "abc", True)
+    good, worse = {"fd": 1.0, "copy_rate": 0.0}, {"fd": 2.0, "copy_rate": 0.0}
+    d = decide("4", good, None, None, primary="fd", max_copy_rate=0.5)
+    assert d.won and d.text(["champion-abc", "champion"]) == "v4 is the new champion (champion-abc, champion): no champion on this data yet."
+    d = decide("4", good, inc, worse, primary="fd", max_copy_rate=0.5, diff_ci=(-1.5, -0.5))
+    assert d.won and d.text(["champion"]) == ("v4 is the new champion (champion): fd 1 beats v3's 2, re-scored here, beyond the "
+                                              "interval (difference -1 [-1.5, -0.5], paired bootstrap).")
+    d = decide("4", good, inc, worse, primary="fd", max_copy_rate=0.5, diff_ci=(-1.5, 0.2))  # lower, within the noise
+    assert not d.won and d.text() == ("v4 registered as candidate; champion v3 kept: fd 1 does not beat v3's 2 beyond the "
+                                      "interval, re-scored here (difference -1 [-1.5, 0.2], paired bootstrap).")
+    d = decide("4", {"fd": 0.1, "copy_rate": 0.9}, inc, worse, primary="fd", max_copy_rate=0.5)
+    assert not d.won and d.text() == ("v4 registered as candidate but disqualified: it copies 90% of its samples "
+                                      "(evaluate.max_copy_rate 50%); champion v3 kept.")
+    d = decide("4", worse, inc, {"fd": 0.1, "copy_rate": 0.9}, primary="fd", max_copy_rate=0.5)
+    assert d.won and d.text(["champion"]).endswith(": champion v3 copies 90% of its samples.")
+    d = decide("4", worse, inc, None, primary="fd", max_copy_rate=0.5)  # the incumbent could not be loaded
+    assert d.won and d.text(["champion"]).endswith(": champion v3 could not be re-scored here.")
