@@ -180,9 +180,16 @@ def _log_and_register(
     *,
     metrics: dict[str, float] | None = None,
     description: str | None = None,
+    recorded_as: list[str] | None = None,
 ) -> tuple[str, str, str]:
     """Log ``model`` (with its code, pinned requirements and input example) to ``run_id`` as an
     MLflow 3 logged model, register it as a new version of ``name`` and point ``candidate`` at it.
+
+    Idempotent: the version is keyed by the content of the model's files
+    (:func:`arvision.journal.outputs_key`, tag ``arvision.outputs_md5``), and outputs already
+    registered give back their version rather than a new one. In a stage, the registration is
+    journaled (:mod:`arvision.journal`) and stands only once DVC has recorded the outputs it
+    stands for, which will lie at ``recorded_as`` (paths from the project root).
 
     The logged model carries the params (:func:`_model_params`); the version carries lineage
     tags (:func:`lineage_tags`: ``tags`` and what it reads from the run and the model's files)
@@ -193,8 +200,17 @@ def _log_and_register(
     """
     import logging
 
+    from arvision import journal
+
     prior_dir = Path(artifacts["prior"]) if "prior" in artifacts else None
     client = mlflow.MlflowClient()
+    key = journal.outputs_key([Path(artifacts["tokenizer"])] + ([prior_dir] if prior_dir else []))
+    entry = journal.begin(client, name, key, recorded_as or [], run_id, mlflow.get_tracking_uri())
+    found = journal.find_version(client, name, key)
+    if found is not None:  # these very outputs are registered already: no second version
+        version, model_id = str(found.version), logged_model_id(found)
+        client.set_registered_model_alias(name, "candidate", version)
+        return f"models:/{model_id}", version, model_id
     params = _model_params(client, run_id, Path(artifacts["tokenizer"]), prior_dir)
     version_tags = lineage_tags(client, run_id, Path(artifacts["tokenizer"]), prior_dir, params, tags)
 
@@ -221,6 +237,8 @@ def _log_and_register(
         # and shows that model's metrics; registered_model_name= above would register runs:/...
         mv = mlflow.register_model(info.model_uri, name, await_registration_for=0)
     version = str(mv.version)
+    journal.created(entry, version)
+    client.set_model_version_tag(name, version, journal.KEY_TAG, key)  # first: what a re-run looks it up by
     for k, v in version_tags.items():
         client.set_model_version_tag(name, version, k, str(v))
     client.update_model_version(name, version, description=description or _headline(version_tags))
@@ -346,7 +364,8 @@ def set_description(name: str, version: str, text: str) -> None:
 def register_tokenizer(run_id: str, tokenizer_dir: Path, tags: dict[str, str]) -> dict[str, str]:
     """Log the tokenizer pyfunc to ``run_id`` and register it; returns uri, version and the
     logged model's id (its metrics: the stage's, linked through ``model_id``)."""
-    uri, version, model_id = _log_and_register(run_id, TOKENIZER_MODEL, TokenizerPyfunc(), {"tokenizer": str(tokenizer_dir)}, tags)
+    uri, version, model_id = _log_and_register(run_id, TOKENIZER_MODEL, TokenizerPyfunc(), {"tokenizer": str(tokenizer_dir)}, tags,
+                                               recorded_as=["models/tokenizer"])
     return {"model_uri": f"models:/{TOKENIZER_MODEL}/{version}", "logged_uri": uri, "version": version, "run_id": run_id,
             "model_id": model_id}
 
@@ -364,7 +383,7 @@ def register_generator(
     """
     _, version, model_id = _log_and_register(
         run_id, GENERATOR_MODEL, GeneratorPyfunc(), {"tokenizer": str(tokenizer_dir), "prior": str(prior_dir)}, tags,
-        metrics=metrics,
+        recorded_as=["models/tokenizer", "models/prior"], metrics=metrics,
     )
     mv = mlflow.MlflowClient().get_model_version(GENERATOR_MODEL, version)
     return {"version": version, "model_id": model_id, "tags": dict(mv.tags)}
