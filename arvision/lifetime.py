@@ -55,7 +55,7 @@ STAGE_ENV = "ARVISION_STAGE_TREE"
 #: how often a stage's guard looks for its top (seconds)
 POLL_S = 0.2
 #: how long a stage whose top died may take to end its runs and undo its registrations (seconds)
-HARD_EXIT_S = 4.0
+HARD_EXIT_S = 6.0
 #: how long :func:`end` waits between SIGTERM and SIGKILL (seconds)
 GRACE_S = 3.0
 
@@ -84,25 +84,35 @@ def top_pid(mark: str) -> int | None:
 
 
 def members(var: str, mark: str) -> list[int]:
-    """The live processes (this one excepted) whose environment holds ``var=mark``: read from
-    ``/proc/<pid>/environ`` (a process's own, or root's to read). Zombies are left out."""
+    """The live processes (this one excepted) whose environment holds ``var=mark``, read from
+    ``/proc/<pid>/environ`` (a process's own, or root's to read), and their descendants: a
+    process that sets its title (Ray's agents: ``ray::DashboardAgent``) overwrites what
+    ``/proc`` shows of its environment, but it is the child of one that does not (the raylet).
+    Zombies are left out."""
     if not mark or not _LINUX:
         return []
     needle = f"{var}={mark}".encode()
-    found = []
+    marked, parent = set(), {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit():
             continue
+        pid = int(entry.name)
         try:
-            env = Path(entry.path, "environ").read_bytes()
-            if needle not in env.split(b"\0"):
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[-1].split()
+            if fields[0] == "Z":
                 continue
-            stat = Path(entry.path, "stat").read_text()
+            parent[pid] = int(fields[1])
+            if needle in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                marked.add(pid)
         except OSError:  # gone, or another user's
             continue
-        if stat.rsplit(")", 1)[-1].split()[0] != "Z":
-            found.append(int(entry.name))
-    return found
+    marked.discard(os.getpid())  # nor what this process started unmarked (the top's Prefect server)
+    found, grew = set(marked), True
+    while grew:  # the descendants of marked processes
+        more = {pid for pid, ppid in parent.items() if ppid in found and pid not in found and pid != os.getpid()}
+        found |= more
+        grew = bool(more)
+    return sorted(found)
 
 
 def end(pids: list[int], grace_s: float = GRACE_S) -> int:
@@ -174,17 +184,18 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 _GUARD: dict[str, object] = {}
 
 
-def guard_stage(stage: str, on_orphaned=None) -> None:
+def guard_stage(stage: str, on_orphaned=None, on_hard_exit=None) -> None:
     """Bind a stage's life to its run's: mark what it starts (``ARVISION_STAGE_TREE``), die
     with its parent, shut Ray down and kill what carries the mark at exit, and, under an
     ``arvision run`` (``ARVISION_RUN_TREE`` set), watch the top's pid: when it is gone, kill what
     the stage started and call ``on_orphaned`` (default: SIGTERM to this process, which a stage
-    handles as Ctrl-C), exiting at once after :data:`HARD_EXIT_S` if the stage has not ended."""
+    handles as Ctrl-C), exiting at once after :data:`HARD_EXIT_S` if the stage has not ended
+    (after ``on_hard_exit``: what must not wait for the next run)."""
     if _GUARD:
         return
     mark = f"{os.getpid()}-{secrets.token_hex(4)}"
     os.environ[STAGE_ENV] = mark
-    _GUARD["mark"] = mark
+    _GUARD.update(mark=mark, on_hard_exit=on_hard_exit)
     die_with_parent(signal.SIGTERM)
     atexit.register(_stage_exit)
     top = top_pid(os.environ.get(TREE_ENV, ""))
@@ -198,6 +209,7 @@ def guard_stage(stage: str, on_orphaned=None) -> None:
         while _start_time(top) == born:
             time.sleep(POLL_S)
         print(f"{stage}: its arvision run (pid {top}) is gone: stopping", file=sys.stderr, flush=True)
+        _GUARD["orphaned"] = True
         end(members(STAGE_ENV, mark), grace_s=0.0)  # Ray's processes: nothing of theirs to save
         threading.Thread(target=_hard_exit, daemon=True).start()
         (on_orphaned or (lambda: os.kill(os.getpid(), signal.SIGTERM)))()
@@ -208,6 +220,11 @@ def guard_stage(stage: str, on_orphaned=None) -> None:
 def _hard_exit() -> None:
     time.sleep(HARD_EXIT_S)
     end(members(STAGE_ENV, str(_GUARD.get("mark", ""))), grace_s=0.0)
+    last = _GUARD.get("on_hard_exit")
+    if callable(last):
+        done = threading.Thread(target=last, daemon=True)
+        done.start()
+        done.join(timeout=2.0)
     os._exit(137)
 
 
@@ -224,7 +241,7 @@ def _start_time(pid: int) -> float | None:
 def _stage_exit() -> None:
     """At a stage's exit: Ray shut down (its daemons and workers), then anything still marked killed."""
     ray = sys.modules.get("ray")
-    if ray is not None:
+    if ray is not None and not _GUARD.get("orphaned"):  # orphaned: its daemons are killed already
         try:
             if ray.is_initialized():
                 ray.shutdown()

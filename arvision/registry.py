@@ -25,7 +25,7 @@ import pandas as pd
 
 from arvision.config import SamplingConfig
 from arvision.errors import UserError
-from arvision.tracking import GENERATOR_MODEL, TOKENIZER_MODEL
+from arvision.tracking import GENERATOR_MODEL, TOKENIZER_MODEL, _Deferred, interrupts_deferred
 
 #: the modules of ``arvision`` the pyfuncs import at load and predict time (this one, the
 #: models, the generator, PNG encoding); copied into each model as its code
@@ -203,7 +203,9 @@ def _log_and_register(
     from arvision import journal
 
     prior_dir = Path(artifacts["prior"]) if "prior" in artifacts else None
-    client = mlflow.MlflowClient()
+    # every write waits out a stage's Ctrl-C (or its run's death): one cut short can leave the
+    # SQLite store locked, and the stage could then neither end its run nor undo this
+    client = _Deferred(mlflow.MlflowClient())
     key = journal.outputs_key([Path(artifacts["tokenizer"])] + ([prior_dir] if prior_dir else []))
     entry = journal.begin(client, name, key, recorded_as or [], run_id, mlflow.get_tracking_uri())
     found = journal.find_version(client, name, key)
@@ -218,7 +220,8 @@ def _log_and_register(
     logging.getLogger("mlflow.models.model").setLevel(logging.ERROR)  # "validating the serving input example"
     import warnings
 
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    with (interrupts_deferred(), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id),
+          warnings.catch_warnings()):
         # the tokenizer has no input example (PNG bytes; checking one would load and run it): MLflow
         # says so in colour codes, in every log
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
@@ -366,7 +369,10 @@ def register_tokenizer(run_id: str, tokenizer_dir: Path, tags: dict[str, str]) -
     logged model's id (its metrics: the stage's, linked through ``model_id``)."""
     uri, version, model_id = _log_and_register(run_id, TOKENIZER_MODEL, TokenizerPyfunc(), {"tokenizer": str(tokenizer_dir)}, tags,
                                                recorded_as=["models/tokenizer"])
-    return {"model_uri": f"models:/{TOKENIZER_MODEL}/{version}", "logged_uri": uri, "version": version, "run_id": run_id,
+    # the run that made the version (an earlier one where these outputs were registered before):
+    # the same outputs give the same registry.json
+    made_by = mlflow.MlflowClient().get_model_version(TOKENIZER_MODEL, version).run_id or run_id
+    return {"model_uri": f"models:/{TOKENIZER_MODEL}/{version}", "logged_uri": uri, "version": version, "run_id": made_by,
             "model_id": model_id}
 
 

@@ -247,7 +247,7 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
         signal.signal(signal.SIGINT, _raise_interrupt)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    lifetime.guard_stage(stage)
+    lifetime.guard_stage(stage, on_hard_exit=lambda: _undo_registrations(stage))
     journal.open_stage(root, stage)
     try:
         params = load_params(root / "params.yaml")

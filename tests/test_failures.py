@@ -435,3 +435,55 @@ def test_sample_grid_too_large_refused_before_sampling(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as e:  # the images alone: no grid to bound
         cli.main(["sample", str(tmp_path), "--images-dir", str(tmp_path / "imgs"), "--n", "2", "--labels", "0"])
     assert e.value.code == 0 and gen.calls[0]["progress"] is True and len(list((tmp_path / "imgs").iterdir())) == 2
+
+
+# --------------------------------------------------------------------------- the registry's journal
+
+
+def test_registration_is_keyed_by_content_and_stands_only_where_dvc_recorded_it(tmp_path, monkeypatch):
+    """The same tokenizer files registered twice give one version; a stage that did not end
+    well undoes what it registered (version deleted, aliases put back); a registration whose
+    outputs DVC never recorded is undone by the next run's settling, one DVC recorded is kept."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from arvision import journal
+    from arvision.config import TokenizerConfig
+    from arvision.registry import register_tokenizer
+    from arvision.tokenizers import build_tokenizer, save_tokenizer
+    from arvision.tracking import TOKENIZER_MODEL, setup_mlflow, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    saved_uri = mlflow.get_tracking_uri()
+    root = tmp_path / "repo"
+    out = root / "models" / "tokenizer"
+    tok = build_tokenizer(TokenizerConfig(kind="vq", width=8, channel_mult=[1, 2], num_res_blocks=0, codebook_size=16,
+                                          code_dim=4), channels=3, resolution=16)
+    save_tokenizer(tok, out)
+    try:
+        exp = setup_mlflow(root)
+        client = MlflowClient(tracking_uri(root))
+        run = lambda: client.create_run(exp, tags={"git.commit": "abc"}).info.run_id  # noqa: E731
+        monkeypatch.setattr(journal, "_STAGE", {})
+        journal.open_stage(root, "tokenizer")
+        first = register_tokenizer(run(), out, {})
+        (out / "registry.json").write_text(json.dumps(first))  # not content: the key leaves it out
+        again = register_tokenizer(run(), out, {})
+        assert again == first  # the same version, made by the same run: the same registry.json
+        versions = lambda: sorted(int(v.version) for v in client.search_model_versions(f"name='{TOKENIZER_MODEL}'"))  # noqa: E731
+        assert versions() == [1]
+        journal.settle(root, unchanged=lambda stage: True)  # DVC recorded these outputs: kept
+        assert versions() == [1] and not list((root / journal.JOURNAL_DIR).iterdir())
+
+        (out / "weights.pt").write_bytes((out / "weights.pt").read_bytes() + b"\0")  # other weights: a new version
+        second = register_tokenizer(run(), out, {})
+        assert second["version"] == "2" and str(client.get_model_version_by_alias(TOKENIZER_MODEL, "candidate").version) == "2"
+        assert journal.undo_own() == [f"{TOKENIZER_MODEL}: version 2 deleted; candidate put back"]
+        assert versions() == [1] and str(client.get_model_version_by_alias(TOKENIZER_MODEL, "candidate").version) == "1"
+
+        register_tokenizer(run(), out, {})  # v3, its stage ended well, but DVC did not record it
+        monkeypatch.setattr(journal, "_STAGE", {})  # as in the next run's process
+        assert journal.settle(root, unchanged=lambda stage: False)[0].endswith("version 3 deleted; candidate put back")
+        assert versions() == [1] and str(client.get_model_version_by_alias(TOKENIZER_MODEL, "candidate").version) == "1"
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
