@@ -487,3 +487,53 @@ def test_registration_is_keyed_by_content_and_stands_only_where_dvc_recorded_it(
         assert versions() == [1] and str(client.get_model_version_by_alias(TOKENIZER_MODEL, "candidate").version) == "1"
     finally:
         mlflow.set_tracking_uri(saved_uri)
+
+
+# --------------------------------------------------------------------------- a stage's own lifetime
+
+
+_STAGE_SCRIPT = """
+import os, signal, sys, time
+from stages.common import stage_main
+
+def run(params, paths, tracker):
+    if sys.argv[1] == "error-after-ctrl-c":  # Ray's worker got the Ctrl-C too and died first
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass  # caught on the way, as Ray Train's start-up does
+        raise RuntimeError("the worker died")
+    while True:  # orphaned: trains until its run is gone
+        time.sleep(0.05)
+
+stage_main("tokenizer", run, reads=[])
+"""
+
+
+def test_an_error_after_ctrl_c_is_the_interrupt(bare, tmp_path):
+    """Ctrl-C while Ray Train starts its worker: the worker dies of it first and the stage sees a
+    Ray error before its KeyboardInterrupt; that still ends the stage "interrupted", 130."""
+    env = {**_env(bare.parent), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-c", _STAGE_SCRIPT, "error-after-ctrl-c"], cwd=bare, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "tokenizer: interrupted; no output was kept" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_stage_whose_run_is_gone_stops_within_seconds(bare, tmp_path):
+    """The stage's guard sees the pid in ``ARVISION_RUN_TREE`` gone and stops the stage as Ctrl-C does."""
+    from arvision.lifetime import TREE_ENV
+
+    top = subprocess.Popen(["sleep", "60"])
+    env = {**_env(bare.parent), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", TREE_ENV: f"{top.pid}-test"}
+    stage = subprocess.Popen([sys.executable, "-c", _STAGE_SCRIPT, "orphaned"], cwd=bare, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # imports, params, the MLflow run opened
+    assert stage.poll() is None, stage.communicate()[1][-3000:]
+    top.kill()
+    top.wait()
+    t0 = time.time()
+    _, err = stage.communicate(timeout=30)
+    assert time.time() - t0 < 5, err[-3000:]
+    assert stage.returncode == 130 and f"its arvision run (pid {top.pid}) is gone: stopping" in err, err[-3000:]
