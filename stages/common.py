@@ -26,7 +26,7 @@ import yaml
 from arvision.config import Params, load_params
 from arvision.dag import METRICS_FILE, PARAM_SECTIONS
 from arvision.errors import UserError
-from arvision.tracking import Tracker, in_deferred_section, interrupts_deferred, stage_run
+from arvision.tracking import Tracker, defer_interrupt, in_deferred_section, interrupts_deferred, stage_run
 
 log = logging.getLogger("arvision")
 
@@ -195,7 +195,7 @@ class _Tee:
         return getattr(self._stream, name)
 
 
-_PENDING = {"interrupt": False, "received": False}
+_PENDING = {"interrupt": False, "received": False, "handling": False}
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -204,11 +204,13 @@ def _raise_interrupt(signum, frame) -> None:
     or weakref callback is printed ("Exception ignored in ...") and dropped; without the repeat
     the stage would then run on to its end. Inside an MLflow write
     (:func:`arvision.tracking.interrupts_deferred`) it waits for the write to end."""
+    if _PENDING["handling"]:  # the stage is ending its runs already: a second Ctrl-C changes nothing
+        return
     _PENDING["received"] = True  # for good: an error after it is the interrupt's (Ray's processes got it too)
     if not _PENDING["interrupt"]:
         _PENDING["interrupt"] = True
         signal.setitimer(signal.ITIMER_REAL, 0.5, 1.0)
-    if not in_deferred_section():
+    if not defer_interrupt():
         raise KeyboardInterrupt
 
 
@@ -218,8 +220,9 @@ def _raise_again(signum, frame) -> None:
 
 
 def _interrupt_handled() -> None:
-    _PENDING["interrupt"] = False
+    _PENDING.update(interrupt=False, handling=True)
     signal.setitimer(signal.ITIMER_REAL, 0)
+    defer_interrupt(pending=False)
 
 
 def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any]], reads: list[str]) -> None:
@@ -301,7 +304,7 @@ def _undo_registrations(stage: str) -> None:
         with interrupts_deferred():
             for line in journal.undo_own():
                 print(f"{stage}: registry: {line}", file=sys.stderr, flush=True)
-    except Exception as err:  # the next arvision run settles what is left (journal.settle)
+    except (Exception, KeyboardInterrupt) as err:  # the next arvision run settles what is left (journal.settle)
         print(f"{stage}: could not undo its registrations ({type(err).__name__}: {err}); "
               "the next arvision run will", file=sys.stderr, flush=True)
 
