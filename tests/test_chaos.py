@@ -57,7 +57,7 @@ def _fingerprint(proj: Path) -> dict[str, str]:
             if not f.is_file() or rel in TIMING_FILES:
                 continue
             data = f.read_bytes()
-            if f.suffix == ".json" and rel.startswith("metrics/"):
+            if f.suffix == ".json" and rel.startswith(("metrics/", "reports/")):  # e.g. stage_seconds, cpu_seconds
                 values = {k: v for k, v in json.loads(data).items() if not _timing(k)}
                 data = json.dumps(values, sort_keys=True).encode()
             elif f.suffix == ".csv" and rel.startswith("metrics/"):
