@@ -25,7 +25,7 @@ import pandas as pd
 
 from arvision.config import SamplingConfig
 from arvision.errors import UserError
-from arvision.tracking import GENERATOR_MODEL, TOKENIZER_MODEL
+from arvision.tracking import GENERATOR_MODEL, TOKENIZER_MODEL, _Deferred, interrupts_deferred
 
 #: the modules of ``arvision`` the pyfuncs import at load and predict time (this one, the
 #: models, the generator, PNG encoding); copied into each model as its code
@@ -180,9 +180,16 @@ def _log_and_register(
     *,
     metrics: dict[str, float] | None = None,
     description: str | None = None,
+    recorded_as: list[str] | None = None,
 ) -> tuple[str, str, str]:
     """Log ``model`` (with its code, pinned requirements and input example) to ``run_id`` as an
     MLflow 3 logged model, register it as a new version of ``name`` and point ``candidate`` at it.
+
+    Idempotent: the version is keyed by the content of the model's files
+    (:func:`arvision.journal.outputs_key`, tag ``arvision.outputs_md5``), and outputs already
+    registered give back their version rather than a new one. In a stage, the registration is
+    journaled (:mod:`arvision.journal`) and stands only once DVC has recorded the outputs it
+    stands for, which will lie at ``recorded_as`` (paths from the project root).
 
     The logged model carries the params (:func:`_model_params`); the version carries lineage
     tags (:func:`lineage_tags`: ``tags`` and what it reads from the run and the model's files)
@@ -193,8 +200,19 @@ def _log_and_register(
     """
     import logging
 
+    from arvision import journal
+
     prior_dir = Path(artifacts["prior"]) if "prior" in artifacts else None
-    client = mlflow.MlflowClient()
+    # every write waits out a stage's Ctrl-C (or its run's death): one cut short can leave the
+    # SQLite store locked, and the stage could then neither end its run nor undo this
+    client = _Deferred(mlflow.MlflowClient())
+    key = journal.outputs_key([Path(artifacts["tokenizer"])] + ([prior_dir] if prior_dir else []))
+    entry = journal.begin(client, name, key, recorded_as or [], run_id, mlflow.get_tracking_uri())
+    found = journal.find_version(client, name, key)
+    if found is not None:  # these very outputs are registered already: no second version
+        version, model_id = str(found.version), logged_model_id(found)
+        client.set_registered_model_alias(name, "candidate", version)
+        return f"models:/{model_id}", version, model_id
     params = _model_params(client, run_id, Path(artifacts["tokenizer"]), prior_dir)
     version_tags = lineage_tags(client, run_id, Path(artifacts["tokenizer"]), prior_dir, params, tags)
 
@@ -202,7 +220,8 @@ def _log_and_register(
     logging.getLogger("mlflow.models.model").setLevel(logging.ERROR)  # "validating the serving input example"
     import warnings
 
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    with (interrupts_deferred(), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id),
+          warnings.catch_warnings()):
         # the tokenizer has no input example (PNG bytes; checking one would load and run it): MLflow
         # says so in colour codes, in every log
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
@@ -221,6 +240,8 @@ def _log_and_register(
         # and shows that model's metrics; registered_model_name= above would register runs:/...
         mv = mlflow.register_model(info.model_uri, name, await_registration_for=0)
     version = str(mv.version)
+    journal.created(entry, version)
+    client.set_model_version_tag(name, version, journal.KEY_TAG, key)  # first: what a re-run looks it up by
     for k, v in version_tags.items():
         client.set_model_version_tag(name, version, k, str(v))
     client.update_model_version(name, version, description=description or _headline(version_tags))
@@ -346,8 +367,12 @@ def set_description(name: str, version: str, text: str) -> None:
 def register_tokenizer(run_id: str, tokenizer_dir: Path, tags: dict[str, str]) -> dict[str, str]:
     """Log the tokenizer pyfunc to ``run_id`` and register it; returns uri, version and the
     logged model's id (its metrics: the stage's, linked through ``model_id``)."""
-    uri, version, model_id = _log_and_register(run_id, TOKENIZER_MODEL, TokenizerPyfunc(), {"tokenizer": str(tokenizer_dir)}, tags)
-    return {"model_uri": f"models:/{TOKENIZER_MODEL}/{version}", "logged_uri": uri, "version": version, "run_id": run_id,
+    uri, version, model_id = _log_and_register(run_id, TOKENIZER_MODEL, TokenizerPyfunc(), {"tokenizer": str(tokenizer_dir)}, tags,
+                                               recorded_as=["models/tokenizer"])
+    # the run that made the version (an earlier one where these outputs were registered before):
+    # the same outputs give the same registry.json
+    made_by = mlflow.MlflowClient().get_model_version(TOKENIZER_MODEL, version).run_id or run_id
+    return {"model_uri": f"models:/{TOKENIZER_MODEL}/{version}", "logged_uri": uri, "version": version, "run_id": made_by,
             "model_id": model_id}
 
 
@@ -364,7 +389,7 @@ def register_generator(
     """
     _, version, model_id = _log_and_register(
         run_id, GENERATOR_MODEL, GeneratorPyfunc(), {"tokenizer": str(tokenizer_dir), "prior": str(prior_dir)}, tags,
-        metrics=metrics,
+        recorded_as=["models/tokenizer", "models/prior"], metrics=metrics,
     )
     mv = mlflow.MlflowClient().get_model_version(GENERATOR_MODEL, version)
     return {"version": version, "model_id": model_id, "tags": dict(mv.tags)}

@@ -156,23 +156,40 @@ def flatten(d: dict[str, Any]) -> dict[str, Any]:
     return pd.json_normalize(d, sep=".").to_dict(orient="records")[0]
 
 
-_DEFERRED = {"depth": 0}
+_DEFERRED = {"depth": 0, "pending": False}
 
 
 @contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """A section a stage's Ctrl-C / SIGTERM handler (``stages.common``) does not interrupt: it
-    raises the KeyboardInterrupt just after. A KeyboardInterrupt raised inside an MLflow write
-    can leave the SQLite store locked, and the stage then cannot end its run KILLED."""
+    raises the KeyboardInterrupt as the outermost section ends (:func:`defer_interrupt`). A
+    KeyboardInterrupt raised inside an MLflow write can leave the SQLite store locked, and the
+    stage then cannot end its run KILLED."""
     _DEFERRED["depth"] += 1
     try:
         yield
     finally:
         _DEFERRED["depth"] -= 1
+    if _DEFERRED["depth"] == 0 and _DEFERRED["pending"]:
+        _DEFERRED["pending"] = False
+        raise KeyboardInterrupt
 
 
 def in_deferred_section() -> bool:
     return _DEFERRED["depth"] > 0
+
+
+def defer_interrupt(pending: bool = True) -> bool:
+    """For a signal handler: inside a deferred section, note the interrupt (the section raises it
+    at its end; not relying on a timer, which MLflow's own ``signal.alarm`` timeouts cancel) and
+    return True; else False. ``pending=False`` forgets a noted one (the interrupt is handled)."""
+    if not pending:
+        _DEFERRED["pending"] = False
+        return False
+    if _DEFERRED["depth"] > 0:
+        _DEFERRED["pending"] = True
+        return True
+    return False
 
 
 class _Deferred:

@@ -135,7 +135,9 @@ class PipelineRun:
             self.lock.acquire()
 
     def close_orphans(self) -> None:
-        """End the MLflow runs a killed predecessor left RUNNING (it left their ids in the lock file)."""
+        """End the MLflow runs a killed predecessor left RUNNING (it left their ids in the lock
+        file), and settle the registrations of stages whose outputs DVC never recorded."""
+        settle_registry(self.root)
         previous, self.lock.previous = self.lock.previous, {}
         if previous.get("parent_run_id"):
             from arvision.tracking import close_orphaned_runs
@@ -150,6 +152,30 @@ class PipelineRun:
 
 
 _RUN: PipelineRun | None = None
+
+
+def settle_registry(root: Path, repo=None) -> None:
+    """Keep the registrations whose outputs DVC recorded, undo the others
+    (:func:`arvision.journal.settle`); one line for each undone."""
+    from arvision import journal
+
+    if not (Path(root) / journal.JOURNAL_DIR).is_dir():
+        return
+
+    def unchanged(stage: str) -> bool:
+        from dvc.repo import Repo
+
+        def check(r) -> bool:
+            with r.lock:
+                return not any(s.changed() for s in r.stage.collect(stage))
+
+        if repo is not None:
+            return check(repo)
+        with Repo(str(root)) as r:
+            return check(r)
+
+    for line in journal.settle(Path(root), unchanged):
+        print(f"   registry: {line} (outputs DVC never recorded)", flush=True)
 
 
 def _stage_reason(root: Path, stage: str, err: BaseException, t0: float) -> str:
@@ -213,7 +239,11 @@ def run_stage(stage: str, root: str, force: bool = False):
             if stale:
                 run.parent.ensure()
             # unchanged: no second look at the deps (reproduce would check them all again)
-            done = repo.reproduce(targets=[stage], single_item=True, force=force) if stale else []
+            try:
+                done = repo.reproduce(targets=[stage], single_item=True, force=force) if stale else []
+            finally:
+                if stale:  # what the stage registered stands only if DVC recorded its outputs
+                    settle_registry(rootp, repo)
     except DvcException as err:  # the stage failed (its reason is in its error file) or DVC refused
         record["seconds"] = time.time() - t0
         reason = _stage_reason(rootp, stage, err, t0)

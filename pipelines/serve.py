@@ -10,6 +10,8 @@ and the repo lock keeps it from overlapping a run started by hand.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 from prefect.settings import PREFECT_API_URL
@@ -38,5 +40,22 @@ def serve(root: Path, cron: str, name: str = DEPLOYMENT) -> None:
             "(`prefect server start`) and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)"
         )
     check_prefect()
-    arvision_flow.serve(name=name, cron=cron, parameters={"root": str(Path(root).resolve())},
-                        description=f"arvision pipeline of {Path(root).resolve()} on '{cron}'")
+    # Prefect's runner stops cleanly on SIGTERM (ending the flow run in progress), while the
+    # KeyboardInterrupt of Ctrl-C got lost in its event loop: Ctrl-C is turned into SIGTERM
+    interrupted = []
+
+    def on_sigint(signum, frame) -> None:
+        interrupted.append(signum)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        arvision_flow.serve(name=name, cron=cron, parameters={"root": str(Path(root).resolve())},
+                            description=f"arvision pipeline of {Path(root).resolve()} on '{cron}'")
+    except SystemExit:  # the runner's SIGTERM handler before it has started
+        if not interrupted:
+            raise
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if interrupted:
+        raise KeyboardInterrupt

@@ -11,7 +11,6 @@ with its parent (``PR_SET_PDEATHSIG``) if that is killed outright.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,20 +19,13 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Iterator
 
+from arvision import lifetime
+
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _drain(timeout_s: float = 5.0) -> None:
@@ -74,11 +66,14 @@ def prefect_api() -> Iterator[subprocess.Popen | None]:
         "PREFECT__SERVER_EPHEMERAL": "1",
         "PREFECT__SERVER_FINAL": "1",
     }
+    # not one of the run's marked processes: the run ends those before it lets go of the lock,
+    # while the server must outlive that to record the flow's end (it dies with its parent)
+    env.pop(lifetime.TREE_ENV, None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
          "--lifespan", "on"],
-        env=env, start_new_session=True, preexec_fn=_die_with_parent,
+        env=env, start_new_session=True, preexec_fn=lifetime.die_with_parent,
     )
     try:
         deadline = time.time() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()

@@ -26,7 +26,7 @@ import yaml
 from arvision.config import Params, load_params
 from arvision.dag import METRICS_FILE, PARAM_SECTIONS
 from arvision.errors import UserError
-from arvision.tracking import Tracker, in_deferred_section, stage_run
+from arvision.tracking import Tracker, defer_interrupt, in_deferred_section, interrupts_deferred, stage_run
 
 log = logging.getLogger("arvision")
 
@@ -195,7 +195,7 @@ class _Tee:
         return getattr(self._stream, name)
 
 
-_PENDING = {"interrupt": False}
+_PENDING = {"interrupt": False, "received": False, "handling": False}
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -204,10 +204,13 @@ def _raise_interrupt(signum, frame) -> None:
     or weakref callback is printed ("Exception ignored in ...") and dropped; without the repeat
     the stage would then run on to its end. Inside an MLflow write
     (:func:`arvision.tracking.interrupts_deferred`) it waits for the write to end."""
+    if _PENDING["handling"]:  # the stage is ending its runs already: a second Ctrl-C changes nothing
+        return
+    _PENDING["received"] = True  # for good: an error after it is the interrupt's (Ray's processes got it too)
     if not _PENDING["interrupt"]:
         _PENDING["interrupt"] = True
         signal.setitimer(signal.ITIMER_REAL, 0.5, 1.0)
-    if not in_deferred_section():
+    if not defer_interrupt():
         raise KeyboardInterrupt
 
 
@@ -217,8 +220,9 @@ def _raise_again(signum, frame) -> None:
 
 
 def _interrupt_handled() -> None:
-    _PENDING["interrupt"] = False
+    _PENDING.update(interrupt=False, handling=True)
     signal.setitimer(signal.ITIMER_REAL, 0)
+    defer_interrupt(pending=False)
 
 
 def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any]], reads: list[str]) -> None:
@@ -226,8 +230,15 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
 
     What the stage prints also goes to :func:`stage_log`; when it fails, the reason goes to
     :func:`stage_error` in one line. A user's mistake exits 2 with one line, no traceback;
-    Ctrl-C or SIGTERM exit 130 with its MLflow run ended KILLED and no output kept.
+    Ctrl-C or SIGTERM exit 130 with its MLflow run ended KILLED and no output kept, at any
+    moment: an error raised after the signal came (Ray's processes got the Ctrl-C too, and one
+    of them may fail first, Ray Train's start-up included) counts as the interrupt. The stage
+    lives no longer than its ``arvision run`` (:func:`arvision.lifetime.guard_stage`), and what
+    it registered stands only once DVC records its outputs (:mod:`arvision.journal`): a stage
+    that fails or is interrupted undoes it.
     """
+    from arvision import journal, lifetime
+
     root = Path.cwd()
     error_file = stage_error(root, stage)
     error_file.parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +250,8 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
         signal.signal(signal.SIGINT, _raise_interrupt)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    lifetime.guard_stage(stage, on_hard_exit=lambda: _undo_registrations(stage))
+    journal.open_stage(root, stage)
     try:
         params = load_params(root / "params.yaml")
         paths = Paths(root)
@@ -256,21 +269,42 @@ def stage_main(stage: str, run: Callable[[Params, Paths, Tracker], dict[str, Any
             except KeyboardInterrupt:
                 _interrupt_handled()  # no repeat while the MLflow run is ended KILLED
                 raise
+            except Exception:
+                if not _PENDING["received"]:
+                    raise
+                _interrupt_handled()
+                raise KeyboardInterrupt from None  # the run ends KILLED, the stage "interrupted"
             metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             metrics["stage_seconds"] = round(time.time() - t0, 2)
             tracker.log_metrics(metrics)
             write_json(paths.metrics / f"{METRICS_FILE.get(stage, stage)}.json", metrics)
     except UserError as err:
+        _undo_registrations(stage)
         error_file.write_text(str(err) + "\n")
         print(f"error: {stage}: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         _interrupt_handled()
+        _undo_registrations(stage)
         error_file.write_text("interrupted\n")
         print(f"{stage}: interrupted; no output was kept", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # a bug or a failure of the machinery: the traceback follows
+        _undo_registrations(stage)
         lines = str(err).strip().splitlines()
         error_file.write_text(f"{type(err).__name__}: {lines[-1] if lines else ''}\n")
         raise
+
+
+def _undo_registrations(stage: str) -> None:
+    """The stage did not end well, so DVC will not record its outputs: what it registered goes."""
+    from arvision import journal
+
+    try:
+        with interrupts_deferred():
+            for line in journal.undo_own():
+                print(f"{stage}: registry: {line}", file=sys.stderr, flush=True)
+    except (Exception, KeyboardInterrupt) as err:  # the next arvision run settles what is left (journal.settle)
+        print(f"{stage}: could not undo its registrations ({type(err).__name__}: {err}); "
+              "the next arvision run will", file=sys.stderr, flush=True)
 

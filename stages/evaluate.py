@@ -291,7 +291,9 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
             from arvision.registry import describe_generator, register_generator, set_description
             from arvision.tracking import GENERATOR_MODEL
 
-            client = mlflow.MlflowClient()
+            from arvision.tracking import _Deferred
+
+            client = _Deferred(mlflow.MlflowClient())  # alias moves wait out an interrupt (arvision.registry)
             inc = ch.incumbent(client, data_hash)
             champ_value, diff_ci = None, None
             if inc is not None:

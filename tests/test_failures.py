@@ -435,3 +435,105 @@ def test_sample_grid_too_large_refused_before_sampling(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as e:  # the images alone: no grid to bound
         cli.main(["sample", str(tmp_path), "--images-dir", str(tmp_path / "imgs"), "--n", "2", "--labels", "0"])
     assert e.value.code == 0 and gen.calls[0]["progress"] is True and len(list((tmp_path / "imgs").iterdir())) == 2
+
+
+# --------------------------------------------------------------------------- the registry's journal
+
+
+def test_registration_is_keyed_by_content_and_stands_only_where_dvc_recorded_it(tmp_path, monkeypatch):
+    """The same tokenizer files registered twice give one version; a stage that did not end
+    well undoes what it registered (version deleted, aliases put back); a registration whose
+    outputs DVC never recorded is undone by the next run's settling, one DVC recorded is kept."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from arvision import journal
+    from arvision.config import TokenizerConfig
+    from arvision.registry import register_tokenizer
+    from arvision.tokenizers import build_tokenizer, save_tokenizer
+    from arvision.tracking import TOKENIZER_MODEL, setup_mlflow, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    saved_uri = mlflow.get_tracking_uri()
+    root = tmp_path / "repo"
+    out = root / "models" / "tokenizer"
+    tok = build_tokenizer(TokenizerConfig(kind="vq", width=8, channel_mult=[1, 2], num_res_blocks=0, codebook_size=16,
+                                          code_dim=4), channels=3, resolution=16)
+    save_tokenizer(tok, out)
+    try:
+        exp = setup_mlflow(root)
+        client = MlflowClient(tracking_uri(root))
+        run = lambda: client.create_run(exp, tags={"git.commit": "abc"}).info.run_id  # noqa: E731
+        monkeypatch.setattr(journal, "_STAGE", {})
+        journal.open_stage(root, "tokenizer")
+        first = register_tokenizer(run(), out, {})
+        (out / "registry.json").write_text(json.dumps(first))  # not content: the key leaves it out
+        again = register_tokenizer(run(), out, {})
+        assert again == first  # the same version, made by the same run: the same registry.json
+        versions = lambda: sorted(int(v.version) for v in client.search_model_versions(f"name='{TOKENIZER_MODEL}'"))  # noqa: E731
+        assert versions() == [1]
+        journal.settle(root, unchanged=lambda stage: True)  # DVC recorded these outputs: kept
+        assert versions() == [1] and not list((root / journal.JOURNAL_DIR).iterdir())
+
+        (out / "weights.pt").write_bytes((out / "weights.pt").read_bytes() + b"\0")  # other weights: a new version
+        second = register_tokenizer(run(), out, {})
+        assert second["version"] == "2" and str(client.get_model_version_by_alias(TOKENIZER_MODEL, "candidate").version) == "2"
+        assert journal.undo_own() == [f"{TOKENIZER_MODEL}: version 2 deleted; candidate put back"]
+        assert versions() == [1] and str(client.get_model_version_by_alias(TOKENIZER_MODEL, "candidate").version) == "1"
+
+        register_tokenizer(run(), out, {})  # v3, its stage ended well, but DVC did not record it
+        monkeypatch.setattr(journal, "_STAGE", {})  # as in the next run's process
+        assert journal.settle(root, unchanged=lambda stage: False)[0].endswith("version 3 deleted; candidate put back")
+        assert versions() == [1] and str(client.get_model_version_by_alias(TOKENIZER_MODEL, "candidate").version) == "1"
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+
+
+# --------------------------------------------------------------------------- a stage's own lifetime
+
+
+_STAGE_SCRIPT = """
+import os, signal, sys, time
+from stages.common import stage_main
+
+def run(params, paths, tracker):
+    if sys.argv[1] == "error-after-ctrl-c":  # Ray's worker got the Ctrl-C too and died first
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass  # caught on the way, as Ray Train's start-up does
+        raise RuntimeError("the worker died")
+    while True:  # orphaned: trains until its run is gone
+        time.sleep(0.05)
+
+stage_main("tokenizer", run, reads=[])
+"""
+
+
+def test_an_error_after_ctrl_c_is_the_interrupt(bare, tmp_path):
+    """Ctrl-C while Ray Train starts its worker: the worker dies of it first and the stage sees a
+    Ray error before its KeyboardInterrupt; that still ends the stage "interrupted", 130."""
+    env = {**_env(bare.parent), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-c", _STAGE_SCRIPT, "error-after-ctrl-c"], cwd=bare, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "tokenizer: interrupted; no output was kept" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_stage_whose_run_is_gone_stops_within_seconds(bare, tmp_path):
+    """The stage's guard sees the pid in ``ARVISION_RUN_TREE`` gone and stops the stage as Ctrl-C does."""
+    from arvision.lifetime import TREE_ENV
+
+    top = subprocess.Popen(["sleep", "60"])
+    env = {**_env(bare.parent), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", TREE_ENV: f"{top.pid}-test"}
+    stage = subprocess.Popen([sys.executable, "-c", _STAGE_SCRIPT, "orphaned"], cwd=bare, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # imports, params, the MLflow run opened
+    assert stage.poll() is None, stage.communicate()[1][-3000:]
+    top.kill()
+    top.wait()
+    t0 = time.time()
+    _, err = stage.communicate(timeout=30)
+    assert time.time() - t0 < 5, err[-3000:]
+    assert stage.returncode == 130 and f"its arvision run (pid {top.pid}) is gone: stopping" in err, err[-3000:]
