@@ -37,6 +37,7 @@ from arvision.errors import UserError
 from arvision.tokenizers import build_tokenizer, images_to_tensor, save_tokenizer, tensor_to_images
 from arvision.tracking import Tracker
 from arvision.train.tokenizer import evaluate_tokenizer, train_tokenizer
+from arvision.train.trainer import CHECKPOINT_FORMAT
 from arvision.viz import save_grid
 from stages.common import Paths, atomic_dir, read_json, resolve_device, stage_main, write_curve, write_json
 
@@ -74,6 +75,8 @@ def _train_here(tok, params: Params, paths: Paths, run: TrainRun, device, log, c
     if ckpt.exists():
         try:  # a checkpoint this code cannot read or load (damaged, another model) is dropped, not fatal
             state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"written by another version of the trainer (format {state.get('format')})")
             tok.load_state_dict(state["model"])
         except Exception as e:
             logger.warning("tokenizer: dropping the checkpoint at %s, which this tokenizer cannot load (%s); "

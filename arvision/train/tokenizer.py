@@ -34,7 +34,8 @@ from arvision.tokenizers import discriminator as disc_losses
 from arvision.tokenizers import images_to_tensor, tensor_to_images
 from arvision.tokenizers.interface import Reduce, Tokenizer
 from arvision.tokenizers.quantizer import counts_perplexity
-from arvision.train.common import autocast, encode_images, endless_indices, rng_state, set_rng_state, to_cpu, warmup_cosine
+from arvision.train.common import autocast, encode_images, endless_indices, to_cpu
+from arvision.train.trainer import Task, Trainer, TrainerConfig
 
 LogFn = Callable[[int, dict[str, float]], None]
 
@@ -180,6 +181,60 @@ def _average_grads(module: torch.nn.Module, reduce: Reduce, device: torch.device
         offset += n
 
 
+def trainer_config(cfg: TokenizerConfig) -> TrainerConfig:
+    """The trainer's knobs of the ``tokenizer`` section (no EMA of the weights: the section's
+    ``ema_decay`` is the codebook's)."""
+    return TrainerConfig(
+        name="tokenizer", steps=cfg.steps, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+    )
+
+
+class TokenizerLoss(Task):
+    """A tokenizer's step for :class:`arvision.train.trainer.Trainer`: L1 + MSE plus the kind's
+    quantiser loss (``forward(x)``: ``tok.training_loss`` or its DDP wrapper), the quantiser's
+    update (``reduce``: over the replicas), and with an :class:`Adversary` its perceptual and
+    adversarial terms before the backward and the discriminator's own step after the
+    tokenizer's. The discriminator travels in the checkpoints."""
+
+    def __init__(self, tok: Tokenizer, forward: Callable, adversary: "Adversary | None", reduce: Reduce | None,
+                 device: torch.device) -> None:
+        self.tok, self.forward, self.adversary, self.reduce, self.device = tok, forward, adversary, reduce, device
+        self.name = f"tokenizer/{tok.kind}"
+        self._images: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (x, reconstruction)
+
+    def step(self, x_u8: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x = x_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, C, H, W) in [-1, 1]
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, stats, recon = self.forward(x)
+        stats.update(self.tok.update_quantizer(self.reduce))  # codebook EMA, restarts, first-batch init: before backward
+        if self.adversary is not None:
+            loss, more = self.adversary.generator_terms(self.tok, x, recon, loss, step)
+            stats.update(more)
+            self._images = (x, recon)
+        stats["loss"] = float(loss.detach())
+        return loss, stats
+
+    def after_step(self, step: int) -> dict[str, float]:
+        if self.adversary is None:
+            return {}
+        (x, recon), self._images = self._images, None
+        with autocast(self.device):  # after the tokenizer's step, on this step's reconstructions
+            return self.adversary.discriminator_step(x, recon, step, self.device, self.reduce)
+
+    def postfix(self, row: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{row['loss']:.4f}", "psnr": f"{row.get('psnr', 0):.2f}", "usage": f"{row.get('batch_usage', 1):.2f}"}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.adversary.state_dict() if self.adversary is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state)
+
+
 def train_tokenizer(
     tok: Tokenizer,
     train_images: np.ndarray | Iterable[np.ndarray],
@@ -198,7 +253,8 @@ def train_tokenizer(
     (held on the device; batches drawn by :func:`endless_indices`) or an endless iterable of
     uint8 batches ``(B, H, W, C)`` (one batch a step, one batch on the device: memory does not
     grow with the data set). A palette given a stream is fitted on its first
-    :data:`PALETTE_FIT_IMAGES` images.
+    :data:`PALETTE_FIT_IMAGES` images. The other kinds train by
+    :class:`arvision.train.trainer.Trainer` on :class:`TokenizerLoss`.
 
     Data-parallel replicas pass ``model``, a module whose ``forward(x)`` returns
     ``tok.training_loss(x)`` (:class:`TrainingLoss` wrapped in DDP; default: ``tok.training_loss``
@@ -207,12 +263,12 @@ def train_tokenizer(
     stream then holds its share of the global batch; ``cfg.batch_size`` stays the global batch
     (``images_per_s`` counts every replica's images).
 
-    Resuming: every ``cfg.checkpoint_every`` steps (not after the last) ``on_checkpoint(step,
-    state)`` gets what a resumed run needs (:func:`checkpoint_state`: weights and codebook,
-    optimizer, step, RNG, the half-accumulated log). Given back as ``state``, training goes on
-    from that step; an array's batches skip the consumed ones here, a stream must come already
-    advanced (:func:`arvision.data.feed.shuffled_batches`'s ``skip``). Resumed or not, the same
-    steps give the same weights on CPU.
+    Resuming: every ``cfg.checkpoint_every`` steps and at the end ``on_checkpoint(step, state)``
+    gets what a resumed run needs (:func:`arvision.train.trainer.checkpoint_state`: weights and
+    codebook, optimizer, step, RNG, the half-accumulated log window, the discriminator). Given
+    back as ``state``, training goes on from that step; an array's batches skip the consumed
+    ones here, a stream must come already advanced (:func:`arvision.data.feed.shuffled_batches`'s
+    ``skip``). Resumed or not, the same steps give the same weights on CPU.
 
     Returns the last logged training stats plus ``train_time_s`` and ``images_per_s``.
     """
@@ -227,8 +283,6 @@ def train_tokenizer(
         if log:
             log(0, stats)
         return stats
-
-    from arvision.progress import bar as progress_bar
 
     cuda = device.type == "cuda"
     if cuda:
@@ -252,68 +306,19 @@ def train_tokenizer(
         batches = (torch.from_numpy(np.ascontiguousarray(b)).to(device) for b in stream)  # uint8 (B, H, W, C)
     if cfg.hflip:
         batches = random_hflips(batches, seed, start)
-    opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     # built only when asked for: building a discriminator draws from the seeded RNG
     adversary = Adversary(cfg, channels=tok.channels, resolution=tok.resolution, device=device) if Adversary.wanted(cfg) else None
-    last: dict[str, float] = {}
-    acc: dict[str, float] = {}
-    n_acc = 0
-    if state:
-        tok.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if adversary is not None:
-            adversary.load_state_dict(state)
-        set_rng_state(state["rng"], device)
-        last, acc, n_acc = dict(state["last"]), dict(state["acc"]), int(state["n_acc"])
-    schedule = warmup_cosine(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
-                             last_step=start - 1)
-    bar = progress_bar(cfg.steps, f"tokenizer/{tok.kind}", "step", initial=start, disable=not progress,
-                       iterable=range(start, cfg.steps))
-    for step in bar:
-        lr = opt.param_groups[0]["lr"]
-        try:
-            x_u8 = next(batches)
-        except StopIteration:
-            raise ValueError(f"the training batches ran out after {step} of {cfg.steps} steps") from None
-        x = x_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, C, H, W) in [-1, 1]
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            loss, stats, recon = forward(x)
-            stats.update(tok.update_quantizer(reduce))  # codebook EMA, restarts, first-batch init: before backward
-            if adversary is not None:
-                loss, more = adversary.generator_terms(tok, x, recon, loss, step)
-                stats.update(more)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip))
-        opt.step()
-        schedule.step()
-        if adversary is not None:  # after the tokenizer's step, on this step's reconstructions
-            with autocast(device):
-                stats.update(adversary.discriminator_step(x, recon, step, device, reduce))
-        stats["loss"] = float(loss.detach())
-        for k, v in stats.items():
-            acc[k] = acc.get(k, 0.0) + v
-        n_acc += 1
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            last = {k: v / n_acc for k, v in acc.items()}
-            if reduce is not None:  # the mean over the replicas
-                last = _replica_means(last, reduce, device)
-            last["lr"] = lr
-            acc, n_acc = {}, 0
-            bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last.get('psnr', 0):.2f}", usage=f"{last.get('batch_usage', 1):.2f}")
-            if log:
-                log(step + 1, last)
-        if on_checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            on_checkpoint(step + 1, checkpoint_state(tok, opt, step + 1, device, last, acc, n_acc, adversary))
+    trainer = Trainer(tok, TokenizerLoss(tok, forward, adversary, reduce, device), trainer_config(cfg), device=device,
+                      state=state, reduce=reduce, on_log=log, on_checkpoint=on_checkpoint, progress=progress)
+    try:
+        trainer.fit(batches)
+    finally:
+        if not in_memory and hasattr(stream, "close"):
+            stream.close()  # stops a prefetching thread
     elapsed = time.perf_counter() - t0
-    if not in_memory and hasattr(stream, "close"):
-        stream.close()  # stops a prefetching thread
     tok.eval()
     done = cfg.steps - start  # this run's steps: a resumed run's rate counts only its own
-    return {**last, "train_time_s": elapsed, "images_per_s": done * cfg.batch_size / max(elapsed, 1e-9)}
+    return {**trainer.window["last"], "train_time_s": elapsed, "images_per_s": done * cfg.batch_size / max(elapsed, 1e-9)}
 
 
 def random_hflips(batches: Iterable[torch.Tensor], seed: int, start: int = 0) -> Iterator[torch.Tensor]:
@@ -324,27 +329,6 @@ def random_hflips(batches: Iterable[torch.Tensor], seed: int, start: int = 0) ->
     for step, x_BHWC in enumerate(batches, start=start):
         flip_B = torch.from_numpy(np.random.default_rng([int(seed), step]).random(len(x_BHWC)) < 0.5).to(x_BHWC.device)
         yield torch.where(flip_B[:, None, None, None], x_BHWC.flip(2), x_BHWC)
-
-
-def checkpoint_state(tok: Tokenizer, opt: torch.optim.Optimizer, step: int, device: torch.device,
-                     last: dict[str, float], acc: dict[str, float], n_acc: int,
-                     adversary: Adversary | None = None) -> dict[str, Any]:
-    """What :func:`train_tokenizer` resumes from (CPU copies): ``model`` (weights and the
-    quantiser's buffers), ``optimizer``, ``step``, ``rng``, the log's ``last`` / ``acc`` /
-    ``n_acc`` (stats accumulated since the last log line), and with a discriminator ``disc``
-    and ``disc_optimizer`` (:meth:`Adversary.state_dict`)."""
-    return {"model": to_cpu(tok.state_dict()), "optimizer": to_cpu(opt.state_dict()), "step": step,
-            "rng": rng_state(device), "last": dict(last), "acc": dict(acc), "n_acc": n_acc,
-            **(adversary.state_dict() if adversary is not None else {})}
-
-
-def _replica_means(stats: dict[str, float], reduce: Reduce, device: torch.device) -> dict[str, float]:
-    """``stats`` (the same keys on every replica) averaged over the replicas ``reduce`` sums over."""
-    keys = sorted(stats)
-    values = torch.tensor([stats[k] for k in keys] + [1.0], dtype=torch.float64, device=device)
-    values = reduce(values)
-    means = dict(zip(keys, (values[:-1] / values[-1]).tolist()))
-    return {k: means[k] for k in stats}
 
 
 def _take_images(batches: Iterable[np.ndarray], n: int) -> np.ndarray:
@@ -466,4 +450,5 @@ def evaluate_tokenizer(
     return out
 
 
-__all__ = ["train_tokenizer", "evaluate_tokenizer", "image_batches", "codebook_stats_from_counts"]
+__all__ = ["train_tokenizer", "trainer_config", "TokenizerLoss", "Adversary", "TrainingLoss", "evaluate_tokenizer",
+           "image_batches", "codebook_stats_from_counts"]
