@@ -263,10 +263,11 @@ class PriorConfig(_Section):
 
 
 class RayConfig(_Section):
-    """Where the prior trains."""
+    """Where the prior trains (``num_workers`` 0: in the stage's process), and the resources of
+    every Ray Train worker and Ray Data task."""
 
     address: Optional[str] = None  # None: RAY_ADDRESS if set, else a local instance
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=0)  # the prior: 0 trains in the stage's process, N >= 1 on N Ray Train workers
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=-1)  # a lost worker restarts from the last checkpoint this often (-1: always)
@@ -626,7 +627,7 @@ def check_batches(params: Params, root: Path) -> None:
     train, source = train_images(params, root)
     if train is None:
         return
-    workers = params.ray.num_workers
+    workers = max(1, params.ray.num_workers)  # 0: the stage's own process, the whole split
     share = train // workers
     if params.prior.batch_size > share:
         each = f"the {share} each of ray.num_workers={workers} workers gets" if workers > 1 else f"the {train}"

@@ -24,10 +24,9 @@ from arvision.config import Params
 from arvision.priors import build_prior, save_prior
 from arvision.tokenizers import load_tokenizer
 from arvision.tracking import Tracker, tracking_uri
-from arvision.train.loop import steady_tokens_per_s
+from arvision.train.loop import fit_prior, steady_tokens_per_s
 from arvision.train.trainer import final_weights, kept_weights
 from arvision.cluster import TrainRun
-from arvision.train.ray import fit_prior
 from stages.common import Paths, atomic_dir, read_json, stage_main, write_curve
 
 log = logging.getLogger("arvision")

@@ -13,21 +13,25 @@ an in-memory array, or from a seeded batch stream (the ``tokenizer`` stage's
 buffer draws exactly those batches). ``cfg`` is the ``tokenizer`` section
 (:class:`arvision.config.TokenizerConfig`).
 
-Data-parallel training (``tokenizer.num_workers`` > 0, :mod:`arvision.train.ray_tokenizer`) runs
-this same loop on every replica, given the DDP-wrapped :class:`TrainingLoss` as ``model`` (so
+Data-parallel training (``tokenizer.num_workers`` > 0: :func:`fit_tokenizer`, :func:`tokenizer_job`
+through the one Ray shell :mod:`arvision.train.ray`) runs this same loop on every replica, given the DDP-wrapped :class:`TrainingLoss` as ``model`` (so
 gradients are averaged) and a sum over replicas as ``reduce`` (so the quantiser's state stays
 identical on every replica, see :meth:`arvision.tokenizers.interface.Tokenizer.update_quantizer`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from arvision.config import TokenizerConfig
+from arvision.config import RayConfig, TokenizerConfig
+from arvision.data.feed import shuffle_buffer_rows, shuffled_batches, split_rows
 from arvision.metrics.codebook import expected_uniform_usage
 from arvision.metrics.image import msssim_loss, psnr, ssim
 from arvision.tokenizers import discriminator as disc_losses
@@ -37,6 +41,7 @@ from arvision.tokenizers.quantizer import counts_perplexity
 from arvision.train.common import autocast, encode_images, endless_indices, to_cpu
 from arvision.train.trainer import Task, Trainer, TrainerConfig
 
+logger = logging.getLogger("arvision")
 LogFn = Callable[[int, dict[str, float]], None]
 
 #: a palette given a batch stream is fitted on this many images drawn from it (the fit samples
@@ -450,5 +455,151 @@ def evaluate_tokenizer(
     return out
 
 
-__all__ = ["train_tokenizer", "trainer_config", "TokenizerLoss", "Adversary", "TrainingLoss", "evaluate_tokenizer",
+# ---------------------------------------------------------------- the tokenizer's job: here or on workers
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict: every entry's name, dtype, shape and bytes (on CPU)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def per_worker_batch(cfg: TokenizerConfig, train_rows: int) -> int:
+    """Images a worker draws a step: its share of the global ``tokenizer.batch_size``, at most
+    the rows of the smallest part of the split (as the in-process stage draws at most the split)."""
+    n = cfg.num_workers
+    if train_rows < n:
+        from arvision.errors import UserError
+
+        raise UserError(f"tokenizer.num_workers: {n} workers need at least {n} training images, the train split has {train_rows}")
+    return min(cfg.batch_size // n, train_rows // n)
+
+
+def use_gpu(cfg: TokenizerConfig, ray_cfg: RayConfig) -> bool:
+    """Whether each worker takes a GPU: ``tokenizer.device`` when it names one (``cuda`` /
+    ``cpu``), else (``auto``) ``ray.use_gpu``."""
+    return cfg.device == "cuda" or (cfg.device == "auto" and ray_cfg.use_gpu)
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's option not to broadcast rank 0's buffers at every forward (``update_quantizer``'s
+    reduce keeps them identical): ``forward_sync_buffers`` where torch has it (2.13 deprecates
+    ``broadcast_buffers``), else ``broadcast_buffers``. Either way the buffers, like the
+    weights, are copied from rank 0 once, when DDP wraps the model."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def tokenizer_job(worker, config: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer's training on one worker (:func:`arvision.train.ray.fit`'s job). Under Ray
+    Train (``worker.distributed``) every replica has
+
+    - the same initial weights (the same seed on every rank; DDP also copies rank 0's at wrap time);
+    - the model wrapped in DDP (:class:`TrainingLoss`, since DDP hooks ``forward`` only), so each
+      backward averages the gradients over the replicas; no buffer broadcast
+      (:func:`_no_buffer_sync`): the quantiser's buffers are kept identical by the next point;
+    - ``update_quantizer(reduce=all-reduce sum)``: the EMA code counts and vector sums follow the
+      global batch, k-means centres and restart vectors are averaged, so every replica keeps the
+      same codebook;
+    - with ``tokenizer.adv_weight`` / ``perceptual: disc_features``, the discriminator outside DDP
+      (:class:`Adversary`: built from the same seed on every rank, its gradients averaged over the
+      replicas by ``reduce`` before each of its steps), so it stays identical too;
+    - its own part of the train split (:func:`arvision.data.feed.shuffled_batches` with
+      ``part=(rank, world)``, seed ``seed + rank``), ``config["batch"]`` images a step.
+
+    In this process it is :func:`train_tokenizer` on the whole split. Returns the trained state
+    (weights and buffers on CPU), the final stats, and a hash of every rank's state."""
+    import torch.distributed as dist
+
+    from arvision.tokenizers import build_tokenizer
+
+    rank, world, device = worker.rank, worker.world, worker.device
+    cfg: TokenizerConfig = config["tokenizer"]
+    seed = config["seed"]
+    torch.manual_seed(seed)  # identical initial weights on every rank, as the stage builds them
+    tok = build_tokenizer(cfg, channels=config["channels"], resolution=config["resolution"]).to(device)
+    model = reduce = None
+    if worker.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if device.type == "cuda":  # before DDP registers the parameters (train_tokenizer's own call is then a no-op)
+            tok.to(memory_format=torch.channels_last)
+        model = DistributedDataParallel(TrainingLoss(tok), device_ids=[device.index] if device.type == "cuda" else None,
+                                        **_no_buffer_sync())
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t)  # sum
+            return t
+
+    def on_checkpoint(step: int, st: dict[str, Any]) -> None:
+        if not st["done"]:  # the finished state is the job's result, reported with its stats
+            worker.checkpoint(step, st)
+
+    skip = int(worker.state["step"]) if worker.state else 0
+    batches = shuffled_batches(config["split_dir"], config["batch"], seed, config["buffer"], part=(rank, world), skip=skip)
+    try:
+        stats = train_tokenizer(tok, batches, cfg, seed=seed, device=device, log=worker.on_log, progress=worker.is_main,
+                                model=model, reduce=reduce, state=worker.state, on_checkpoint=on_checkpoint)
+    finally:
+        batches.close()
+    state = to_cpu(tok.state_dict())
+    hashes: list[Any] = [state_hash(state)]
+    if worker.distributed:
+        hashes = [None] * world
+        dist.all_gather_object(hashes, state_hash(state))
+    return {"model": state, "stats": stats, "replica_hashes": hashes, "world": world, "resumed_from": skip,
+            "step": cfg.steps}
+
+
+def fit_tokenizer(
+    *, tokenizer_cfg: TokenizerConfig, ray_cfg: RayConfig, seed: int, split_dir: str | Path, channels: int, resolution: int, run: Any,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Train a tokenizer (a kind other than palette) from the prepared train split ``split_dir``
+    on ``tokenizer.num_workers`` Ray Train workers, or in this process (0, on ``device``): see
+    :func:`arvision.train.ray.fit`. Returns ``{"model": state dict (CPU), "curve": [{"step", ...}],
+    "stats": train_tokenizer's result, "replica_hashes": [one a rank], "world", "resumed_from": the
+    step its last start resumed from (0: none)}``; refuses a result whose replicas differ.
+    Resources: ``ray.cpus_per_worker``, a GPU a worker per :func:`use_gpu`, ``ray.address``; a
+    lost worker restarts the run ``ray.max_failures`` times from its last checkpoint. ``run``'s
+    folder is kept: the same run again resumes there (the stage removes it once its outputs are
+    saved). Workers read the Parquet shards from their path, so on a cluster of several
+    machines it must be on shared storage."""
+    from arvision.train.ray import fit
+
+    if tokenizer_cfg.kind == "palette":
+        raise ValueError("fit_tokenizer trains a kind other than palette (a palette is fitted: train_tokenizer)")
+    workers = tokenizer_cfg.num_workers
+    split_dir = Path(split_dir).resolve()
+    rows = split_rows(split_dir)
+    image_bytes = int(np.prod((resolution, resolution, channels)))
+    if workers:
+        batch = per_worker_batch(tokenizer_cfg, rows)
+        buffer = shuffle_buffer_rows(batch, image_bytes)
+        logger.info("tokenizer: training on %d Ray Train workers (%s), %d images a worker a step", workers,
+                    "GPU" if use_gpu(tokenizer_cfg, ray_cfg) else "CPU", batch)
+    else:  # the whole split, at most the split a step
+        batch, buffer = min(tokenizer_cfg.batch_size, rows), shuffle_buffer_rows(tokenizer_cfg.batch_size, image_bytes)
+    config = {"tokenizer": tokenizer_cfg, "seed": seed, "split_dir": str(split_dir), "batch": batch, "buffer": buffer,
+              "channels": channels, "resolution": resolution}
+    state = fit(tokenizer_job, config, workers=workers, gpu=use_gpu(tokenizer_cfg, ray_cfg), ray_cfg=ray_cfg, run=run,
+                device=torch.device(device))
+    if len(set(state["replica_hashes"])) != 1:
+        raise RuntimeError(
+            f"tokenizer: the {state['world']} replicas ended with different weights or codebooks "
+            f"(state hashes {state['replica_hashes']}): the data-parallel training is broken"
+        )
+    return state
+
+
+__all__ = ["train_tokenizer", "fit_tokenizer", "tokenizer_job", "trainer_config", "TokenizerLoss", "Adversary", "TrainingLoss", "evaluate_tokenizer",
            "image_batches", "codebook_stats_from_counts"]
