@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench clean-outputs plots
+.PHONY: install run test test-quick bench clean-outputs plots
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+# The quick tier: every test that starts no Ray, DVC or Prefect (tests/conftest.py marks the others slow)
+test-quick: $(STAMP)
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow"
 
 # The CPU items of the prior benchmark (bench/results/<date>-prior-cpu/), then bench/RESULTS.md
 # regenerated from every result folder. GPU runs: see bench/prior.py's docstring.

@@ -1,5 +1,8 @@
 """Stage ``prior``: train the AR prior on ``data/tokens`` under Ray Train → ``models/prior``.
 
+On ``ray.num_workers`` Ray Train workers (1 by default), or in this process at 0: the one Ray
+shell's rule (:func:`arvision.train.loop.fit_prior`, :mod:`arvision.train.ray`).
+
 Writes the weights ``prior.keep`` asks for (EMA weights when ``ema_decay`` > 0: what sampling
 uses): ``best``, the lowest val loss, with the last weights too in ``models/prior/last/``
 (same format, loadable by ``Generator.load``), or ``last``. Also ``metrics/prior.json`` and,

@@ -103,6 +103,17 @@ def _tracker(config: dict[str, Any]):
     return MlflowTracker(config["mlflow_run_id"], config["mlflow_uri"])
 
 
+def _usable(state: dict[str, Any] | None, name: str, where: Any) -> dict[str, Any] | None:
+    """``state``, or None (with a warning) when another version of the trainer wrote it."""
+    from arvision.train.trainer import CHECKPOINT_FORMAT
+
+    if state is None or state.get("format") == CHECKPOINT_FORMAT:
+        return state
+    log.warning("%s: dropping the checkpoint at %s, which this trainer cannot load (written by another version of the "
+                "trainer, format %s); training from the start", name, where, state.get("format"))
+    return None
+
+
 def _run_job(worker: Worker, config: dict[str, Any]) -> None:
     """Replay, then the job, then its result (what it returns; None: its last checkpoint is the result)."""
     _replay(worker)
@@ -129,7 +140,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # a restarted group, or the stage re-run: go on from the last checkpoint
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            state = _usable(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False), config["name"], ckpt)
 
     def report(metrics: dict[str, Any], saved: dict[str, Any] | None) -> None:
         """Every rank reports; rank 0 with ``saved`` as the checkpoint."""
@@ -182,19 +193,14 @@ class ParquetPart:
 def _fit_here(job: Job, config: dict[str, Any], *, run: TrainRun, device: torch.device,
               datasets: dict[str, tuple[Path, list[str]]]) -> dict[str, Any]:
     """The job in this process, checkpointing to ``run``'s folder (atomically) and resuming from it."""
-    from arvision.train.trainer import CHECKPOINT_FORMAT
-
     ckpt = run.storage / run.name / CHECKPOINT
     state = None
     if ckpt.exists():
-        try:  # a checkpoint this code cannot read (damaged, another version's) is dropped, not fatal
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            if state.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"written by another version of the trainer (format {state.get('format')})")
+        try:  # a file this code cannot read (damaged) is dropped, not fatal
+            state = _usable(torch.load(ckpt, map_location="cpu", weights_only=False), config["name"], ckpt)
         except Exception as e:
             log.warning("%s: dropping the checkpoint at %s, which this trainer cannot load (%s); training from the start",
                         config["name"], ckpt, str(e).splitlines()[0])
-            state = None
     saved: dict[str, Any] = {}
 
     def report(metrics: dict[str, Any], st: dict[str, Any] | None) -> None:

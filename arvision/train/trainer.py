@@ -403,26 +403,39 @@ class Trainer:
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + (v / scale if scale != 1.0 else v)
 
-    def _log_row(self, lr: float, count: int, seconds: float) -> dict[str, float]:
-        """The window's means (over the replicas too, with ``reduce``), the lr and the throughput."""
-        n = self.window["n"]
+    def _log(self, lr: float, count: int, seconds: float, bar) -> None:
+        """Close the log window: its row (the means of the stats, over the replicas too with
+        ``reduce``; the lr; the throughput of ``count`` items in ``seconds``) to the bar and
+        ``on_log``; a loss that is not finite stops the run."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        cfg, task, n = self.cfg, self.task, self.window["n"]
         row = {k: float(v) / n for k, v in self.window["sums"].items()}
         if self.reduce is not None:
             row = _replica_means(row, self.reduce, self.device)
         row["lr"] = lr
-        if self.task.unit:
-            row[f"{self.task.unit}_per_s"] = count / max(seconds, 1e-9)
-        return row
+        if task.unit:
+            row[f"{task.unit}_per_s"] = count / max(seconds, 1e-9)
+        self.window.update(sums={}, n=0, last=row)
+        if bar is not None:
+            bar.set_postfix(**task.postfix(row))
+        if self.on_log is not None:
+            self.on_log(self.step, dict(row))
+        if not math.isfinite(row["loss"]):
+            raise TrainingDiverged(
+                f"{cfg.name}: the training loss is {row['loss']} in the {n} steps up to step {self.step} "
+                f"(lr {lr:.2e}, grad norm {row['grad_norm']:.3g}): training diverged. Lower {cfg.name}.lr or raise "
+                f"{cfg.name}.warmup_steps{task.diverged_hint}")
 
     def fit(self, batches: Iterator[Any]) -> dict[str, float]:
         """Train on ``batches`` (``grad_accum`` a step) up to ``cfg.steps`` or an early stop.
         Returns the last log row plus ``step`` and ``stopped_early`` (0/1)."""
-        model, task, cfg, device, opt = self.model, self.task, self.cfg, self.device, self.optimizer
+        model, task, cfg, opt = self.model, self.task, self.cfg, self.optimizer
         model.train()
         accum = cfg.grad_accum
         eval_every = cfg.eval_every if self.evaluate is not None else 0
         can_skip_sync = hasattr(model, "no_sync") and model is not unwrap(model)
-        precision = autocast(device) if cfg.mixed_precision else contextlib.nullcontext()
+        precision = autocast(self.device) if cfg.mixed_precision else contextlib.nullcontext()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         bar = None
         if self.progress and self.is_main:  # on a terminal, in a log, or relayed from a Ray worker (arvision.progress)
@@ -467,19 +480,7 @@ class Trainer:
                 t0 += time.perf_counter() - t_eval  # keep validation out of the throughput
             done = self._done()
             if self.step % cfg.log_every == 0 or done:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                row, steps = self._log_row(lr, count, time.perf_counter() - t0), self.window["n"]
-                self.window.update(sums={}, n=0, last=row)
-                if bar is not None:
-                    bar.set_postfix(**task.postfix(row))
-                if self.on_log is not None:
-                    self.on_log(self.step, dict(row))
-                if not math.isfinite(row["loss"]):
-                    raise TrainingDiverged(
-                        f"{cfg.name}: the training loss is {row['loss']} in the {steps} steps up to step {self.step} "
-                        f"(lr {lr:.2e}, grad norm {row['grad_norm']:.3g}): training diverged. Lower {cfg.name}.lr or raise "
-                        f"{cfg.name}.warmup_steps{task.diverged_hint}")
+                self._log(lr, count, time.perf_counter() - t0, bar)
                 count, t0 = 0, time.perf_counter()
             every = cfg.checkpoint_every
             if self.on_checkpoint is not None and ((every > 0 and self.step % every == 0) or done):
