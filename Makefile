@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 # files are all new, and re-installing would re-point an existing venv's editable install)
 DEPS   := $(shell sha256sum pyproject.toml 2>/dev/null | cut -c1-16)
 
-.PHONY: install run test bench clean-outputs plots
+.PHONY: install run test test-quick bench clean-outputs plots
 
 install:
 	@if [ -f $(STAMP) ] && [ ! -s $(STAMP) ]; then echo "$(DEPS)" > $(STAMP); fi  # an empty stamp: made before hashes
@@ -27,6 +27,10 @@ run: install
 
 test: install
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+# The quick tier: every test that starts no Ray, DVC or Prefect (tests/conftest.py marks the others slow)
+test-quick: $(STAMP)
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow"
 
 # The CPU items of the prior benchmark (bench/results/<date>-prior-cpu/), then bench/RESULTS.md
 # regenerated from every result folder. GPU runs: see bench/prior.py's docstring.

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from arvision.errors import UserError
 
@@ -94,6 +94,16 @@ class DataConfig(_Section):
         return None if self.path is None else root / Path(self.path).expanduser()
 
 
+def _adam_betas(betas: list[float]) -> list[float]:
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError("expected [beta1, beta2]: exactly two numbers, each in [0, 1) (AdamW's betas)")
+    return betas
+
+
+#: AdamW's ``[beta1, beta2]`` (every trained section has its own; the trainer takes them)
+Betas = Annotated[list[float], AfterValidator(_adam_betas)]
+
+
 class TokenizerConfig(_Section):
     """The image tokenizer (stage ``tokenizer``). Fields a kind does not use are ignored by it."""
 
@@ -120,6 +130,7 @@ class TokenizerConfig(_Section):
     steps: int = Field(1000, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
+    betas: Betas = Field(default_factory=lambda: [0.9, 0.99])  # AdamW's
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # the cosine ends at this share of lr
@@ -223,7 +234,7 @@ class PriorConfig(_Section):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(0.05, ge=0.0)
-    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95])
+    betas: Betas = Field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
@@ -237,13 +248,6 @@ class PriorConfig(_Section):
     eval_every: int = Field(100, ge=0)
     keep: Literal["best", "last"] = "best"  # best: the weights with the lowest val loss
     early_stop_patience: int = Field(0, ge=0)  # stop after this many evals without improvement (0: off)
-
-    @field_validator("betas")
-    @classmethod
-    def _adam_betas(cls, betas: list[float]) -> list[float]:
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError("expected [beta1, beta2]: exactly two numbers, each in [0, 1) (AdamW's betas)")
-        return betas
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -264,10 +268,11 @@ class PriorConfig(_Section):
 
 
 class RayConfig(_Section):
-    """Where the prior trains."""
+    """Where the prior trains (``num_workers`` 0: in the stage's process), and the resources of
+    every Ray Train worker and Ray Data task."""
 
     address: Optional[str] = None  # None: RAY_ADDRESS if set, else a local instance
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=0)  # the prior: 0 trains in the stage's process, N >= 1 on N Ray Train workers
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=-1)  # a lost worker restarts from the last checkpoint this often (-1: always)
@@ -285,7 +290,12 @@ class FeaturesConfig(_Section):
     steps: int = Field(400, ge=0)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(2e-3, gt=0.0, le=1.0)
+    betas: Betas = Field(default_factory=lambda: [0.9, 0.999])  # AdamW's (torch's default)
     weight_decay: float = Field(5e-4, ge=0.0)
+    # the cosine of the learning rate: warm-up steps, then down to min_lr_ratio · lr at the last step
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float = Field(0.0, ge=0.0)  # 0: no clipping
     temperature: float = Field(0.2, gt=0.0)  # contrastive loss temperature
     contrastive_weight: float = Field(0.3, ge=0.0, le=100.0)  # hybrid: loss = class CE + this × NT-Xent
     device: Literal["auto", "cpu", "cuda"] = "auto"

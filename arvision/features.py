@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from arvision.errors import UserError
 from arvision.images import images_to_tensor
+from arvision.train.trainer import Task, Trainer, TrainerConfig
 
 WEIGHTS = "weights.pt"
 #: the training curve holds one row every LOG_EVERY steps: the mean loss over those steps
@@ -158,6 +159,57 @@ def nt_xent(z1_BD: Tensor, z2_BD: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(sim_NN, partner_N)
 
 
+def trainer_config(cfg: Any) -> TrainerConfig:
+    """The trainer's knobs of the ``features`` section: fp32 on every device, a curve row every
+    :data:`LOG_EVERY` steps, no checkpoints (the net trains in seconds to minutes)."""
+    return TrainerConfig(
+        name="features", steps=cfg.steps, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, log_every=LOG_EVERY,
+        mixed_precision=False,
+    )
+
+
+class FeaturesLoss(Task):
+    """The feature net's step for :class:`arvision.train.trainer.Trainer` on ``(uint8 images (B, H,
+    W, C), labels (B,))`` batches, augmented (:func:`augment`, views from the CPU generator ``g``):
+    class cross-entropy (``classifier``), that plus ``contrastive_weight`` × NT-Xent of two views
+    (``hybrid``), or NT-Xent alone (``contrastive``); stats ``loss`` and, with classes, the batch
+    ``accuracy``."""
+
+    name = "features"
+
+    def __init__(self, net: FeatureNet, mode: str, cfg: Any, g: torch.Generator, device: torch.device) -> None:
+        self.net, self.mode, self.cfg, self.g, self.device = net, mode, cfg, g, device
+
+    def step(self, batch: tuple[Any, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+        net, g, cfg = self.net, self.g, self.cfg
+        x_u8, y_B = batch
+        x_BCHW = images_to_tensor(x_u8).to(self.device)
+        if self.mode == "classifier":
+            logits_BK = net.logits(augment(x_BCHW, g))
+            y_B = y_B.to(self.device)
+            loss = F.cross_entropy(logits_BK, y_B)
+            return loss, {"loss": loss.item(), "accuracy": float((logits_BK.argmax(1) == y_B).float().mean())}
+        if self.mode == "hybrid":  # one trunk pass per view: both views classified, the pair contrasted
+            y_B = y_B.to(self.device)
+            v1_BD, v2_BD = net(augment(x_BCHW, g)), net(augment(x_BCHW, g))
+            logits_NK = net.head(torch.cat([v1_BD, v2_BD]))  # N = 2B
+            y_N = torch.cat([y_B, y_B])
+            con = nt_xent(net.proj(v1_BD), net.proj(v2_BD), cfg.temperature)
+            loss = F.cross_entropy(logits_NK, y_N) + cfg.contrastive_weight * con
+            return loss, {"loss": loss.item(), "accuracy": float((logits_NK.argmax(1) == y_N).float().mean())}
+        loss = nt_xent(net.project(augment(x_BCHW, g)), net.project(augment(x_BCHW, g)), cfg.temperature)
+        return loss, {"loss": loss.item()}
+
+
+def _drawn(images_u8_NHWC: np.ndarray, labels_N: Tensor, batch_size: int, g: torch.Generator) -> Iterator[tuple[Any, Tensor]]:
+    """Endless batches drawn with replacement by ``g`` (drawn as each step takes its batch, so the
+    draws and the augmentations share ``g`` in one order)."""
+    while True:
+        idx_B = torch.randint(len(images_u8_NHWC), (batch_size,), generator=g)
+        yield images_u8_NHWC[idx_B.numpy()], labels_N[idx_B]
+
+
 def train_features(
     train_u8_NHWC: np.ndarray,
     train_labels: np.ndarray,
@@ -182,11 +234,14 @@ def train_features(
     Batches are drawn with replacement and augmented (:func:`augment`) in both modes: for the
     classifier too, since without it the net fits its few training images so closely that they
     embed apart from unseen ones (on 360 emoji, an FD floor of train vs val images 5× that of
-    unseen vs val; 2.4× with it, and val accuracy 0.57 instead of 0.43). AdamW, cosine
-    learning-rate decay. The same seed gives the same weights on CPU.
+    unseen vs val; 2.4× with it, and val accuracy 0.57 instead of 0.43). Trained by
+    :class:`arvision.train.trainer.Trainer` on :class:`FeaturesLoss`: AdamW, the learning rate
+    on a cosine from ``lr`` to ``min_lr_ratio · lr`` (0 by default) after ``warmup_steps`` (0),
+    fp32. The same seed gives the same weights on CPU.
 
-    ``on_log(step, row)`` gets each curve row (every :data:`LOG_EVERY` steps: mean ``loss``
-    over them, ``lr``, and for a classifier the mean batch ``accuracy``).
+    ``on_log(step, row)`` gets each curve row (every :data:`LOG_EVERY` steps: mean ``loss`` and
+    ``grad_norm`` over them, the last step's ``lr``, and for a classifier the mean batch
+    ``accuracy``).
 
     Returns ``(net in eval mode, metrics, curve)``; metrics: ``mode``, ``num_classes``,
     ``train_seconds``, ``final_loss`` and on the val split (the train split
@@ -205,50 +260,21 @@ def train_features(
         torch.manual_seed(seed)
         net = FeatureNet(cfg, channels=train_u8_NHWC.shape[-1], num_classes=num_classes, projection=mode == "hybrid")
     net.to(device).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
     g = torch.Generator().manual_seed(seed)
-    labels_N = torch.from_numpy(np.asarray(train_labels, np.int64))
+    if batches is None:
+        batches = _drawn(train_u8_NHWC, torch.from_numpy(np.asarray(train_labels, np.int64)), cfg.batch_size, g)
+    else:
+        batches = ((x, torch.from_numpy(np.asarray(y, np.int64))) for x, y in batches)
     curve: list[dict[str, float]] = []
-    window: list[tuple[float, float]] = []  # (loss, batch accuracy) since the last curve row
+
+    def log(step: int, row: dict[str, float]) -> None:
+        curve.append({"step": step, **row})
+        if on_log is not None:
+            on_log(step, row)
+
     t0 = time.time()
-    for step in range(1, cfg.steps + 1):
-        if batches is None:
-            idx_B = torch.randint(len(train_u8_NHWC), (cfg.batch_size,), generator=g)
-            x_u8, y_B = train_u8_NHWC[idx_B.numpy()], labels_N[idx_B]
-        else:
-            x_u8, y_np = next(batches)
-            y_B = torch.from_numpy(np.asarray(y_np, np.int64))
-        x_BCHW = images_to_tensor(x_u8).to(device)
-        if mode == "classifier":
-            logits_BK = net.logits(augment(x_BCHW, g))
-            y_B = y_B.to(device)
-            loss = F.cross_entropy(logits_BK, y_B)
-            acc = float((logits_BK.argmax(1) == y_B).float().mean())
-        elif mode == "hybrid":  # one trunk pass per view: both views classified, the pair contrasted
-            y_B = y_B.to(device)
-            v1_BD, v2_BD = net(augment(x_BCHW, g)), net(augment(x_BCHW, g))
-            logits_NK = net.head(torch.cat([v1_BD, v2_BD]))  # N = 2B
-            y_N = torch.cat([y_B, y_B])
-            con = nt_xent(net.proj(v1_BD), net.proj(v2_BD), cfg.temperature)
-            loss = F.cross_entropy(logits_NK, y_N) + cfg.contrastive_weight * con
-            acc = float((logits_NK.argmax(1) == y_N).float().mean())
-        else:
-            loss = nt_xent(net.project(augment(x_BCHW, g)), net.project(augment(x_BCHW, g)), cfg.temperature)
-            acc = float("nan")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        window.append((loss.item(), acc))
-        if step % LOG_EVERY == 0 or step == cfg.steps:
-            row = {"loss": float(np.mean([w[0] for w in window])), "lr": opt.param_groups[0]["lr"]}
-            if classes:
-                row["accuracy"] = float(np.mean([w[1] for w in window]))
-            window.clear()
-            curve.append({"step": step, **row})
-            if on_log is not None:
-                on_log(step, row)
+    Trainer(net, FeaturesLoss(net, mode, cfg, g, device), trainer_config(cfg), device=device, on_log=log,
+            progress=False).fit(batches)
     train_seconds = time.time() - t0
     net.eval()
     eval_x, eval_y = (val_u8_NHWC, val_labels) if len(val_u8_NHWC) else (train_u8_NHWC, train_labels)

@@ -6,7 +6,7 @@ On a prepared split of synthetic 64² images (``bench/gpu_tokens.py``'s), a ``vq
 
   - ``in_process``: :func:`arvision.train.tokenizer.train_tokenizer` in this process, one GPU,
     fed by :func:`arvision.data.feed.shuffled_batches` (what the stage runs with ``num_workers: 0``);
-  - ``ray_N``: :func:`arvision.train.ray_tokenizer.fit_tokenizer` on N Ray Train workers, a GPU
+  - ``ray_N``: :func:`arvision.train.tokenizer.fit_tokenizer` on N Ray Train workers, a GPU
     each (DDP over NCCL, the quantiser's statistics all-reduced), for each N in ``--workers``.
 
 Reports images/s of training (the loop's own clock: ``train_time_s``), the last logged loss and
@@ -53,7 +53,7 @@ def main() -> None:
     from arvision.config import RayConfig, TokenizerConfig
     from arvision.data.feed import shuffle_buffer_rows, shuffled_batches
     from arvision.tokenizers import build_tokenizer
-    from arvision.train.ray_tokenizer import fit_tokenizer
+    from arvision.train.tokenizer import fit_tokenizer
     from arvision.train.tokenizer import train_tokenizer
 
     gpus = torch.cuda.device_count()

@@ -16,7 +16,7 @@ def worker(config: dict) -> None:
     import torch.distributed as dist
 
     from arvision.priors import build_prior
-    from arvision.train.loop import train_prior
+    from arvision.train.loop import fsdp_wrap, train_prior
     from arvision.train.ray import prepare_parallel
     from bench.prior import prior_config
 
@@ -32,7 +32,7 @@ def worker(config: dict) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     out = {"params": n_params, "world": world, "oom": False}
     try:
-        model = prepare_parallel(model, config["strategy"])
+        model = prepare_parallel(model, fsdp_wrap if config["strategy"] == "fsdp" else None)
         device = ray.train.torch.get_device()
         g = torch.Generator(device=device).manual_seed(rank)
         pool = [(torch.randint(0, 16384, (b, 256), device=device, generator=g),

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from arvision.train.loop import TrainingDiverged, train_prior  # noqa: E402
+from arvision.train.loop import train_prior  # noqa: E402
+from arvision.train.trainer import TrainingDiverged  # noqa: E402
 
 SCALES = (1, 2, 3, 4, 6, 8, 12, 16)
 

@@ -1,5 +1,8 @@
 """Stage ``prior``: train the AR prior on ``data/tokens`` under Ray Train → ``models/prior``.
 
+On ``ray.num_workers`` Ray Train workers (1 by default), or in this process at 0: the one Ray
+shell's rule (:func:`arvision.train.loop.fit_prior`, :mod:`arvision.train.ray`).
+
 Writes the weights ``prior.keep`` asks for (EMA weights when ``ema_decay`` > 0: what sampling
 uses): ``best``, the lowest val loss, with the last weights too in ``models/prior/last/``
 (same format, loadable by ``Generator.load``), or ``last``. Also ``metrics/prior.json`` and,
@@ -24,9 +27,9 @@ from arvision.config import Params
 from arvision.priors import build_prior, save_prior
 from arvision.tokenizers import load_tokenizer
 from arvision.tracking import Tracker, tracking_uri
-from arvision.train.loop import final_weights, kept_weights, steady_tokens_per_s
+from arvision.train.loop import fit_prior, steady_tokens_per_s
+from arvision.train.trainer import final_weights, kept_weights
 from arvision.cluster import TrainRun
-from arvision.train.ray import fit_prior
 from stages.common import Paths, atomic_dir, read_json, stage_main, write_curve
 
 log = logging.getLogger("arvision")

@@ -8,14 +8,16 @@ Bounded memory: the trainer draws its batches from a seeded shuffle buffer over 
 exactly as from the whole array), and the val and train-set metrics are computed a batch at a
 time from lazily decoded splits (:class:`arvision.data.feed.ImageSplit`).
 
-With ``tokenizer.num_workers`` N > 0 the training runs on N Ray Train workers instead
-(:mod:`arvision.train.ray_tokenizer`: DDP, the quantiser's statistics all-reduced, each worker on
-its own part of the train split and batch_size / N images a step); the trained state comes
-back to this process, which evaluates, saves and registers it as above. A ``palette`` is
+The training goes through the one Ray shell (:func:`arvision.train.tokenizer.fit_tokenizer`,
+:mod:`arvision.train.ray`): in this process at ``tokenizer.num_workers`` 0, on N Ray Train
+workers at N >= 1 (DDP, the quantiser's statistics all-reduced, each worker on its own part of
+the train split and batch_size / N images a step); the trained state comes back to this
+process, which evaluates, saves and registers it as above. A ``palette`` is
 fitted (k-means), not trained: it is always fitted here, whatever ``num_workers`` says.
 
 Resumable: training checkpoints every ``tokenizer.checkpoint_every`` steps into
-``.arvision/ray/tokenizer-<hash of params and data>/`` (Ray Train's run folder on workers). A
+``.arvision/ray/tokenizer-<hash of params and data>/`` (``checkpoint.pt`` in this process, Ray
+Train's run folder on workers). A
 run stopped part-way and re-run with the same params and data goes on from the last checkpoint,
 to the same weights as a run never stopped (on CPU); the folder is removed once the stage's
 outputs are saved.
@@ -32,11 +34,12 @@ import torch
 
 from arvision.cluster import TrainRun
 from arvision.config import Params
-from arvision.data.feed import ImageSplit, shuffle_buffer_rows, shuffled_batches
+from arvision.data.feed import ImageSplit, shuffle_buffer_rows
 from arvision.errors import UserError
 from arvision.tokenizers import build_tokenizer, images_to_tensor, save_tokenizer, tensor_to_images
 from arvision.tracking import Tracker
-from arvision.train.tokenizer import evaluate_tokenizer, train_tokenizer
+from arvision.train.ray import CHECKPOINT  # noqa: F401  (where an in-process run keeps its checkpoint)
+from arvision.train.tokenizer import evaluate_tokenizer, fit_tokenizer, train_tokenizer
 from arvision.viz import save_grid
 from stages.common import Paths, atomic_dir, read_json, resolve_device, stage_main, write_curve, write_json
 
@@ -51,10 +54,6 @@ def recon_grid(tok, images: np.ndarray, path: Path, n: int = 16) -> None:
     save_grid(path, [images[:n], rec], row_names=["original", "reconstruction"], scale=3)
 
 
-#: the in-process trainer's checkpoint, in the run's folder
-CHECKPOINT = "checkpoint.pt"
-
-
 def _train_run(params: Params, paths: Paths, tracker: Tracker, manifest: dict) -> TrainRun:
     """The training run's folder and name: the same params and data, the same run (a resume)."""
     from arvision.tracking import tracking_uri
@@ -62,56 +61,6 @@ def _train_run(params: Params, paths: Paths, tracker: Tracker, manifest: dict) -
     name = TrainRun.name_for("tokenizer", {"tokenizer": params.tokenizer.model_dump(mode="json"), "seed": params.seed,
                                            "data": manifest.get("content_hash")})
     return TrainRun(paths.cache / "ray", name, tracker.run_id, tracking_uri(paths.root) if tracker.run_id else None, paths.root)
-
-
-def _train_here(tok, params: Params, paths: Paths, run: TrainRun, device, log, curve: list[dict[str, float]],
-                rows: int) -> dict[str, float]:
-    """Train in this process, checkpointing into ``run``'s folder and resuming from it. ``log``
-    logs a step's stats and appends them to ``curve``, which checkpoints carry."""
-    cfg = params.tokenizer
-    ckpt = run.storage / run.name / CHECKPOINT
-    state = None
-    if ckpt.exists():
-        try:  # a checkpoint this code cannot read or load (damaged, another model) is dropped, not fatal
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            tok.load_state_dict(state["model"])
-        except Exception as e:
-            logger.warning("tokenizer: dropping the checkpoint at %s, which this tokenizer cannot load (%s); "
-                           "training from the start", ckpt, str(e).splitlines()[0])
-            state = None
-    if state is not None:
-        logger.info("tokenizer: resuming from the checkpoint at step %d of %d (%s)", state["step"], cfg.steps, ckpt)
-        for row in state["curve"]:  # this stage run's MLflow run and curve hold the whole curve
-            log(row["step"], {k: v for k, v in row.items() if k != "step"})
-
-    def save(step: int, st: dict[str, Any]) -> None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_name(f".{CHECKPOINT}.tmp")
-        torch.save({**st, "curve": list(curve)}, tmp)
-        tmp.replace(ckpt)  # whole or not at all
-
-    buffer = shuffle_buffer_rows(cfg.batch_size, tok.resolution ** 2 * tok.channels)
-    source = shuffled_batches(paths.prepared / "train", min(cfg.batch_size, rows), params.seed, buffer,
-                              skip=int(state["step"]) if state else 0)
-    try:
-        return train_tokenizer(tok, source, cfg, seed=params.seed, device=device, log=log, state=state, on_checkpoint=save)
-    finally:
-        source.close()
-
-
-def _train_on_ray(tok, params: Params, paths: Paths, run: TrainRun, manifest: dict, curve: list[dict[str, float]]) -> dict[str, float]:
-    """Train on ``tokenizer.num_workers`` Ray Train workers (rank 0 logs to ``run``'s MLflow
-    run); load the result into ``tok``, append its training curve to ``curve``; return the stats."""
-    from arvision.train.ray_tokenizer import fit_tokenizer
-
-    cfg = params.tokenizer
-    state = fit_tokenizer(
-        tokenizer_cfg=cfg, ray_cfg=params.ray, seed=params.seed, split_dir=paths.prepared / "train",
-        channels=manifest["channels"], resolution=manifest["resolution"], run=run,
-    )
-    tok.load_state_dict(state["model"])
-    curve.extend(state["curve"])
-    return state["stats"]
 
 
 def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
@@ -137,10 +86,12 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
     if tok.kind == "palette":  # fitted on (at most) a buffer's worth of images: all of them when they fit
         buffer = shuffle_buffer_rows(cfg.batch_size, int(np.prod(train_x.shape[1:])))
         trained = train_tokenizer(tok, train_x[:buffer], cfg, seed=params.seed, device=device, log=log)
-    elif cfg.num_workers:
-        trained = _train_on_ray(tok, params, paths, run, manifest, curve)
-    else:
-        trained = _train_here(tok, params, paths, run, device, log, curve, len(train_x))
+    else:  # in this process at tokenizer.num_workers 0, else on that many Ray Train workers
+        state = fit_tokenizer(tokenizer_cfg=cfg, ray_cfg=params.ray, seed=params.seed, split_dir=paths.prepared / "train",
+                              channels=manifest["channels"], resolution=manifest["resolution"], run=run, device=device)
+        tok.load_state_dict(state["model"])
+        curve.extend(state["curve"])
+        trained = state["stats"]
     tok.eval()
     val = evaluate_tokenizer(tok, val_x if len(val_x) else train_x, device=device)
     # codebook usage counted on train too: there every scale (even msvq's 1×1) sees enough

@@ -1,6 +1,7 @@
 """Ray Train on CPU: the DDP path (gloo) across two workers, and joining an existing cluster.
 
-- two workers with batch b give the same loss curve as one worker with batch 2b;
+- two workers with batch b give the same loss curve as one worker with batch 2b, and
+  ``ray.num_workers: 0`` (the same job in the stage's process) the same run as one worker;
 - a cluster started separately (`ray start --head` plus a second node) is used through
   ``RAY_ADDRESS``;
 - validation: early stopping takes the same decision on both DDP ranks and survives a restore;
@@ -54,7 +55,7 @@ def _tokens(tmp: Path, n: int = 256, val_rows: int = 0, metadata: dict | None = 
 def _fit(tmp: Path, token_dir: Path, workers: int, batch: int, name: str, address=None, **prior_kw) -> dict:
     from arvision.config import PriorConfig, RayConfig
     from arvision.cluster import TrainRun
-    from arvision.train.ray import fit_prior
+    from arvision.train.loop import fit_prior
 
     kw = dict(size="tiny", steps=6, batch_size=batch, lr=3e-3, warmup_steps=0, ema_decay=0.0, class_dropout=0.0, log_every=1,
               checkpoint_every=6)
@@ -76,6 +77,14 @@ def test_two_workers_match_one_worker_with_double_batch(tmp_path):
         two = _fit(tmp_path, token_dir, workers=2, batch=16, name="two")
     finally:
         ray.shutdown()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray worker (ray.cpus_per_worker 1): the same float sums
+    try:  # ray.num_workers 0: the same job in this process, the same run
+        here = _fit(tmp_path, token_dir, workers=0, batch=32, name="here")
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["loss"] for r in here["curve"]] == [r["loss"] for r in one["curve"]]
+    assert all(torch.equal(here["model"][k], v) for k, v in one["model"].items())
     assert again["step"] == one["step"] == 6
     assert one["val_curve"] == [] and one["best_weights"] is None  # no val split: validation skipped
     assert [r["loss"] for r in again["curve"]] == [r["loss"] for r in one["curve"]]

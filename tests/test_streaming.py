@@ -365,7 +365,7 @@ class _FakeShard:
 
 
 def test_prior_feed_keeps_codes_narrow_and_batches_as_before(tmp_path):
-    from arvision.train.ray import _batches, _read_shard, _val_batches
+    from arvision.train.loop import _batches, _read_shard, _val_batches
 
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 60000, (5000, 16)).astype(np.uint16)
@@ -519,7 +519,7 @@ class _ViewShard(_FakeShard):
 
 def test_prior_feed_draws_one_view_per_image_per_epoch_seeded_and_resumable(tmp_path):
     from arvision.data.views import image_rows
-    from arvision.train.ray import _batches, _val_batches
+    from arvision.train.loop import _batches, _val_batches
 
     n, v, bs = 50, 3, 8  # 6 batches an epoch (the last 2 images wait for the next epoch's order)
     image_N, view_N = np.repeat(np.arange(n), v), np.tile(np.arange(v), n)

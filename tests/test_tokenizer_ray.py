@@ -110,7 +110,7 @@ ADV = dict(adv_weight=0.5, disc_start=2, disc_layers=2, disc_width=8, perceptual
 
 @pytest.mark.parametrize("recipe", [{}, ADV], ids=["plain", "adversarial"])
 def test_two_workers_keep_identical_replicas(tmp_path, ray_session, recipe):
-    from arvision.train.ray_tokenizer import fit_tokenizer, state_hash
+    from arvision.train.tokenizer import fit_tokenizer, state_hash
 
     paths = _prepared(tmp_path)
     cfg = _cfg(num_workers=2, **recipe)
@@ -247,9 +247,10 @@ def test_interrupted_stage_resumes_to_the_same_tokenizer(tmp_path, monkeypatch, 
     from step 4 and saves bit for bit what a run never stopped saves: weights, codebook, curve
     and val metrics. The checkpoint's folder is gone afterwards. With the VQGAN recipe on, the
     checkpoint carries the discriminator and its optimizer too."""
+    import arvision.train.tokenizer as training
     import stages.tokenizer as stage
 
-    monkeypatch.setattr(stage, "shuffle_buffer_rows", lambda *a, **k: buffer)
+    monkeypatch.setattr(training, "shuffle_buffer_rows", lambda *a, **k: buffer)
     cfg = _cfg(steps=8, checkpoint_every=2, log_every=3, **recipe)  # a checkpoint between two log lines
     params = parse_params({"seed": 0, "tokenizer": cfg.model_dump(mode="json")})
     whole, cut = tmp_path / "whole", tmp_path / "cut"
@@ -257,7 +258,7 @@ def test_interrupted_stage_resumes_to_the_same_tokenizer(tmp_path, monkeypatch, 
         _prepared(root, n_train=48)
     ref = stage.run(params, Paths(whole), NullTracker())
 
-    train = stage.train_tokenizer
+    train = training.train_tokenizer
 
     def stopped_at_4(*args, on_checkpoint=None, **kw):
         def save_then_stop(step, st):
@@ -266,14 +267,14 @@ def test_interrupted_stage_resumes_to_the_same_tokenizer(tmp_path, monkeypatch, 
                 raise KeyboardInterrupt
         return train(*args, on_checkpoint=save_then_stop, **kw)
 
-    monkeypatch.setattr(stage, "train_tokenizer", stopped_at_4)
+    monkeypatch.setattr(training, "train_tokenizer", stopped_at_4)
     with pytest.raises(KeyboardInterrupt):
         stage.run(params, Paths(cut), NullTracker())
     ckpts = list((cut / ".arvision" / "ray").glob("tokenizer-*/checkpoint.pt"))
     assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=False)["step"] == 4
     assert ("disc" in torch.load(ckpts[0], weights_only=False)) == bool(recipe)
     assert not (cut / "models" / "tokenizer").exists()
-    monkeypatch.setattr(stage, "train_tokenizer", train)
+    monkeypatch.setattr(training, "train_tokenizer", train)
     again = stage.run(params, Paths(cut), NullTracker())
     s0, s1 = (load_tokenizer(r / "models" / "tokenizer").state_dict() for r in (whole, cut))
     assert all(torch.equal(s0[k], s1[k]) for k in s0), [k for k in s0 if not torch.equal(s0[k], s1[k])]
@@ -319,7 +320,7 @@ def test_a_lost_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, ray
 
     import psutil
 
-    from arvision.train.ray_tokenizer import fit_tokenizer
+    from arvision.train.tokenizer import fit_tokenizer
 
     paths = _prepared(tmp_path)
     cfg = _cfg(num_workers=2, steps=200, checkpoint_every=20, log_every=20)

@@ -7,7 +7,8 @@ import torch
 
 from arvision.config import PriorConfig
 from arvision.priors import build_prior
-from arvision.train.loop import checkpoint_state, ema_model, final_weights, kept_weights, lr_at, make_optimizer, train_prior
+from arvision.train.loop import lr_at, train_prior
+from arvision.train.trainer import checkpoint_state, ema_model, final_weights, kept_weights, make_optimizer
 
 VOCAB, SIDE, CLASSES = 32, 4, 3
 CPU = torch.device("cpu")
@@ -295,7 +296,7 @@ def test_resume_keeps_validation_bookkeeping(tmp_path):
 def test_a_nan_loss_stops_training_naming_the_step():
     """A diverged run (seen on CUDA: a var prior with dropout went NaN at step 10 and trained
     NaN to the end) stops at the first log line that sees it, with a message, not a curve of NaN."""
-    from arvision.train.loop import TrainingDiverged
+    from arvision.train.trainer import TrainingDiverged
 
     model = _model()
     with torch.no_grad():  # NaN in every weight's first entry: every forward gives a NaN loss
@@ -311,7 +312,7 @@ def test_a_nan_loss_stops_training_naming_the_step():
 def test_ema_update_is_the_warmed_up_average():
     """``EMA.update`` (torch's ``get_ema_multi_avg_fn``) gives, bit for bit, the recursion
     e ← d·e + (1 − d)·p with d = min(decay, (1 + step) / (10 + step)) as ``torch.lerp`` computes it."""
-    from arvision.train.loop import EMA
+    from arvision.train.trainer import EMA
 
     model = torch.nn.Linear(4, 3)
     ema = EMA(model, decay=0.95)

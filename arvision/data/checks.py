@@ -142,7 +142,7 @@ def check_batches(params: Params, root: Path) -> None:
     train, source = train_images(params, root)
     if train is None:
         return
-    workers = params.ray.num_workers
+    workers = max(1, params.ray.num_workers)  # 0: the stage's own process, the whole split
     share = train // workers
     if params.prior.batch_size > share:
         each = f"the {share} each of ray.num_workers={workers} workers gets" if workers > 1 else f"the {train}"

@@ -1,75 +1,71 @@
-"""The one training loop for the priors (both kinds; plain, DDP or FSDP; CPU or CUDA).
+"""The prior's part of training (both kinds; plain, DDP or FSDP; CPU or CUDA): its loss plugged
+into :class:`arvision.train.trainer.Trainer`, which does the rest (AdamW, warm-up cosine,
+accumulation, clipping, the EMA that gets saved, validation and keep-best, early stop, exact
+resume; see there).
 
 It knows nothing of Ray, MLflow or files: batches come in through an iterator, metrics and
 checkpoints leave through callbacks (``on_log``, ``on_eval``, ``on_checkpoint``), and the
 validation loss comes from a callable (``evaluate``, e.g. :func:`val_loss` over held-out batches).
 
-``cfg`` is the ``prior`` section (:class:`arvision.config.PriorConfig`).
-
-- AdamW (fused on CUDA); no weight decay on norms, biases and embeddings
-  (``model.no_weight_decay()``); linear warm-up, then cosine down to ``min_lr_ratio · lr``
-  (:func:`arvision.train.common.warmup_cosine`, a torch ``LambdaLR``).
-- ``grad_accum`` micro-batches per optimizer step, each loss scaled by 1/k, gradient sync only
-  on the last micro-batch (``no_sync``), so k micro-batches of b equal one batch of k·b.
-- Gradient clipping; an EMA of the weights (``ema_decay``, 0 = off, with the usual warm-up
-  ``min(decay, (1 + step) / (10 + step))``): the EMA weights are what gets saved and sampled
-  (:func:`final_weights`, :func:`ema_model`). The shadow weights follow ``model.parameters()``,
-  FSDP shards included, and are updated by ``torch.optim.swa_utils.get_ema_multi_avg_fn``;
-  ``AveragedModel`` would deep-copy the wrapped model instead.
-- bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; ``cfg.compile`` (``auto``: on
-  CUDA only, :func:`use_compile`): regional ``torch.compile`` (:func:`compile_model`).
-- Full state dicts (weights, optimizer) through ``torch.distributed.checkpoint.state_dict``:
-  the same code for a plain, DDP, FSDP or compiled model.
-- Validation every ``eval_every`` steps and at the end (0 = off): ``evaluate`` scores the
-  weights that get saved (the EMA when on) in eval mode; the loop keeps the val curve, the best
-  val loss and its step, and with ``keep: best`` a copy of the best weights
-  (:func:`kept_weights`); with ``early_stop_patience`` p > 0 it stops after p evals without
-  improvement. Under DDP / FSDP every rank evaluates and rank 0's value is broadcast, so all
-  ranks take the same decisions.
-- A checkpoint (:func:`checkpoint_state`) holds model, EMA, optimizer, step, RNG states and the
-  validation bookkeeping; resuming from it continues exactly as the uninterrupted run would,
-  provided ``batches`` continues where the checkpointed run left off (the state records
-  ``micro_batches`` consumed; the loop itself never skips data).
+``cfg`` is the ``prior`` section (:class:`arvision.config.PriorConfig`). What is the prior's own:
+regional ``torch.compile`` (``cfg.compile``, ``auto``: on CUDA only, :func:`use_compile`,
+:func:`compile_model`), FSDP wrapping per block (:func:`fsdp_wrap`), the teacher-forced val loss
+(:func:`val_loss`) and the throughput in tokens/s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import math
-import time
-from typing import Any, Callable, Iterator
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
-)
 
 from arvision.config import PriorConfig
-from arvision.errors import UserError
+from arvision.data.parquet_io import shard_paths
+from arvision.train.common import autocast, endless_indices, lr_factor
+from arvision.train.trainer import Task, Trainer, TrainerConfig, is_fsdp, unwrap, world_size
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger("arvision")
+
+__all__ = ["fit_prior", "prior_job", "train_prior", "trainer_config", "PriorLoss", "compile_model", "use_compile", "val_loss", "lr_at",
+           "steady_tokens_per_s", "fsdp_wrap"]
 
 
-class TrainingDiverged(UserError):
-    """The training loss became NaN or infinite: every later step would train garbage, so the
-    run stops at the log line that saw it, naming the step and what to change."""
-from arvision.train.common import autocast, lr_factor, rng_state, set_rng_state, to_cpu, warmup_cosine
+def trainer_config(cfg: PriorConfig) -> TrainerConfig:
+    """The trainer's knobs of the ``prior`` section: all of them are the prior's."""
+    return TrainerConfig(
+        name="prior", steps=cfg.steps, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum,
+        ema_decay=cfg.ema_decay, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
+        keep=cfg.keep, early_stop_patience=cfg.early_stop_patience,
+    )
 
-__all__ = [
-    "train_prior", "compile_model", "use_compile", "checkpoint_state", "final_weights", "kept_weights", "ema_model",
-    "val_loss", "lr_at", "unwrap", "make_optimizer",
-]
 
+class PriorLoss(Task):
+    """Teacher-forced cross-entropy of ``(codes (B, L) long, labels (B,) long)`` micro-batches, in
+    nats per token; ``forward`` is the model to call (compiled or not), counted in tokens of
+    every rank."""
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The raw model under DDP / FSDP (``.module``) and torch.compile (``._orig_mod``)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            return model
+    name = "prior"
+    unit = "tokens"
+    diverged_hint = ("; on CUDA, a var prior with prior.dropout or prior.drop_path > 0 was seen to do this "
+                     "(README, 'Training on a GPU'): set them to 0")
+
+    def __init__(self, forward: nn.Module, device: torch.device, world: int) -> None:
+        self.forward, self.device, self.world = forward, device, world
+
+    def step(self, batch: tuple[Tensor, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        codes_BL, labels_B = (t.to(self.device, non_blocking=True) for t in batch)
+        loss = self.forward(codes_BL, labels_B, return_loss=True)
+        return loss, {"loss": loss.detach()}  # a tensor: summed on the device, no sync a step
+
+    def count(self, batch: tuple[Tensor, Tensor]) -> int:
+        return batch[0].numel() * self.world
 
 
 def compile_model(model: nn.Module) -> nn.Module:
@@ -84,7 +80,7 @@ def compile_model(model: nn.Module) -> nn.Module:
     if not isinstance(blocks, nn.ModuleList):
         return torch.compile(model)
     for blk in blocks:  # under FSDP each block is wrapped: compile what it wraps, keep its hooks eager
-        (blk.module if _is_fsdp(blk) else blk).compile()
+        (blk.module if is_fsdp(blk) else blk).compile()
     if hasattr(raw, "fused_loss"):
         raw.fused_loss = True
     return model
@@ -109,14 +105,6 @@ def use_compile(setting: bool | str, device: torch.device) -> bool:
     return bool(setting)
 
 
-def _is_fsdp(model: nn.Module) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return isinstance(model, FullyShardedDataParallel)
-
-
 def fsdp_wrap(model: nn.Module) -> nn.Module:
     """Shard ``model`` (on the current CUDA device, process group initialised) with FSDP: one
     unit per transformer block (``layers`` / ``blocks``) plus the root, so only one block's
@@ -136,145 +124,6 @@ def lr_at(step: int, cfg: PriorConfig) -> float:
     return cfg.lr * lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
 
 
-def make_optimizer(model: nn.Module, cfg: PriorConfig, *, fused: bool) -> torch.optim.AdamW:
-    """AdamW with two groups: decayed matrices, and undecayed norms / biases / embeddings."""
-    raw = unwrap(model)
-    names = {id(p): n for n, p in raw.named_parameters()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    exempt = raw.no_weight_decay() if hasattr(raw, "no_weight_decay") else {n for n, p in raw.named_parameters() if p.ndim < 2}
-    wd = cfg.weight_decay
-    if all(id(p) in names for p in params):
-        decay = [p for p in params if names[id(p)] not in exempt]
-        no_decay = [p for p in params if names[id(p)] in exempt]
-        groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-    else:  # FSDP flat parameters: names are gone, one group
-        groups = [{"params": params, "weight_decay": wd}]
-    betas = tuple(cfg.betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused or None)
-
-
-class EMA:
-    """fp32 shadow copies aligned with ``model.parameters()`` (works on FSDP shards too).
-
-    The update is torch's own (``swa_utils.get_ema_multi_avg_fn``); its ``AveragedModel`` is not
-    used because it deep-copies the module it is given, here a DDP-, FSDP- or compile-wrapped one."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.params = [p for p in model.parameters()]
-        self.shadow = [p.detach().float().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        from torch.optim.swa_utils import get_ema_multi_avg_fn
-
-        d = min(self.decay, (1 + step) / (10 + step))  # warm-up: the average forgets the first steps quickly
-        get_ema_multi_avg_fn(d)(self.shadow, [p.detach().float() for p in self.params], None)
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """Temporarily put the EMA weights into the model."""
-        with torch.no_grad():
-            backup = [p.detach().clone() for p in self.params]
-            for p, e in zip(self.params, self.shadow):
-                p.copy_(e)
-            try:
-                yield
-            finally:
-                for p, b in zip(self.params, backup):
-                    p.copy_(b)
-
-
-# every rank gets the full dicts (DCP's cpu_offload would leave all but rank 0 empty); moved to CPU here
-_FULL = StateDictOptions(full_state_dict=True)
-
-
-def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The raw model's full state dict on CPU (plain keys: no DDP / compile prefixes). Under
-    FSDP every rank must call it (the shards are gathered)."""
-    return to_cpu(get_model_state_dict(model, options=_FULL))
-
-
-def _load_full_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
-
-
-def _ema_state_dict(model: nn.Module, ema: EMA) -> dict[str, Tensor]:
-    """The raw model's state dict (CPU) with the EMA weights in place of the parameters."""
-    if _is_fsdp(model):
-        with ema.swapped_in():
-            return _full_state_dict(model)
-    sd = _full_state_dict(model)
-    for (name, _), e in zip(unwrap(model).named_parameters(), ema.shadow):
-        sd[name] = e.detach().cpu().clone().to(sd[name].dtype)
-    return sd
-
-
-def _new_validation() -> dict[str, Any]:
-    """The validation bookkeeping a run carries (and its checkpoints): ``val_curve`` as
-    ``[step, val_loss]`` pairs (nats/token), the best val loss and its step (None before the
-    first eval), evals since the best, whether the run stopped early, and the best weights
-    (raw state dict on CPU; kept only with ``keep: best``)."""
-    return {"val_curve": [], "best_val_loss": None, "best_step": None, "evals_since_best": 0, "stopped_early": False,
-            "best_weights": None}
-
-
-def _copy_validation(val: dict[str, Any]) -> dict[str, Any]:
-    """A snapshot of the bookkeeping: the curve copied; ``best_weights`` shared (the loop only
-    ever replaces it, never writes into it)."""
-    return {**val, "val_curve": [list(point) for point in val["val_curve"]]}
-
-
-def checkpoint_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, step: int, device: torch.device, micro_batches: int,
-    validation: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Everything a resumed run needs: ``model`` and ``ema`` (raw state dicts, CPU; ``ema`` None
-    when off), ``optimizer``, ``step``, ``rng``, ``micro_batches`` consumed, and the validation
-    bookkeeping (keys of :func:`_new_validation`; empty curve when validation is off)."""
-    ema_sd = None if ema is None else _ema_state_dict(model, ema)
-    opt_sd = to_cpu(get_optimizer_state_dict(model, optimizer, options=_FULL))
-    return {
-        "model": _full_state_dict(model), "ema": ema_sd, "optimizer": opt_sd, "step": step,
-        "rng": rng_state(device), "micro_batches": micro_batches, **_copy_validation(validation or _new_validation()),
-    }
-
-
-def final_weights(state: dict[str, Any]) -> dict[str, Tensor]:
-    """The last weights to save and sample from: the EMA if the run kept one, else the model's."""
-    return state["ema"] if state.get("ema") is not None else state["model"]
-
-
-def kept_weights(state: dict[str, Any], keep: str) -> dict[str, Tensor]:
-    """The weights ``keep`` asks for: ``"best"`` the lowest-val-loss weights when the run
-    validated, else (``"last"``, or no validation) :func:`final_weights`."""
-    if keep == "best" and state.get("best_weights") is not None:
-        return state["best_weights"]
-    return final_weights(state)
-
-
-def ema_model(model: nn.Module, state: dict[str, Any]) -> nn.Module:
-    """A copy of the raw ``model`` holding :func:`final_weights` of ``state`` (eval mode)."""
-    out = copy.deepcopy(unwrap(model))
-    out.load_state_dict(final_weights(state))
-    return out.eval()
-
-
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, state: dict[str, Any], device) -> None:
-    if ema is not None and state.get("ema") is not None:
-        _load_full_state_dict(model, state["ema"])
-        ema.shadow = [p.detach().float().clone() for p in ema.params]
-    _load_full_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    set_rng_state(state["rng"], device)
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 @torch.no_grad()
 def val_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device) -> float:
     """Teacher-forced mean cross-entropy of ``model`` over ``batches`` of ``(codes (B, L) long,
@@ -289,18 +138,6 @@ def val_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]], device: tor
         total += loss.double() * codes_BL.numel()
         tokens += codes_BL.numel()
     return float(total.item()) / max(1, tokens)
-
-
-def _agree(value: float, device: torch.device) -> float:
-    """Rank 0's ``value`` on every rank (a no-op without a process group): every rank then takes
-    the same best-weights and early-stop decisions even if float rounding differed."""
-    if _world_size() == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(t, src=0)
-    return float(t.item())
 
 
 def train_prior(
@@ -321,132 +158,180 @@ def train_prior(
 
     ``batches`` yields ``(codes (B, L) long, labels (B,) long)`` micro-batches, ``grad_accum``
     per step. ``on_log(step, {loss, lr, grad_norm, tokens_per_s})`` every ``log_every`` steps
-    (loss: mean nats/token over the window; tokens/s: all ranks together, validation time
-    excluded); ``on_checkpoint(step, checkpoint_state)`` every ``checkpoint_every`` steps and at
-    the end (also an early stop).
+    (loss, grad_norm: means over the window, loss in nats/token; tokens/s: all ranks together,
+    validation time excluded); ``on_checkpoint(step, checkpoint_state)`` every
+    ``checkpoint_every`` steps and at the end (also an early stop).
 
     Validation (``evaluate`` given and ``cfg.eval_every`` > 0): every ``eval_every`` steps and at
-    the end, ``evaluate(m)`` returns the val loss in nats/token of ``m``, the model holding the
-    weights that get saved (EMA when on), in eval mode under ``no_grad``; every rank calls it
-    (FSDP gathers inside) and rank 0's value counts. ``on_eval(step, val_loss)`` follows. With
-    ``cfg.keep == "best"`` the lowest-val-loss weights are kept in the state
-    (:func:`kept_weights`); with ``cfg.early_stop_patience`` p > 0 training stops after p evals
-    without a new best. Returns the final metrics (last window's loss, lr, grad_norm,
-    tokens_per_s; step; stopped_early 0/1).
+    the end, ``evaluate(m)`` returns the val loss in nats/token of ``m`` (:func:`val_loss`), the
+    weights that get saved; ``on_eval(step, val_loss)`` follows; ``keep`` and
+    ``early_stop_patience`` as :class:`arvision.train.trainer.Trainer` does them. Returns the
+    final metrics (last window's loss, lr, grad_norm, tokens_per_s; step; stopped_early 0/1).
     """
     device = torch.device(device)
-    raw = unwrap(model)
-    if model is raw:
+    if model is unwrap(model):
         model.to(device)
-    model.train()
-    accum, clip, patience = cfg.grad_accum, cfg.grad_clip, cfg.early_stop_patience
-    log_every, ckpt_every = cfg.log_every, cfg.checkpoint_every
-    eval_every = cfg.eval_every if evaluate is not None else 0
-    keep_best = cfg.keep == "best"
-    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
-    for group in optimizer.param_groups:  # the schedule's base: also in checkpoints, so they load alike
-        group["initial_lr"] = cfg.lr
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    step = 0
-    val = _new_validation()
-    if state is not None:
-        _restore(model, optimizer, ema, state, device)
-        step = int(state["step"])
-        val = _copy_validation({**val, **{k: state[k] for k in val if k in state}})
-    micro_batches = int(state.get("micro_batches", step * accum)) if state else 0
-    scheduler = warmup_cosine(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-                              min_lr_ratio=cfg.min_lr_ratio, last_step=step - 1)
-    fwd = compile_model(model) if use_compile(cfg.compile, device) else model
-    eval_model = model if _is_fsdp(model) else raw  # FSDP must gather shards; DDP's raw model needs no collective
-    can_skip_sync = hasattr(model, "no_sync") and model is not raw
-    world = _world_size()
+    forward = compile_model(model) if use_compile(cfg.compile, device) else model
+    trainer = Trainer(model, PriorLoss(forward, device, world_size()), trainer_config(cfg), device=device, state=state,
+                      evaluate=evaluate, on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint,
+                      progress=progress, is_main=is_main)
+    return trainer.fit(batches)
 
-    def validate(step: int) -> None:
-        """Score the weights that get saved; update the best / patience bookkeeping in ``val``."""
-        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-            model.eval()
-            try:
-                with torch.no_grad():
-                    loss = _agree(float(evaluate(eval_model)), device)
-            finally:
-                model.train()
-        val["val_curve"].append([step, loss])
-        if val["best_val_loss"] is None or loss < val["best_val_loss"]:
-            val.update(best_val_loss=loss, best_step=step, evals_since_best=0)
-            if keep_best:
-                val["best_weights"] = _full_state_dict(model) if ema is None else _ema_state_dict(model, ema)
+
+# ---------------------------------------------------------------- the prior's data and its job
+
+
+def _read_shard(shard) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """All rows of a Ray Data shard as ``codes (N, L)``, ``labels (N,)`` and ``view (N,)`` numpy
+    arrays in the narrowest dtype they arrive in (codes as stored: uint16, or int32 past 65,536
+    codes; labels, view int32; view 0 for shards without a ``view`` column), unlabelled rows
+    (label -1) as class 0: a quarter of int64's memory. :func:`_batches` widens each batch to
+    int64 as it goes."""
+    import numpy as np
+
+    codes_parts, label_parts, view_parts = [], [], []
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        codes = batch["codes"]
+        if codes.dtype == object:  # fixed-size lists may arrive as arrays of arrays
+            codes = np.stack(codes)
+        codes_parts.append(codes)
+        label_parts.append(batch["label"])
+        view_parts.append(batch["view"].astype(np.int32) if "view" in batch else np.zeros(len(codes), np.int32))
+    codes = np.concatenate(codes_parts) if codes_parts else np.zeros((0, 0), np.int64)
+    labels = np.maximum(np.concatenate(label_parts), 0) if label_parts else np.zeros(0, np.int32)  # unlabelled (-1) → 0
+    view = np.concatenate(view_parts) if view_parts else np.zeros(0, np.int32)
+    return codes, labels, view
+
+
+def _batches(shard, batch_size: int, seed: int, skip: int = 0):
+    """Endless (codes, labels) batches from this worker's Ray Data shard, reshuffled each epoch.
+
+    An epoch is one pass over the images, not the rows: with augmented token data (a row per
+    (image, view), ``tokens.hflip`` / ``tokens.crops``) each image contributes one of its views,
+    drawn by :func:`arvision.data.views.view_picks` seeded ``(seed, epoch)``, so ``prior.steps``
+    means as many passes as without views and a resumed run (``skip``) draws the same views. The
+    images are permuted as rows were (:func:`endless_indices` over the images); data without
+    views gives the batches it always gave.
+
+    The shard is streamed once through Ray Data and kept in memory as compact integer arrays
+    (token data is small: 1M images × 256 uint16 codes is 512 MB; the dtype as stored, each
+    batch widened to int64 only when drawn); every later epoch is a seeded permutation of it.
+    Re-executing the Ray Data pipeline each epoch cost 3-8 s per epoch, most of the prior's time
+    on the demo data set. ``skip`` drops the batches a resumed run has already consumed, so it
+    sees the same data as an uninterrupted one.
+    """
+    import numpy as np
+
+    from arvision.data.views import image_rows, view_picks
+
+    codes, labels, view = _read_shard(shard)
+    starts_G, counts_G = image_rows(view)
+    n = len(starts_G)  # images
+    if n < batch_size:
+        raise RuntimeError(f"the token shard holds {n} images, fewer than one batch ({batch_size}); lower prior.batch_size")
+    one_view = bool((counts_G == 1).all())
+    per_epoch = len(range(0, max(1, n - batch_size + 1), batch_size))  # batches endless_indices cuts an epoch into
+    epoch, pick_G = -1, None
+    for k, idx in enumerate(endless_indices(n, batch_size, seed, skip=skip), start=skip):
+        g = idx.numpy()
+        if one_view:
+            i = starts_G[g]
         else:
-            val["evals_since_best"] += 1
-            val["stopped_early"] = patience > 0 and val["evals_since_best"] >= patience
-        if on_eval is not None:
-            on_eval(step, loss)
+            if k // per_epoch != epoch:  # a new epoch: each image's view for it
+                epoch = k // per_epoch
+                pick_G = view_picks(counts_G, seed, epoch)
+            i = starts_G[g] + pick_G[g]
+        yield torch.from_numpy(codes[i].astype(np.int64)), torch.from_numpy(labels[i].astype(np.int64))
 
-    bar = None
-    if progress and is_main:  # on a terminal, in a log, or relayed from a Ray worker (arvision.progress)
-        from arvision.progress import bar as progress_bar
 
-        bar = progress_bar(cfg.steps, "prior", "step", initial=step)
+def _val_batches(split_dir: str, batch_size: int):
+    """The whole val split as in-order batches of at most ``batch_size`` rows (unlabelled rows,
+    label -1, become class 0), kept in memory (codes as stored, uint16 or int32; each batch
+    widened to int64 when evaluated) for every evaluation. Every worker reads all of it with
+    pyarrow: it is small, and a Ray Data pipeline per worker cost seconds of start-up. Only view 0
+    (the images themselves) is scored when the split has a ``view`` column."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    metrics: dict[str, float] = {}
-    window_loss = torch.zeros((), device=device)
-    window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
-    grad_norm = torch.zeros((), device=device)
-    while step < cfg.steps and not val["stopped_early"]:
-        lr = optimizer.param_groups[0]["lr"]
-        for micro in range(accum):
-            codes_BL, labels_B = next(batches)
-            codes_BL = codes_BL.to(device, non_blocking=True)
-            labels_B = labels_B.to(device, non_blocking=True)
-            sync = model.no_sync() if can_skip_sync and micro < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast(device):
-                    loss = fwd(codes_BL, labels_B, return_loss=True)
-                (loss / accum).backward()
-            window_loss += loss.detach() / accum
-            window_tokens += codes_BL.numel() * world
-            micro_batches += 1
-        max_norm = clip if clip > 0 else float("inf")
-        if hasattr(model, "clip_grad_norm_"):  # FSDP: norm over all shards
-            grad_norm = model.clip_grad_norm_(max_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(step)
-        step += 1
-        window_steps += 1
-        if bar is not None:
-            bar.update(1)
+    has_view = "view" in pq.read_schema(shard_paths(split_dir)[0]).names
+    table = pq.read_table(split_dir, columns=["codes", "label"] + (["view"] if has_view else []))
+    if has_view:
+        table = table.filter(pc.equal(table.column("view"), 0))
+    codes = table.column("codes").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    labels = np.maximum(table.column("label").to_numpy(), 0).astype(np.int32)
 
-        if eval_every > 0 and (step % eval_every == 0 or step == cfg.steps):
-            t_eval = time.perf_counter()
-            validate(step)
-            t0 += time.perf_counter() - t_eval  # keep validation out of tokens/s
-        done = step == cfg.steps or val["stopped_early"]
-        if step % log_every == 0 or done:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            metrics = {
-                "loss": float(window_loss.item()) / window_steps, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": window_tokens / max(dt, 1e-9),
-            }
-            if bar is not None:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-            if on_log is not None:
-                on_log(step, metrics)
-            if not math.isfinite(metrics["loss"]):
-                raise TrainingDiverged(
-                    f"prior: the training loss is {metrics['loss']} in the {window_steps} steps up to step {step} "
-                    f"(lr {lr:.2e}, grad norm {metrics['grad_norm']:.3g}): training diverged. Lower prior.lr or raise "
-                    "prior.warmup_steps; on CUDA, a var prior with prior.dropout or prior.drop_path > 0 was seen to do "
-                    "this (README, 'Training on a GPU'): set them to 0")
-            window_loss.zero_()
-            window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
-        if on_checkpoint is not None and (step % ckpt_every == 0 or done):
-            on_checkpoint(step, checkpoint_state(model, optimizer, ema, step, device, micro_batches, val))
-    if bar is not None:
-        bar.close()
-    return {**metrics, "step": float(step), "stopped_early": float(val["stopped_early"])}
+    class NarrowBatches:
+        """Iterable as often as :func:`val_loss` needs: int64 tensors made one batch at a time."""
+
+        def __len__(self) -> int:
+            return -(-len(codes) // batch_size)
+
+        def __iter__(self):
+            for i in range(0, len(codes), batch_size):
+                yield (torch.from_numpy(codes[i : i + batch_size].astype(np.int64)),
+                       torch.from_numpy(labels[i : i + batch_size].astype(np.int64)))
+
+    return NarrowBatches()
+
+
+def prior_job(worker, config: dict[str, Any]) -> None:
+    """The prior's training on one worker (:func:`arvision.train.ray.fit`'s job): the same
+    initial weights on every rank, its part of the token data (seed ``seed + rank``), the val
+    split, :func:`train_prior` reporting through ``worker``. Its last checkpoint is the result."""
+    from arvision.priors import build_prior
+
+    cfg: PriorConfig = config["prior"]
+    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    tokenizer = None
+    if cfg.kind == "var":
+        from arvision.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(config["tokenizer_dir"]))
+    model = build_prior(cfg, vocab_size=config["vocab_size"], layout=config["layout"], num_classes=config["num_classes"],
+                        tokenizer=tokenizer)
+    model = worker.prepare(model, fsdp_wrap if cfg.strategy == "fsdp" else None)
+    device = worker.device
+    torch.manual_seed(config["seed"] + 1000 * worker.rank)  # different dropout / class-drop per rank
+    evaluate = None
+    if config["val_dir"] is not None:
+        val_batches = _val_batches(config["val_dir"], cfg.batch_size)
+
+        def evaluate(m: nn.Module) -> float:
+            return val_loss(m, val_batches, device)
+
+    state = worker.state
+    skip = int((state or {}).get("micro_batches", 0))
+    batches = _batches(worker.dataset("train"), cfg.batch_size, config["seed"] + worker.rank, skip=skip)
+    train_prior(model, batches, cfg, device=device, state=state, on_log=worker.on_log, on_checkpoint=worker.checkpoint,
+                evaluate=evaluate, on_eval=worker.on_eval, progress=worker.is_main, is_main=worker.is_main)
+
+
+def fit_prior(
+    *, prior_cfg: PriorConfig, ray_cfg: Any, seed: int, token_dir: Path, tokenizer_dir: Path, vocab_size: int,
+    layout: list[list[int]], num_classes: int, run: Any,
+) -> dict[str, Any]:
+    """Train the prior on ``ray.num_workers`` Ray Train workers (0: in this process; see
+    :func:`arvision.train.ray.fit`), in ``run``'s folder, logging to its MLflow run; return the
+    final training state (weights, EMA, train curve and the validation bookkeeping of
+    :func:`arvision.train.trainer.checkpoint_state`). Validation runs when ``prior_cfg.eval_every``
+    > 0 and ``token_dir/val`` holds rows."""
+    import pyarrow.parquet as pq
+
+    from arvision.data.parquet_io import split_rows
+    from arvision.train.ray import fit
+
+    # the view column of augmented token data (old shards have none): the feed draws a view per image
+    has_view = "view" in pq.read_schema(shard_paths(token_dir / "train")[0]).names
+    validate = prior_cfg.eval_every > 0 and split_rows(token_dir / "val") > 0
+    if not validate and prior_cfg.eval_every > 0:
+        log.info("prior: no validation: %s is missing or empty (no val curve)", token_dir / "val")
+    gpu = ray_cfg.use_gpu
+    config = {
+        "prior": prior_cfg, "seed": seed, "vocab_size": vocab_size, "layout": layout, "num_classes": num_classes,
+        "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+        "val_dir": str((token_dir / "val").resolve()) if validate else None,
+    }
+    return fit(prior_job, config, workers=ray_cfg.num_workers, gpu=gpu, ray_cfg=ray_cfg, run=run,
+               device=torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu"),
+               datasets={"train": ((token_dir / "train").resolve(), ["codes", "label"] + (["view"] if has_view else []))})

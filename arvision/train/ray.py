@@ -1,145 +1,131 @@
-"""The only Ray glue: train the prior with Ray Train's ``TorchTrainer`` fed by Ray Data.
+"""The only Ray glue: one shell that runs a trained stage's job in this process or under Ray
+Train's ``TorchTrainer``, the same for every stage (the prior, the tokenizer).
 
-The training loop itself (:func:`arvision.train.loop.train_prior`) knows nothing of Ray; here
-we connect it: a Ray Data ``read_parquet`` of the token shards, one shard per worker, DDP (or
-FSDP) through ``prepare_model``, checkpoints through ``ray.train.report``, and rank 0 logging
-to the stage's MLflow run.
+The rule, everywhere: ``workers`` 0 runs the job here, in the stage's process; ``workers`` N >= 1
+runs it on N Ray Train workers (DDP through ``prepare_model``, Ray Data shards, a GPU a worker
+with ``gpu``). Either way the job is the same function ``job(worker, config)``, given a
+:class:`Worker`: its rank and world, its device, the checkpoint it resumes from
+(``worker.state``), ``on_log`` / ``on_eval`` (rank 0 keeps the training curve and logs to the
+stage's MLflow run), ``checkpoint(step, state)`` (the trainer's ``on_checkpoint``: reported to
+Ray Train, or written atomically to the run's folder here), ``dataset(name)`` (this worker's
+part of a Parquet data set) and ``prepare(model)`` (the model wrapped for data-parallel
+training). The job trains with :class:`arvision.train.trainer.Trainer` and knows nothing of Ray.
 
-Resume: the run is named after a hash of everything the result depends on (params, seed,
-token data). Ray Train restores the latest checkpoint of a run of the same name in the same
-storage, so an interrupted run retried with the same params resumes; changed params give a
-new name and so a fresh start.
+Run naming and resume: the run lives in ``run.storage / run.name``, its name a hash of
+everything the result depends on (:meth:`arvision.cluster.TrainRun.name_for`). A run stopped
+part-way and started again under the same name in the same storage resumes from its last
+checkpoint (Ray Train restores it; here: ``checkpoint.pt`` in the run's folder); a lost Ray
+worker restarts the group from it ``ray.max_failures`` times. The curve comes back with the
+checkpoint and is replayed through ``on_log``, so the stage's MLflow run and curve hold all of
+it. A run that had finished (``done``) reports its result again without training.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 
-if TYPE_CHECKING:
-    import numpy as np
-
 from arvision.cluster import TrainRun, init_ray
-from arvision.config import PriorConfig, RayConfig
-from arvision.data.parquet_io import shard_paths, split_rows
-from arvision.train.common import endless_indices
+from arvision.config import RayConfig
 
 STATE_FILE = "state.pt"
+#: the in-process run's checkpoint, in the run's folder
+CHECKPOINT = "checkpoint.pt"
 log = logging.getLogger("arvision")
 
-
-def _read_shard(shard) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
-    """All rows of a Ray Data shard as ``codes (N, L)``, ``labels (N,)`` and ``view (N,)`` numpy
-    arrays in the narrowest dtype they arrive in (codes as stored: uint16, or int32 past 65,536
-    codes; labels, view int32; view 0 for shards without a ``view`` column), unlabelled rows
-    (label -1) as class 0: a quarter of int64's memory. :func:`_batches` widens each batch to
-    int64 as it goes."""
-    import numpy as np
-
-    codes_parts, label_parts, view_parts = [], [], []
-    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-        codes = batch["codes"]
-        if codes.dtype == object:  # fixed-size lists may arrive as arrays of arrays
-            codes = np.stack(codes)
-        codes_parts.append(codes)
-        label_parts.append(batch["label"])
-        view_parts.append(batch["view"].astype(np.int32) if "view" in batch else np.zeros(len(codes), np.int32))
-    codes = np.concatenate(codes_parts) if codes_parts else np.zeros((0, 0), np.int64)
-    labels = np.maximum(np.concatenate(label_parts), 0) if label_parts else np.zeros(0, np.int32)  # unlabelled (-1) → 0
-    view = np.concatenate(view_parts) if view_parts else np.zeros(0, np.int32)
-    return codes, labels, view
+Job = Callable[["Worker", dict[str, Any]], "dict[str, Any] | None"]
 
 
-def _batches(shard, batch_size: int, seed: int, skip: int = 0):
-    """Endless (codes, labels) batches from this worker's Ray Data shard, reshuffled each epoch.
+@dataclass
+class Worker:
+    """What a job sees of where it runs (see the module's docstring). ``distributed``: under Ray
+    Train (a process group, even of one); ``state``: the checkpoint to resume from, or None."""
 
-    An epoch is one pass over the images, not the rows: with augmented token data (a row per
-    (image, view), ``tokens.hflip`` / ``tokens.crops``) each image contributes one of its views,
-    drawn by :func:`arvision.data.views.view_picks` seeded ``(seed, epoch)``, so ``prior.steps``
-    means as many passes as without views and a resumed run (``skip``) draws the same views. The
-    images are permuted as rows were (:func:`endless_indices` over the images); data without
-    views gives the batches it always gave.
+    rank: int
+    world: int
+    device: torch.device
+    distributed: bool
+    state: dict[str, Any] | None
+    report: Callable[[dict[str, Any], dict[str, Any] | None], None]
+    tracker: Any = None
+    curve: list[dict[str, float]] = field(default_factory=list)
+    datasets: dict[str, Any] = field(default_factory=dict)
 
-    The shard is streamed once through Ray Data and kept in memory as compact integer arrays
-    (token data is small: 1M images × 256 uint16 codes is 512 MB; the dtype as stored, each
-    batch widened to int64 only when drawn); every later epoch is a seeded permutation of it.
-    Re-executing the Ray Data pipeline each epoch cost 3-8 s per epoch, most of the prior's time
-    on the demo data set. ``skip`` drops the batches a resumed run has already consumed, so it
-    sees the same data as an uninterrupted one.
-    """
-    import numpy as np
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
-    from arvision.data.views import image_rows, view_picks
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        """A training log row: into the curve and the MLflow run (rank 0)."""
+        if self.rank == 0:
+            self.curve.append({"step": step, **metrics})
+            if self.tracker is not None:
+                self.tracker.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
 
-    codes, labels, view = _read_shard(shard)
-    starts_G, counts_G = image_rows(view)
-    n = len(starts_G)  # images
-    if n < batch_size:
-        raise RuntimeError(f"the token shard holds {n} images, fewer than one batch ({batch_size}); lower prior.batch_size")
-    one_view = bool((counts_G == 1).all())
-    per_epoch = len(range(0, max(1, n - batch_size + 1), batch_size))  # batches endless_indices cuts an epoch into
-    epoch, pick_G = -1, None
-    for k, idx in enumerate(endless_indices(n, batch_size, seed, skip=skip), start=skip):
-        g = idx.numpy()
-        if one_view:
-            i = starts_G[g]
-        else:
-            if k // per_epoch != epoch:  # a new epoch: each image's view for it
-                epoch = k // per_epoch
-                pick_G = view_picks(counts_G, seed, epoch)
-            i = starts_G[g] + pick_G[g]
-        yield torch.from_numpy(codes[i].astype(np.int64)), torch.from_numpy(labels[i].astype(np.int64))
+    def on_eval(self, step: int, loss: float) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics({"val_loss": loss}, step=step)
 
+    def checkpoint(self, step: int, state: dict[str, Any]) -> None:
+        """Report ``state`` (with the curve) as the run's checkpoint; every rank calls it."""
+        last = {k: v for k, v in self.curve[-1].items() if k != "step"} if self.curve else {}
+        self.report({"step": step, **last}, {**state, "curve": list(self.curve)})
 
-def _val_batches(split_dir: str, batch_size: int):
-    """The whole val split as in-order batches of at most ``batch_size`` rows (unlabelled rows,
-    label -1, become class 0), kept in memory (codes as stored, uint16 or int32; each batch
-    widened to int64 when evaluated) for every evaluation. Every worker reads all of it with
-    pyarrow: it is small, and a Ray Data pipeline per worker cost seconds of start-up. Only view 0
-    (the images themselves) is scored when the split has a ``view`` column."""
-    import numpy as np
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    def dataset(self, name: str) -> Any:
+        """This worker's part of data set ``name`` (iterable by ``iter_batches``)."""
+        return self.datasets[name]
 
-    has_view = "view" in pq.read_schema(shard_paths(split_dir)[0]).names
-    table = pq.read_table(split_dir, columns=["codes", "label"] + (["view"] if has_view else []))
-    if has_view:
-        table = table.filter(pc.equal(table.column("view"), 0))
-    codes = table.column("codes").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
-    labels = np.maximum(table.column("label").to_numpy(), 0).astype(np.int32)
-
-    class NarrowBatches:
-        """Iterable as often as :func:`val_loss` needs: int64 tensors made one batch at a time."""
-
-        def __len__(self) -> int:
-            return -(-len(codes) // batch_size)
-
-        def __iter__(self):
-            for i in range(0, len(codes), batch_size):
-                yield (torch.from_numpy(codes[i : i + batch_size].astype(np.int64)),
-                       torch.from_numpy(labels[i : i + batch_size].astype(np.int64)))
-
-    return NarrowBatches()
+    def prepare(self, model: torch.nn.Module, shard: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                ) -> torch.nn.Module:
+        """``model`` on this worker's device, wrapped for data-parallel training under Ray Train
+        (:func:`prepare_parallel`; ``shard``: the model's own FSDP wrapper); as it is in this process."""
+        if not self.distributed:
+            return model.to(self.device)
+        return prepare_parallel(model, shard)
 
 
-def prepare_parallel(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
-    """On a Ray Train worker: move ``model`` to the worker's device and wrap it for data-parallel
-    training: DDP (Ray's ``prepare_model``; no wrapper for one worker), or with ``"fsdp"`` FSDP
-    sharded per block (:func:`arvision.train.loop.fsdp_wrap`; also for one worker, so the path
-    is the same at every scale). FSDP needs CUDA (the params check refuses it on CPU)."""
-    import ray.train.torch
+def _replay(worker: Worker) -> None:
+    """A resumed run's curve back into this run's curve and MLflow run."""
+    for row in (worker.state or {}).get("curve", []):
+        worker.on_log(row["step"], {k: v for k, v in row.items() if k != "step"})
 
-    if strategy != "fsdp":
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
-    if not torch.cuda.is_available():
-        raise RuntimeError("prior.strategy 'fsdp' needs GPUs (ray.use_gpu: true)")
-    from arvision.train.loop import fsdp_wrap
 
-    return fsdp_wrap(ray.train.torch.prepare_model(model, parallel_strategy=None))
+def _tracker(config: dict[str, Any]):
+    if not config.get("mlflow_run_id"):
+        return None
+    from arvision.tracking import MlflowTracker
+
+    return MlflowTracker(config["mlflow_run_id"], config["mlflow_uri"])
+
+
+def _usable(state: dict[str, Any] | None, name: str, where: Any) -> dict[str, Any] | None:
+    """``state``, or None (with a warning) when another version of the trainer wrote it."""
+    from arvision.train.trainer import CHECKPOINT_FORMAT
+
+    if state is None or state.get("format") == CHECKPOINT_FORMAT:
+        return state
+    log.warning("%s: dropping the checkpoint at %s, which this trainer cannot load (written by another version of the "
+                "trainer, format %s); training from the start", name, where, state.get("format"))
+    return None
+
+
+def _run_job(worker: Worker, config: dict[str, Any]) -> None:
+    """Replay, then the job, then its result (what it returns; None: its last checkpoint is the result)."""
+    _replay(worker)
+    if worker.state is not None and worker.is_main and not worker.state.get("done"):
+        print(f"{config['name']}: resuming from the checkpoint at step {worker.state['step']}", flush=True)
+    if worker.state is not None and worker.state.get("done"):  # the run had finished: its result again
+        worker.report({"step": int(worker.state.get("step", 0))}, worker.state)
+        return
+    result = config["job"](worker, config["config"])
+    if result is not None:
+        worker.report({k: v for k, v in result.items() if isinstance(v, (int, float))},
+                      {**result, "curve": list(worker.curve), "done": True})
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -147,126 +133,132 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from arvision.priors import build_prior
-    from arvision.train.loop import train_prior, val_loss
-
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(config["cpus_per_worker"])
-    cfg: PriorConfig = config["prior"]
-    torch.manual_seed(config["seed"])  # identical initial weights on every rank
-    tokenizer = None
-    if cfg.kind == "var":
-        from arvision.tokenizers import load_tokenizer
-
-        tokenizer = load_tokenizer(Path(config["tokenizer_dir"]))
-    model = build_prior(cfg, vocab_size=config["vocab_size"], layout=config["layout"], num_classes=config["num_classes"], tokenizer=tokenizer)
-
     state = None
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is not None:  # a restarted group, or the stage re-run: go on from the last checkpoint
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            state = _usable(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False), config["name"], ckpt)
 
-    model = prepare_parallel(model, cfg.strategy)
-    device = ray.train.torch.get_device()
-    torch.manual_seed(config["seed"] + 1000 * rank)  # different dropout / class-drop per rank
-
-    tracker = None
-    if rank == 0 and config.get("mlflow_run_id"):
-        from arvision.tracking import MlflowTracker
-
-        tracker = MlflowTracker(config["mlflow_run_id"], config["mlflow_uri"])
-    curve: list[dict[str, float]] = list((state or {}).get("curve", []))
-
-    def on_log(step: int, metrics: dict[str, float]) -> None:
-        if rank == 0:
-            curve.append({"step": step, **metrics})
-            if tracker is not None:
-                tracker.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
-
-    def on_eval(step: int, loss: float) -> None:
-        if tracker is not None:
-            tracker.log_metrics({"val_loss": loss}, step=step)
-
-    def on_checkpoint(step: int, st: dict[str, Any]) -> None:
-        metrics = {"step": step, **({k: v for k, v in curve[-1].items() if k != "step"} if curve else {})}
-        if rank == 0:
+    def report(metrics: dict[str, Any], saved: dict[str, Any] | None) -> None:
+        """Every rank reports; rank 0 with ``saved`` as the checkpoint."""
+        if rank == 0 and saved is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                torch.save({**st, "curve": curve}, Path(tmp) / STATE_FILE)
+                torch.save(saved, Path(tmp) / STATE_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
 
-    shard = ray.train.get_dataset_shard("train")
-    evaluate = None
-    if config["val_dir"] is not None:
-        val_batches = _val_batches(config["val_dir"], cfg.batch_size)
-
-        def evaluate_val(m: torch.nn.Module) -> float:
-            return val_loss(m, val_batches, device)
-
-        evaluate = evaluate_val
-
-    train_prior(
-        model, _batches(shard, cfg.batch_size, config["seed"] + rank, skip=int((state or {}).get("micro_batches", 0))), cfg, device=device, state=state,
-        on_log=on_log, on_checkpoint=on_checkpoint, evaluate=evaluate, on_eval=on_eval, progress=rank == 0, is_main=rank == 0,
-    )
+    shards = {name: ray.train.get_dataset_shard(name) for name in config["datasets"]}
+    worker = Worker(rank, ctx.get_world_size(), ray.train.torch.get_device(), True, state, report,
+                    tracker=_tracker(config) if rank == 0 else None, datasets=shards)
+    _run_job(worker, config)
 
 
-def fit_prior(
-    *,
-    prior_cfg: PriorConfig,
-    ray_cfg: RayConfig,
-    seed: int,
-    token_dir: Path,
-    tokenizer_dir: Path,
-    vocab_size: int,
-    layout: list[list[int]],
-    num_classes: int,
-    run: TrainRun,
+def prepare_parallel(model: torch.nn.Module, shard: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                     ) -> torch.nn.Module:
+    """On a Ray Train worker: move ``model`` to the worker's device and wrap it for data-parallel
+    training: DDP (Ray's ``prepare_model``; no wrapper for one worker), or with ``shard`` (e.g.
+    :func:`arvision.train.loop.fsdp_wrap`, FSDP sharded per block; also for one worker, so the
+    path is the same at every scale) that wrapper. FSDP needs CUDA (the params check refuses it
+    on CPU)."""
+    import ray.train.torch
+
+    if shard is None:
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+    if not torch.cuda.is_available():
+        raise RuntimeError("prior.strategy 'fsdp' needs GPUs (ray.use_gpu: true)")
+    return shard(ray.train.torch.prepare_model(model, parallel_strategy=None))
+
+
+class ParquetPart:
+    """A Parquet data set read in this process, in file order: what a Ray Data shard is to a
+    Ray Train worker (``iter_batches`` of numpy columns)."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path, self.columns = Path(path), columns
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
+        import pyarrow.parquet as pq
+
+        from arvision.data.parquet_io import shard_paths
+
+        for f in shard_paths(self.path):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=self.columns):
+                yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in self.columns}
+
+
+def _fit_here(job: Job, config: dict[str, Any], *, run: TrainRun, device: torch.device,
+              datasets: dict[str, tuple[Path, list[str]]]) -> dict[str, Any]:
+    """The job in this process, checkpointing to ``run``'s folder (atomically) and resuming from it."""
+    ckpt = run.storage / run.name / CHECKPOINT
+    state = None
+    if ckpt.exists():
+        try:  # a file this code cannot read (damaged) is dropped, not fatal
+            state = _usable(torch.load(ckpt, map_location="cpu", weights_only=False), config["name"], ckpt)
+        except Exception as e:
+            log.warning("%s: dropping the checkpoint at %s, which this trainer cannot load (%s); training from the start",
+                        config["name"], ckpt, str(e).splitlines()[0])
+    saved: dict[str, Any] = {}
+
+    def report(metrics: dict[str, Any], st: dict[str, Any] | None) -> None:
+        if st is None:
+            return
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_name(f".{CHECKPOINT}.tmp")
+        torch.save(st, tmp)
+        tmp.replace(ckpt)  # whole or not at all
+        saved["state"] = st
+
+    worker = Worker(0, 1, device, False, state, report, tracker=_tracker(config),
+                    datasets={name: ParquetPart(path, cols) for name, (path, cols) in datasets.items()})
+    _run_job(worker, config)
+    if "state" not in saved:
+        raise RuntimeError(f"{run.name}: the training job finished without a checkpoint")
+    return saved["state"]
+
+
+def fit(
+    job: Job, config: dict[str, Any], *, workers: int, gpu: bool, ray_cfg: RayConfig, run: TrainRun,
+    device: torch.device | None = None, datasets: dict[str, tuple[Path, list[str]]] | None = None,
 ) -> dict[str, Any]:
-    """Train under Ray Train (in ``run``'s folder, logging to its MLflow run); return the final training state (weights, EMA, train curve and the
-    validation bookkeeping of :func:`arvision.train.loop.checkpoint_state`). Validation runs when
-    ``prior_cfg.eval_every`` > 0 and ``token_dir/val`` holds rows."""
-    import pyarrow.parquet as pq
-    import ray
+    """Run ``job(worker, config)`` here (``workers`` 0, on ``device``) or on ``workers`` Ray Train
+    workers (a GPU each with ``gpu``; ``ray.cpus_per_worker`` CPUs each, ``ray.address``,
+    ``ray.max_failures``), logging to ``run``'s MLflow run; ``datasets``: name → (Parquet
+    directory, columns), one part a worker. Returns the run's final state: the job's result,
+    or (a job that returns None) its last checkpoint, with the ``curve``."""
+    datasets = datasets or {}
+    config = {"name": run.name.split("-")[0], "job": job, "config": config, "mlflow_run_id": run.mlflow_run_id, "mlflow_uri": run.mlflow_uri,
+              "cpus_per_worker": ray_cfg.cpus_per_worker, "datasets": list(datasets)}
+    if workers == 0:
+        return _fit_here(job, config, run=run, device=torch.device(device or "cpu"), datasets=datasets)
+
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    init_ray(ray_cfg, run.root)
+    init_ray(ray_cfg.model_copy(update={"num_workers": workers}), run.root)  # sized for these workers
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # deterministic order → reproducible on CPU
-    # the view column of augmented token data (old shards have none): the feed draws a view per image
-    has_view = "view" in pq.read_schema(shard_paths(token_dir / "train")[0]).names
-    train_ds = ray.data.read_parquet(str(token_dir / "train"), columns=["codes", "label"] + (["view"] if has_view else []))
-    validate = prior_cfg.eval_every > 0 and split_rows(token_dir / "val") > 0
-    if not validate and prior_cfg.eval_every > 0:
-        log.info("prior: no validation: %s is missing or empty (no val curve)", token_dir / "val")
-    resources = {"CPU": ray_cfg.cpus_per_worker}
-    if ray_cfg.use_gpu:
+    resources: dict[str, float] = {"CPU": ray_cfg.cpus_per_worker}
+    if gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={
-            "prior": prior_cfg, "seed": seed, "vocab_size": vocab_size, "layout": layout,
-            "num_classes": num_classes, "tokenizer_dir": str(tokenizer_dir.resolve()),
-            "cpus_per_worker": ray_cfg.cpus_per_worker, "mlflow_run_id": run.mlflow_run_id, "mlflow_uri": run.mlflow_uri,
-            "val_dir": str((token_dir / "val").resolve()) if validate else None,
-        },
-        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources),
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run.name, storage_path=str(Path(run.storage).resolve()), checkpoint_config=CheckpointConfig(num_to_keep=2),
             # a lost worker restarts the group from the last checkpoint, ray.max_failures times (-1: always)
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
         ),
-        datasets={"train": train_ds},
+        datasets={name: ray.data.read_parquet(str(path), columns=cols) for name, (path, cols) in datasets.items()},
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("Ray Train finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    return state
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)

@@ -13,29 +13,35 @@ an in-memory array, or from a seeded batch stream (the ``tokenizer`` stage's
 buffer draws exactly those batches). ``cfg`` is the ``tokenizer`` section
 (:class:`arvision.config.TokenizerConfig`).
 
-Data-parallel training (``tokenizer.num_workers`` > 0, :mod:`arvision.train.ray_tokenizer`) runs
-this same loop on every replica, given the DDP-wrapped :class:`TrainingLoss` as ``model`` (so
+Data-parallel training (``tokenizer.num_workers`` > 0: :func:`fit_tokenizer`, :func:`tokenizer_job`
+through the one Ray shell :mod:`arvision.train.ray`) runs this same loop on every replica, given the DDP-wrapped :class:`TrainingLoss` as ``model`` (so
 gradients are averaged) and a sum over replicas as ``reduce`` (so the quantiser's state stays
 identical on every replica, see :meth:`arvision.tokenizers.interface.Tokenizer.update_quantizer`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from arvision.config import TokenizerConfig
+from arvision.config import RayConfig, TokenizerConfig
+from arvision.data.feed import shuffle_buffer_rows, shuffled_batches, split_rows
 from arvision.metrics.codebook import expected_uniform_usage
 from arvision.metrics.image import msssim_loss, psnr, ssim
 from arvision.tokenizers import discriminator as disc_losses
 from arvision.tokenizers import images_to_tensor, tensor_to_images
 from arvision.tokenizers.interface import Reduce, Tokenizer
 from arvision.tokenizers.quantizer import counts_perplexity
-from arvision.train.common import autocast, encode_images, endless_indices, rng_state, set_rng_state, to_cpu, warmup_cosine
+from arvision.train.common import autocast, encode_images, endless_indices, to_cpu
+from arvision.train.trainer import Task, Trainer, TrainerConfig
 
+logger = logging.getLogger("arvision")
 LogFn = Callable[[int, dict[str, float]], None]
 
 #: a palette given a batch stream is fitted on this many images drawn from it (the fit samples
@@ -180,6 +186,60 @@ def _average_grads(module: torch.nn.Module, reduce: Reduce, device: torch.device
         offset += n
 
 
+def trainer_config(cfg: TokenizerConfig) -> TrainerConfig:
+    """The trainer's knobs of the ``tokenizer`` section (no EMA of the weights: the section's
+    ``ema_decay`` is the codebook's)."""
+    return TrainerConfig(
+        name="tokenizer", steps=cfg.steps, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+    )
+
+
+class TokenizerLoss(Task):
+    """A tokenizer's step for :class:`arvision.train.trainer.Trainer`: L1 + MSE plus the kind's
+    quantiser loss (``forward(x)``: ``tok.training_loss`` or its DDP wrapper), the quantiser's
+    update (``reduce``: over the replicas), and with an :class:`Adversary` its perceptual and
+    adversarial terms before the backward and the discriminator's own step after the
+    tokenizer's. The discriminator travels in the checkpoints."""
+
+    def __init__(self, tok: Tokenizer, forward: Callable, adversary: "Adversary | None", reduce: Reduce | None,
+                 device: torch.device) -> None:
+        self.tok, self.forward, self.adversary, self.reduce, self.device = tok, forward, adversary, reduce, device
+        self.name = f"tokenizer/{tok.kind}"
+        self._images: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (x, reconstruction)
+
+    def step(self, x_u8: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x = x_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, C, H, W) in [-1, 1]
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, stats, recon = self.forward(x)
+        stats.update(self.tok.update_quantizer(self.reduce))  # codebook EMA, restarts, first-batch init: before backward
+        if self.adversary is not None:
+            loss, more = self.adversary.generator_terms(self.tok, x, recon, loss, step)
+            stats.update(more)
+            self._images = (x, recon)
+        stats["loss"] = float(loss.detach())
+        return loss, stats
+
+    def after_step(self, step: int) -> dict[str, float]:
+        if self.adversary is None:
+            return {}
+        (x, recon), self._images = self._images, None
+        with autocast(self.device):  # after the tokenizer's step, on this step's reconstructions
+            return self.adversary.discriminator_step(x, recon, step, self.device, self.reduce)
+
+    def postfix(self, row: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{row['loss']:.4f}", "psnr": f"{row.get('psnr', 0):.2f}", "usage": f"{row.get('batch_usage', 1):.2f}"}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.adversary.state_dict() if self.adversary is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state)
+
+
 def train_tokenizer(
     tok: Tokenizer,
     train_images: np.ndarray | Iterable[np.ndarray],
@@ -198,7 +258,8 @@ def train_tokenizer(
     (held on the device; batches drawn by :func:`endless_indices`) or an endless iterable of
     uint8 batches ``(B, H, W, C)`` (one batch a step, one batch on the device: memory does not
     grow with the data set). A palette given a stream is fitted on its first
-    :data:`PALETTE_FIT_IMAGES` images.
+    :data:`PALETTE_FIT_IMAGES` images. The other kinds train by
+    :class:`arvision.train.trainer.Trainer` on :class:`TokenizerLoss`.
 
     Data-parallel replicas pass ``model``, a module whose ``forward(x)`` returns
     ``tok.training_loss(x)`` (:class:`TrainingLoss` wrapped in DDP; default: ``tok.training_loss``
@@ -207,12 +268,12 @@ def train_tokenizer(
     stream then holds its share of the global batch; ``cfg.batch_size`` stays the global batch
     (``images_per_s`` counts every replica's images).
 
-    Resuming: every ``cfg.checkpoint_every`` steps (not after the last) ``on_checkpoint(step,
-    state)`` gets what a resumed run needs (:func:`checkpoint_state`: weights and codebook,
-    optimizer, step, RNG, the half-accumulated log). Given back as ``state``, training goes on
-    from that step; an array's batches skip the consumed ones here, a stream must come already
-    advanced (:func:`arvision.data.feed.shuffled_batches`'s ``skip``). Resumed or not, the same
-    steps give the same weights on CPU.
+    Resuming: every ``cfg.checkpoint_every`` steps and at the end ``on_checkpoint(step, state)``
+    gets what a resumed run needs (:func:`arvision.train.trainer.checkpoint_state`: weights and
+    codebook, optimizer, step, RNG, the half-accumulated log window, the discriminator). Given
+    back as ``state``, training goes on from that step; an array's batches skip the consumed
+    ones here, a stream must come already advanced (:func:`arvision.data.feed.shuffled_batches`'s
+    ``skip``). Resumed or not, the same steps give the same weights on CPU.
 
     Returns the last logged training stats plus ``train_time_s`` and ``images_per_s``.
     """
@@ -227,8 +288,6 @@ def train_tokenizer(
         if log:
             log(0, stats)
         return stats
-
-    from arvision.progress import bar as progress_bar
 
     cuda = device.type == "cuda"
     if cuda:
@@ -252,68 +311,19 @@ def train_tokenizer(
         batches = (torch.from_numpy(np.ascontiguousarray(b)).to(device) for b in stream)  # uint8 (B, H, W, C)
     if cfg.hflip:
         batches = random_hflips(batches, seed, start)
-    opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     # built only when asked for: building a discriminator draws from the seeded RNG
     adversary = Adversary(cfg, channels=tok.channels, resolution=tok.resolution, device=device) if Adversary.wanted(cfg) else None
-    last: dict[str, float] = {}
-    acc: dict[str, float] = {}
-    n_acc = 0
-    if state:
-        tok.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if adversary is not None:
-            adversary.load_state_dict(state)
-        set_rng_state(state["rng"], device)
-        last, acc, n_acc = dict(state["last"]), dict(state["acc"]), int(state["n_acc"])
-    schedule = warmup_cosine(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
-                             last_step=start - 1)
-    bar = progress_bar(cfg.steps, f"tokenizer/{tok.kind}", "step", initial=start, disable=not progress,
-                       iterable=range(start, cfg.steps))
-    for step in bar:
-        lr = opt.param_groups[0]["lr"]
-        try:
-            x_u8 = next(batches)
-        except StopIteration:
-            raise ValueError(f"the training batches ran out after {step} of {cfg.steps} steps") from None
-        x = x_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, C, H, W) in [-1, 1]
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            loss, stats, recon = forward(x)
-            stats.update(tok.update_quantizer(reduce))  # codebook EMA, restarts, first-batch init: before backward
-            if adversary is not None:
-                loss, more = adversary.generator_terms(tok, x, recon, loss, step)
-                stats.update(more)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip))
-        opt.step()
-        schedule.step()
-        if adversary is not None:  # after the tokenizer's step, on this step's reconstructions
-            with autocast(device):
-                stats.update(adversary.discriminator_step(x, recon, step, device, reduce))
-        stats["loss"] = float(loss.detach())
-        for k, v in stats.items():
-            acc[k] = acc.get(k, 0.0) + v
-        n_acc += 1
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            last = {k: v / n_acc for k, v in acc.items()}
-            if reduce is not None:  # the mean over the replicas
-                last = _replica_means(last, reduce, device)
-            last["lr"] = lr
-            acc, n_acc = {}, 0
-            bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last.get('psnr', 0):.2f}", usage=f"{last.get('batch_usage', 1):.2f}")
-            if log:
-                log(step + 1, last)
-        if on_checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            on_checkpoint(step + 1, checkpoint_state(tok, opt, step + 1, device, last, acc, n_acc, adversary))
+    trainer = Trainer(tok, TokenizerLoss(tok, forward, adversary, reduce, device), trainer_config(cfg), device=device,
+                      state=state, reduce=reduce, on_log=log, on_checkpoint=on_checkpoint, progress=progress)
+    try:
+        trainer.fit(batches)
+    finally:
+        if not in_memory and hasattr(stream, "close"):
+            stream.close()  # stops a prefetching thread
     elapsed = time.perf_counter() - t0
-    if not in_memory and hasattr(stream, "close"):
-        stream.close()  # stops a prefetching thread
     tok.eval()
     done = cfg.steps - start  # this run's steps: a resumed run's rate counts only its own
-    return {**last, "train_time_s": elapsed, "images_per_s": done * cfg.batch_size / max(elapsed, 1e-9)}
+    return {**trainer.window["last"], "train_time_s": elapsed, "images_per_s": done * cfg.batch_size / max(elapsed, 1e-9)}
 
 
 def random_hflips(batches: Iterable[torch.Tensor], seed: int, start: int = 0) -> Iterator[torch.Tensor]:
@@ -324,27 +334,6 @@ def random_hflips(batches: Iterable[torch.Tensor], seed: int, start: int = 0) ->
     for step, x_BHWC in enumerate(batches, start=start):
         flip_B = torch.from_numpy(np.random.default_rng([int(seed), step]).random(len(x_BHWC)) < 0.5).to(x_BHWC.device)
         yield torch.where(flip_B[:, None, None, None], x_BHWC.flip(2), x_BHWC)
-
-
-def checkpoint_state(tok: Tokenizer, opt: torch.optim.Optimizer, step: int, device: torch.device,
-                     last: dict[str, float], acc: dict[str, float], n_acc: int,
-                     adversary: Adversary | None = None) -> dict[str, Any]:
-    """What :func:`train_tokenizer` resumes from (CPU copies): ``model`` (weights and the
-    quantiser's buffers), ``optimizer``, ``step``, ``rng``, the log's ``last`` / ``acc`` /
-    ``n_acc`` (stats accumulated since the last log line), and with a discriminator ``disc``
-    and ``disc_optimizer`` (:meth:`Adversary.state_dict`)."""
-    return {"model": to_cpu(tok.state_dict()), "optimizer": to_cpu(opt.state_dict()), "step": step,
-            "rng": rng_state(device), "last": dict(last), "acc": dict(acc), "n_acc": n_acc,
-            **(adversary.state_dict() if adversary is not None else {})}
-
-
-def _replica_means(stats: dict[str, float], reduce: Reduce, device: torch.device) -> dict[str, float]:
-    """``stats`` (the same keys on every replica) averaged over the replicas ``reduce`` sums over."""
-    keys = sorted(stats)
-    values = torch.tensor([stats[k] for k in keys] + [1.0], dtype=torch.float64, device=device)
-    values = reduce(values)
-    means = dict(zip(keys, (values[:-1] / values[-1]).tolist()))
-    return {k: means[k] for k in stats}
 
 
 def _take_images(batches: Iterable[np.ndarray], n: int) -> np.ndarray:
@@ -466,4 +455,151 @@ def evaluate_tokenizer(
     return out
 
 
-__all__ = ["train_tokenizer", "evaluate_tokenizer", "image_batches", "codebook_stats_from_counts"]
+# ---------------------------------------------------------------- the tokenizer's job: here or on workers
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict: every entry's name, dtype, shape and bytes (on CPU)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def per_worker_batch(cfg: TokenizerConfig, train_rows: int) -> int:
+    """Images a worker draws a step: its share of the global ``tokenizer.batch_size``, at most
+    the rows of the smallest part of the split (as the in-process stage draws at most the split)."""
+    n = cfg.num_workers
+    if train_rows < n:
+        from arvision.errors import UserError
+
+        raise UserError(f"tokenizer.num_workers: {n} workers need at least {n} training images, the train split has {train_rows}")
+    return min(cfg.batch_size // n, train_rows // n)
+
+
+def use_gpu(cfg: TokenizerConfig, ray_cfg: RayConfig) -> bool:
+    """Whether each worker takes a GPU: ``tokenizer.device`` when it names one (``cuda`` /
+    ``cpu``), else (``auto``) ``ray.use_gpu``."""
+    return cfg.device == "cuda" or (cfg.device == "auto" and ray_cfg.use_gpu)
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's option not to broadcast rank 0's buffers at every forward (``update_quantizer``'s
+    reduce keeps them identical): ``forward_sync_buffers`` where torch has it (2.13 deprecates
+    ``broadcast_buffers``), else ``broadcast_buffers``. Either way the buffers, like the
+    weights, are copied from rank 0 once, when DDP wraps the model."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def tokenizer_job(worker, config: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer's training on one worker (:func:`arvision.train.ray.fit`'s job). Under Ray
+    Train (``worker.distributed``) every replica has
+
+    - the same initial weights (the same seed on every rank; DDP also copies rank 0's at wrap time);
+    - the model wrapped in DDP (:class:`TrainingLoss`, since DDP hooks ``forward`` only), so each
+      backward averages the gradients over the replicas; no buffer broadcast
+      (:func:`_no_buffer_sync`): the quantiser's buffers are kept identical by the next point;
+    - ``update_quantizer(reduce=all-reduce sum)``: the EMA code counts and vector sums follow the
+      global batch, k-means centres and restart vectors are averaged, so every replica keeps the
+      same codebook;
+    - with ``tokenizer.adv_weight`` / ``perceptual: disc_features``, the discriminator outside DDP
+      (:class:`Adversary`: built from the same seed on every rank, its gradients averaged over the
+      replicas by ``reduce`` before each of its steps), so it stays identical too;
+    - its own part of the train split (:func:`arvision.data.feed.shuffled_batches` with
+      ``part=(rank, world)``, seed ``seed + rank``), ``config["batch"]`` images a step.
+
+    In this process it is :func:`train_tokenizer` on the whole split. Returns the trained state
+    (weights and buffers on CPU), the final stats, and a hash of every rank's state."""
+    import torch.distributed as dist
+
+    from arvision.tokenizers import build_tokenizer
+
+    rank, world, device = worker.rank, worker.world, worker.device
+    cfg: TokenizerConfig = config["tokenizer"]
+    seed = config["seed"]
+    torch.manual_seed(seed)  # identical initial weights on every rank, as the stage builds them
+    tok = build_tokenizer(cfg, channels=config["channels"], resolution=config["resolution"]).to(device)
+    model = reduce = None
+    if worker.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if device.type == "cuda":  # before DDP registers the parameters (train_tokenizer's own call is then a no-op)
+            tok.to(memory_format=torch.channels_last)
+        model = DistributedDataParallel(TrainingLoss(tok), device_ids=[device.index] if device.type == "cuda" else None,
+                                        **_no_buffer_sync())
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t)  # sum
+            return t
+
+    def on_checkpoint(step: int, st: dict[str, Any]) -> None:
+        if not st["done"]:  # the finished state is the job's result, reported with its stats
+            worker.checkpoint(step, st)
+
+    skip = int(worker.state["step"]) if worker.state else 0
+    batches = shuffled_batches(config["split_dir"], config["batch"], seed, config["buffer"], part=(rank, world), skip=skip)
+    try:
+        stats = train_tokenizer(tok, batches, cfg, seed=seed, device=device, log=worker.on_log, progress=worker.is_main,
+                                model=model, reduce=reduce, state=worker.state, on_checkpoint=on_checkpoint)
+    finally:
+        batches.close()
+    state = to_cpu(tok.state_dict())
+    hashes: list[Any] = [state_hash(state)]
+    if worker.distributed:
+        hashes = [None] * world
+        dist.all_gather_object(hashes, state_hash(state))
+    return {"model": state, "stats": stats, "replica_hashes": hashes, "world": world, "resumed_from": skip,
+            "step": cfg.steps}
+
+
+def fit_tokenizer(
+    *, tokenizer_cfg: TokenizerConfig, ray_cfg: RayConfig, seed: int, split_dir: str | Path, channels: int, resolution: int, run: Any,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Train a tokenizer (a kind other than palette) from the prepared train split ``split_dir``
+    on ``tokenizer.num_workers`` Ray Train workers, or in this process (0, on ``device``): see
+    :func:`arvision.train.ray.fit`. Returns ``{"model": state dict (CPU), "curve": [{"step", ...}],
+    "stats": train_tokenizer's result, "replica_hashes": [one a rank], "world", "resumed_from": the
+    step its last start resumed from (0: none)}``; refuses a result whose replicas differ.
+    Resources: ``ray.cpus_per_worker``, a GPU a worker per :func:`use_gpu`, ``ray.address``; a
+    lost worker restarts the run ``ray.max_failures`` times from its last checkpoint. ``run``'s
+    folder is kept: the same run again resumes there (the stage removes it once its outputs are
+    saved). Workers read the Parquet shards from their path, so on a cluster of several
+    machines it must be on shared storage."""
+    from arvision.train.ray import fit
+
+    if tokenizer_cfg.kind == "palette":
+        raise ValueError("fit_tokenizer trains a kind other than palette (a palette is fitted: train_tokenizer)")
+    workers = tokenizer_cfg.num_workers
+    split_dir = Path(split_dir).resolve()
+    rows = split_rows(split_dir)
+    image_bytes = int(np.prod((resolution, resolution, channels)))
+    if workers:
+        batch = per_worker_batch(tokenizer_cfg, rows)
+        buffer = shuffle_buffer_rows(batch, image_bytes)
+        logger.info("tokenizer: training on %d Ray Train workers (%s), %d images a worker a step", workers,
+                    "GPU" if use_gpu(tokenizer_cfg, ray_cfg) else "CPU", batch)
+    else:  # the whole split, at most the split a step
+        batch, buffer = min(tokenizer_cfg.batch_size, rows), shuffle_buffer_rows(tokenizer_cfg.batch_size, image_bytes)
+    config = {"tokenizer": tokenizer_cfg, "seed": seed, "split_dir": str(split_dir), "batch": batch, "buffer": buffer,
+              "channels": channels, "resolution": resolution}
+    state = fit(tokenizer_job, config, workers=workers, gpu=use_gpu(tokenizer_cfg, ray_cfg), ray_cfg=ray_cfg, run=run,
+                device=torch.device(device))
+    if len(set(state["replica_hashes"])) != 1:
+        raise RuntimeError(
+            f"tokenizer: the {state['world']} replicas ended with different weights or codebooks "
+            f"(state hashes {state['replica_hashes']}): the data-parallel training is broken"
+        )
+    return state
+
+
+__all__ = ["train_tokenizer", "fit_tokenizer", "tokenizer_job", "trainer_config", "TokenizerLoss", "Adversary", "TrainingLoss", "evaluate_tokenizer",
+           "image_batches", "codebook_stats_from_counts"]
