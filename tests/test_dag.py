@@ -13,8 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 #: imported by stages but cannot change any output: where results are logged, how progress is
-#: shown, package markers
-NO_RESULT = {"arvision/tracking.py", "arvision/progress.py", "arvision/__init__.py", "arvision/train/__init__.py"}
+#: shown, how a run's processes end (lifetime) and how a registration DVC never recorded is
+#: undone (journal), package markers
+NO_RESULT = {"arvision/tracking.py", "arvision/progress.py", "arvision/lifetime.py", "arvision/journal.py",
+             "arvision/__init__.py", "arvision/train/__init__.py"}
 #: dependencies whose own imports are not followed: the registry wraps models built elsewhere
 #: (its generator wrapper imports the priors, which the tokenizer stage does not use), and the
 #: config imports the prior size registry only to validate ``prior.size``
