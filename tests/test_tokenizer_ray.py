@@ -346,10 +346,12 @@ def test_a_lost_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, ray
     assert killed, "no Ray Train worker was found to kill"
     assert whole["resumed_from"] == 0 and lost["resumed_from"] > 0  # the new group went on from a checkpoint
     assert all(torch.equal(whole["model"][k], lost["model"][k]) for k in whole["model"])
+
     def numbers(curve):  # the learning curve without its wall-clock columns (throughput, time)
         return [{k: v for k, v in r.items() if not k.endswith(("_per_s", "_time_s"))} for r in curve]
 
     assert numbers(lost["curve"]) == numbers(whole["curve"]) and [r["step"] for r in lost["curve"]] == list(range(20, 201, 20))
     again = fit_tokenizer(**kw, ray_cfg=RayConfig(num_workers=1, cpus_per_worker=1), run=TrainRun(tmp_path / "ray", "lost", root=ROOT))
     assert all(torch.equal(again["model"][k], lost["model"][k]) for k in lost["model"])
-    assert again["curve"] == lost["curve"] and again["stats"] == lost["stats"] and again["resumed_from"] == lost["resumed_from"]
+    assert again["curve"] == lost["curve"]  # a finished run reports its result again (resumed_from: that run's own)
+    assert numbers([again["stats"]]) == numbers([lost["stats"]])  # the same result, re-reported (its timing re-measured)
