@@ -103,13 +103,14 @@ def promote(client, version: str, data_hash: str) -> list[str]:
 @dataclass(frozen=True)
 class Decision:
     """What :func:`decide` concluded for a registered candidate: whether it becomes champion, and
-    the sentence that says why (``{aliases}`` filled in by :meth:`text` once they are set)."""
+    why; :meth:`text` is the sentence, naming the aliases a winner was given."""
 
     won: bool
-    template: str
+    version: str
+    why: str
 
     def text(self, aliases: list[str] = ()) -> str:
-        return self.template.replace("{aliases}", ", ".join(aliases))
+        return f"v{self.version} is the new champion ({', '.join(aliases)}){self.why}" if self.won else self.why
 
 
 def decide(version: str, candidate: dict, incumbent: Incumbent | None, rescored: dict | None, *, primary: str,
@@ -132,7 +133,7 @@ def decide(version: str, candidate: dict, incumbent: Incumbent | None, rescored:
     margin = ("" if diff_ci is None or champ_value is None else
               f" (difference {value - champ_value:.4g} [{diff_ci[0]:.4g}, {diff_ci[1]:.4g}], paired bootstrap)")
     if not ok:
-        return Decision(False, f"v{version} registered as candidate but disqualified: it copies "
+        return Decision(False, version, f"v{version} registered as candidate but disqualified: it copies "
                                f"{candidate['copy_rate']:.0%} of its samples (evaluate.max_copy_rate {max_copy_rate:.0%})" + kept)
     if won:
         if incumbent is None:
@@ -144,8 +145,8 @@ def decide(version: str, candidate: dict, incumbent: Incumbent | None, rescored:
         else:
             why = (f": {primary} {shown(candidate)} beats v{incumbent.version}'s {shown(rescored)}, re-scored here, "
                    + ("beyond the interval" if diff_ci is not None else "(no interval)") + f"{margin}.")
-        return Decision(True, f"v{version} is the new champion ({{aliases}})" + why)
+        return Decision(True, version, why)
     beyond = " beyond the interval" if diff_ci is not None and value < champ_value else ""
-    return Decision(False, f"v{version} registered as candidate; champion v{incumbent.version} kept: "
+    return Decision(False, version, f"v{version} registered as candidate; champion v{incumbent.version} kept: "
                            f"{primary} {shown(candidate)} does not beat v{incumbent.version}'s "
                            f"{shown(rescored)}{beyond}, re-scored here{margin}.")

@@ -25,7 +25,7 @@ import pandas as pd
 
 from arvision.config import SamplingConfig
 from arvision.errors import UserError
-from arvision.tracking import GENERATOR_MODEL, TOKENIZER_MODEL, _Deferred, interrupts_deferred
+from arvision.tracking import GENERATOR_MODEL, TOKENIZER_MODEL, deferred_client, interrupts_deferred
 
 #: the modules of ``arvision`` the pyfuncs import at load and predict time (this one, the
 #: models, the generator, PNG encoding); copied into each model as its code
@@ -205,7 +205,7 @@ def _log_and_register(
     prior_dir = Path(artifacts["prior"]) if "prior" in artifacts else None
     # every write waits out a stage's Ctrl-C (or its run's death): one cut short can leave the
     # SQLite store locked, and the stage could then neither end its run nor undo this
-    client = _Deferred(mlflow.MlflowClient())
+    client = deferred_client()
     key = journal.outputs_key([Path(artifacts["tokenizer"])] + ([prior_dir] if prior_dir else []))
     entry = journal.begin(client, name, key, recorded_as or [], run_id, mlflow.get_tracking_uri())
     found = journal.find_version(client, name, key)

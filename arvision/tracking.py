@@ -210,6 +210,14 @@ class _Deferred:
         return call
 
 
+def deferred_client(uri: str | None = None) -> Any:
+    """An MlflowClient (of ``uri``, default the current tracking URI) whose every call waits out
+    a stage's Ctrl-C (:class:`_Deferred`): a write cut short can leave the SQLite store locked."""
+    from mlflow import MlflowClient
+
+    return _Deferred(MlflowClient(uri))
+
+
 class MlflowTracker:
     """Logs to one existing MLflow run through the client API (safe in any process)."""
 

@@ -285,15 +285,11 @@ def run(params: Params, paths: Paths, tracker: Tracker) -> dict[str, Any]:
         write_json(out / "ladder.json", ladder)
 
         if tracker.run_id:
-            import mlflow
-
             from arvision import champion as ch
             from arvision.registry import describe_generator, register_generator, set_description
-            from arvision.tracking import GENERATOR_MODEL
+            from arvision.tracking import GENERATOR_MODEL, deferred_client
 
-            from arvision.tracking import _Deferred
-
-            client = _Deferred(mlflow.MlflowClient())  # alias moves wait out an interrupt (arvision.registry)
+            client = deferred_client()  # alias moves wait out an interrupt (arvision.registry)
             inc = ch.incumbent(client, data_hash)
             champ_value, diff_ci = None, None
             if inc is not None:

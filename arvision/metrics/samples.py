@@ -130,22 +130,23 @@ def prdc(gen_feats: Array, real_feats: Array, *, nearest_k: int = 5) -> dict[str
     the generated set).
 
     Computed by the authors' ``prdc.compute_prdc`` (float64); sets of more than
-    :data:`PRDC_MAX_POINTS` points by :func:`_prdc_blocks`, the same formulas in bounded memory.
+    :data:`PRDC_MAX_POINTS` points, or where ``prdc`` cannot be imported (it needs scikit-learn
+    and scipy, ~50 MB, which the GPU machine lacks), by :func:`_prdc_blocks`, the same formulas
+    in bounded memory.
     """
     gen, real = _feats(gen_feats), _feats(real_feats)
-    if max(len(gen), len(real)) > PRDC_MAX_POINTS:
+    for name, x in (("generated", gen), ("real", real)):
+        if len(x) <= nearest_k:
+            raise ValueError(f"k-NN radii need more than nearest_k={nearest_k} points, got {len(x)} {name}")
+    try:
+        from prdc import compute_prdc
+    except ImportError:
+        compute_prdc = None
+    if compute_prdc is None or max(len(gen), len(real)) > PRDC_MAX_POINTS:
         return _prdc_blocks(gen, real, nearest_k)
     import contextlib
     import io
 
-    try:
-        from prdc import compute_prdc
-    except ImportError:  # prdc needs scikit-learn and scipy (~50 MB), which the GPU machine lacks
-        return _prdc_blocks(gen, real, nearest_k)  # the same formulas (tests/test_sample_metrics.py)
-
-    for name, x in (("generated", gen), ("real", real)):
-        if len(x) <= nearest_k:
-            raise ValueError(f"k-NN radii need more than nearest_k={nearest_k} points, got {len(x)} {name}")
     with contextlib.redirect_stdout(io.StringIO()):  # it prints the set sizes on every call
         out = compute_prdc(real_features=real.numpy(), fake_features=gen.numpy(), nearest_k=nearest_k)
     return {k: float(out[k]) for k in ("precision", "recall", "density", "coverage")}
